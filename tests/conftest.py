@@ -1,0 +1,49 @@
+"""Test set-up: 4 fake CPU devices (for the sharding tests) and tiny random Hugging Face checkpoints."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+
+def _randomize(model, seed):
+    """Random weights of O(1) effect everywhere (HF's own init leaves biases 0 and norms 1, which would hide bugs)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1.0 + noise if "norm" in name else noise)
+    return model.eval()
+
+
+def make_hf_model(kind: str, path: Path, seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM / Qwen2ForCausalLM saved with save_pretrained at `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, eos_token_id=3, pad_token_id=0, bos_token_id=1)
+    if kind == "llama":  # GQA, untied embeddings, Llama 3 rope theta
+        config = LlamaConfig(**{**common, "rope_theta": 500000.0, "tie_word_embeddings": False, **overrides})
+        model = LlamaForCausalLM(config)
+    else:  # GQA, tied embeddings, q/k/v bias
+        config = Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+        model = Qwen2ForCausalLM(config)
+    model = _randomize(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def hf_model(request, tmp_path_factory):
+    """(kind, torch model, checkpoint dir) for each supported family."""
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, make_hf_model(request.param, path), path

@@ -1,0 +1,192 @@
+"""The Llama/Qwen2 model against Hugging Face transformers, and the KV-cache sampler of common.py."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import sft
+from common import sample
+
+
+def torch_logits(model, tokens, mask=None):
+    with torch.no_grad():
+        t = torch.tensor(np.asarray(tokens), dtype=torch.long)
+        m = None if mask is None else torch.tensor(np.asarray(mask), dtype=torch.long)
+        return model(input_ids=t, attention_mask=m).logits.numpy()
+
+
+def our_logits(model, tokens, mask):
+    mask = jnp.asarray(mask)
+    return np.asarray(model(jnp.asarray(tokens), sft.positions_from_mask(mask), mask)[0])
+
+
+def test_logits_match_transformers(hf_model):
+    kind, torch_model, path = hf_model
+    model, cfg = sft.load_model(path)
+    assert cfg.tie_word_embeddings == (kind == "qwen2") and cfg.qkv_bias == (kind == "qwen2")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 17))
+    ours, theirs = our_logits(model, tokens, np.ones_like(tokens, bool)), torch_logits(torch_model, tokens)
+    assert theirs.std() > 0.5  # the comparison is not between near-zero logits
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_left_padding_gives_unpadded_logits(hf_model):
+    _, torch_model, path = hf_model
+    model, cfg = sft.load_model(path)
+    rng = np.random.default_rng(1)
+    long, short = rng.integers(4, cfg.vocab_size, 12), rng.integers(4, cfg.vocab_size, 7)
+    tokens = np.stack([long, np.concatenate([np.zeros(5, int), short])])  # row 1 left-padded with 5 pads
+    mask = np.stack([np.ones(12, bool), np.arange(12) >= 5])
+    padded = our_logits(model, tokens, mask)
+    alone = our_logits(model, short[None], np.ones((1, 7), bool))
+    np.testing.assert_allclose(padded[1, 5:], alone[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(padded[0], our_logits(model, long[None], np.ones((1, 12), bool))[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(alone[0], torch_logits(torch_model, short[None])[0], atol=1e-4, rtol=0)
+    assert np.isfinite(padded).all()  # fully masked pad rows must not produce NaN
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    from conftest import make_hf_model
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
+    torch_model = make_hf_model("llama", tmp_path, rope_scaling=scaling)
+    model, _ = sft.load_model(tmp_path)
+    tokens = np.random.default_rng(2).integers(0, 96, (1, 60))  # well past the original context
+    np.testing.assert_allclose(our_logits(model, tokens, np.ones_like(tokens, bool)), torch_logits(torch_model, tokens),
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_bad_checkpoints_raise_clear_errors(tmp_path, hf_model):
+    _, _, path = hf_model
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        sft.load_model(tmp_path)
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 81}))
+    with pytest.raises(ValueError, match="mlp.*shape"):
+        sft.load_model(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="architectures"):
+        sft.load_model(bad)
+
+
+def test_save_load_roundtrip_is_exact(tmp_path, hf_model):
+    _, torch_model, path = hf_model
+    model, cfg = sft.load_model(path)
+    sft.save_model(tmp_path / "out", model)
+    again, _ = sft.load_model(tmp_path / "out")
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 9))
+    mask = np.ones_like(tokens, bool)
+    np.testing.assert_array_equal(our_logits(model, tokens, mask), our_logits(again, tokens, mask))
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(torch_model, tokens), atol=1e-6)
+
+
+def test_kv_cache_logits_equal_full_forward(hf_model):
+    _, _, path = hf_model
+    model, cfg = sft.load_model(path)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(4, cfg.vocab_size, (2, 14))
+    mask = np.ones((2, 14), bool)
+    mask[1, :3] = False  # left padding in row 1
+    full = our_logits(model, tokens, mask)
+    positions = sft.positions_from_mask(jnp.asarray(mask))
+    cache = sft.init_cache(cfg, 2, 20)
+    kv = np.zeros((2, 20), bool)
+    kv[:, :8] = mask[:, :8]
+    logits, cache = sft.model_apply(graphdef, params, tokens[:, :8], positions[:, :8], kv, cache, 0)  # prefill 8
+    real = mask[:, :8]  # pad positions attend to nothing; their logits are meaningless in both
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, :8][real], atol=1e-5)
+    for t in range(8, 14):  # then one token at a time
+        kv[:, t] = True
+        logits, cache = sft.model_apply(graphdef, params, tokens[:, t : t + 1], positions[:, t : t + 1], kv, cache, t)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_greedy_sampling_equals_transformers_generate(hf_model):
+    _, torch_model, path = hf_model
+    model, cfg = sft.load_model(path)
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(4, cfg.vocab_size, (2, 6))
+    tokens[1, :2] = 0
+    mask = np.ones((2, 6), bool)
+    mask[1, :2] = False
+    ours = sample(partial(sft.model_apply, graphdef), params, sft.init_cache(cfg, 2, 6 + 12), tokens, mask,
+                  jax.random.key(0), max_new_tokens=12, temperature=0.0, stop_token_id=3, pad_token_id=0)  # fmt: skip
+    with torch.no_grad():
+        theirs = torch_model.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)),
+                                      max_new_tokens=12, do_sample=False, eos_token_id=3, pad_token_id=0)[:, 6:]  # fmt: skip
+    theirs = np.pad(theirs.numpy(), ((0, 0), (0, 12 - theirs.shape[1])))  # HF stops early once all rows ended
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+
+def counting_step_fn(vocab, calls):
+    """A fake model whose next token is always previous token + 1, counting its calls."""
+
+    def step_fn(params, tokens, positions, kv_mask, cache, cache_pos):
+        jax.debug.callback(lambda: calls.append(1))
+        return jax.nn.one_hot((tokens + 1) % vocab, vocab) * 100.0, cache
+
+    return step_fn
+
+
+def test_sampler_stops_at_eos_pads_after_and_exits_early():
+    calls = []
+    step_fn = counting_step_fn(16, calls)
+    prompts = np.array([[0, 5], [0, 8], [9, 2]])  # continue 6,7,8,.. / 9,10,.. / 3,4,..
+    mask = np.array([[False, True], [False, True], [True, True]])
+    cache = {"k": jnp.zeros((3, 2 + 50, 1))}
+    out = np.asarray(sample(step_fn, None, cache, prompts, mask, jax.random.key(0), max_new_tokens=50,
+                            temperature=1.0, stop_token_id=10, pad_token_id=15))  # fmt: skip
+    np.testing.assert_array_equal(out[0, :6], [6, 7, 8, 9, 10, 15])  # stop token kept, padding after it
+    np.testing.assert_array_equal(out[1, :3], [9, 10, 15])
+    np.testing.assert_array_equal(out[2, :8], [3, 4, 5, 6, 7, 8, 9, 10])
+    assert (out[:, 8:] == 15).all()
+    jax.effects_barrier()
+    assert len(calls) == 8  # prefill + 7 decode steps: the loop ended when the last row stopped, not at 50
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    from common import filter_logits
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    assert (np.asarray(filter_logits(logits, top_k=2)) > -1e30).sum() == 2
+    kept = np.asarray(filter_logits(logits, top_p=0.7)) > -1e30
+    np.testing.assert_array_equal(kept[0], [True, True, False, False])  # 0.5 < 0.7 so the second token is needed
+    kept = np.asarray(filter_logits(logits, top_p=0.5)) > -1e30
+    np.testing.assert_array_equal(kept[0], [True, False, False, False])
+    draws = [int(sample(counting_step_fn(4, []), None, {"k": jnp.zeros((1, 3))}, np.array([[0]]), np.array([[True]]),
+                        jax.random.key(i), max_new_tokens=1, temperature=1.0, top_k=1, stop_token_id=3,
+                        pad_token_id=0)[0, 0]) for i in range(5)]  # fmt: skip
+    assert draws == [1] * 5
+
+
+def test_model_copies_are_identical():
+    """The model section is duplicated in each script on purpose; the copies must not drift."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    start, end = "# ==== MODEL (copied verbatim", "# ==== END MODEL ===="
+    copies = {}
+    for script in ("sft.py", "reward_model.py", "rlhf_ppo.py"):
+        if (root / script).exists():
+            text = (root / script).read_text()
+            assert text.count(start) == 1 and text.count(end) == 1, script
+            copies[script] = text[text.index(start) : text.index(end)]
+    assert "sft.py" in copies
+    for script, text in copies.items():
+        assert text == copies["sft.py"], f"the model section of {script} differs from sft.py's"

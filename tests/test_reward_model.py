@@ -1,0 +1,167 @@
+"""reward_model.py: Bradley–Terry loss, reward read-out under padding, normalisation, export, labeler, smoke run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import reward_model as rm
+import sft
+from test_sft import TINY, write_jsonl
+
+
+def tiny_score_model(seed=0, **cfg_kw):
+    cfg = sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, architecture="LlamaForSequenceClassification", **cfg_kw)  # fmt: skip
+    return sft.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_loss_and_accuracy_match_hand_computed_values(monkeypatch):
+    margins = np.array([2.0, -1.0, 0.5], np.float32)
+    monkeypatch.setattr(rm, "rewards", lambda params, graphdef, tokens, mask: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)]))
+    batch = {"tokens": jnp.zeros((2, 3, 4), jnp.int32), "mask": jnp.ones((2, 3, 4), bool),
+             "gold": jnp.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.5]])}  # fmt: skip
+    loss, m = rm.preference_loss(None, None, batch)
+    # -log sigmoid(2) = 0.126928, -log sigmoid(-1) = 1.313262, -log sigmoid(0.5) = 0.474077
+    assert float(loss) == pytest.approx((0.126928 + 1.313262 + 0.474077) / 3, abs=1e-5)
+    assert float(m["accuracy"]) == pytest.approx(2 / 3)
+    assert float(m["margin"]) == pytest.approx(0.5) and float(m["chosen_rewards"]) == pytest.approx(0.5)
+    assert int(m["gold_count"]) == 2 and int(m["gold_accuracy_sum"]) == 2  # the tied gold pair is not counted
+
+
+def test_reward_is_read_at_last_real_token_whatever_the_padding():
+    model = tiny_score_model()
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(2, 64, n) for n in (9, 5, 7)]
+    L = 12
+    right = np.zeros((3, L), np.int32)
+    left = np.zeros((3, L), np.int32)
+    rmask, lmask = np.zeros((3, L), bool), np.zeros((3, L), bool)
+    for i, s in enumerate(seqs):
+        right[i, : len(s)], rmask[i, : len(s)] = s, True
+        left[i, L - len(s) :], lmask[i, L - len(s) :] = s, True
+    r_right = np.asarray(rm.rewards(params, graphdef, jnp.asarray(right), jnp.asarray(rmask)))
+    r_left = np.asarray(rm.rewards(params, graphdef, jnp.asarray(left), jnp.asarray(lmask)))
+    np.testing.assert_allclose(r_right, r_left, atol=1e-5)
+    for i, s in enumerate(seqs):  # = the score of the last position of the unpadded sequence
+        alone, _ = model(jnp.asarray(s[None]), jnp.arange(len(s))[None], jnp.ones((1, len(s)), bool))
+        assert r_right[i] == pytest.approx(float(alone[0, -1]), abs=1e-5)
+    right[0, 9:] = 7  # what sits in the pad slots does not matter
+    np.testing.assert_allclose(np.asarray(rm.rewards(params, graphdef, jnp.asarray(right), jnp.asarray(rmask))), r_right, atol=1e-6)
+
+
+def test_head_initialisation_scale():
+    w = np.asarray(nnx.state(tiny_score_model())["score"]["kernel"][...])
+    assert w.shape == (32, 1) and 0.5 / np.sqrt(33) < w.std() < 1.5 / np.sqrt(33)
+
+
+def test_labeler_label_rate_matches_bradley_terry():
+    rng = np.random.default_rng(0)
+    n = 40_000
+    for diff, tau in ((0.1, 0.1), (-0.3, 0.2), (0.0, 0.1)):
+        labels = rm.bradley_terry_labels(np.full(n, 0.2 + diff, np.float32), np.full(n, 0.2, np.float32), tau, rng)
+        p = 1 / (1 + np.exp(-diff / tau))
+        assert abs(labels.mean() - p) < 5 * np.sqrt(p * (1 - p) / n), (diff, tau, labels.mean(), p)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "chosen": "a"}', "pairs.jsonl:2: missing field 'rejected'"),
+        ('{"chosen": "", "rejected": "b"}', "pairs.jsonl:2: field 'chosen' must be a non-empty string"),
+        ('{"prompt": 1, "chosen": "a", "rejected": "b"}', "pairs.jsonl:2: field 'prompt' must be a non-empty string"),
+        ('{"chosen": "a", "rejected": ["b"]}', "pairs.jsonl:2: field 'rejected' must be a non-empty string"),
+        ("not json", "pairs.jsonl:2: invalid JSON"),
+    ],
+)
+def test_bad_pair_lines_name_file_line_and_field(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])
+    with pytest.raises(ValueError, match=message):
+        rm.read_pairs(path)
+
+
+def test_implicit_prompt_and_left_truncation(tmp_path):
+    tok = sft.train_tokenizer(["one two three four five six seven eight nine ten"] * 5, 300, tmp_path)
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    pairs = rm.read_pairs(write_jsonl(tmp_path / "p.jsonl", [{"chosen": "one two", "rejected": "three"}]))
+    assert pairs[0]["prompt"] == ""
+    prompt = "one two three four five six seven eight nine ten"
+    tokens, mask, truncated = rm.tokenize(tok, [prompt, "one"], [" ten", " two"], eos, pad, 6)
+    p_ids, r_ids = tok.encode(prompt).ids, tok.encode(" ten").ids
+    assert truncated.tolist() == [True, False]
+    assert tokens[0].tolist() == p_ids[-(5 - len(r_ids)) :] + r_ids + [eos]  # prompt cut on the left, response + EOS kept
+    assert mask[1].sum() == len(tok.encode("one").ids) + len(tok.encode(" two").ids) + 1
+
+
+def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_score_model(seed=3)
+    sft.save_model(tmp_path / "rm", model, None, {"pad_token_id": 0})
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokens = np.random.default_rng(1).integers(1, 64, (2, 7))
+    tokens[1, 5:] = 0  # right padding: transformers pools at the last non-pad token
+    mask = tokens != 0
+    graphdef, params = nnx.split(model)
+    ours = np.asarray(rm.rewards(params, graphdef, jnp.asarray(tokens), jnp.asarray(mask)))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the normalisation lives in config.json: our loader applies it, transformers reads the raw score
+    model.cfg = sft.ModelConfig(**{**vars(model.cfg), "reward_gain": 2.0, "reward_bias": -0.5})
+    sft.save_model(tmp_path / "rm2", model, None, {"pad_token_id": 0})
+    again, cfg = sft.load_model(tmp_path / "rm2")
+    assert (cfg.reward_gain, cfg.reward_bias) == (2.0, -0.5)
+    g2, p2 = nnx.split(again)
+    np.testing.assert_allclose(np.asarray(rm.rewards(p2, g2, jnp.asarray(tokens), jnp.asarray(mask))), 2.0 * theirs - 0.5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    """A tiny SFT checkpoint trained for a few steps on IMDB-like text."""
+    tmp = tmp_path_factory.mktemp("sft")
+    rng = np.random.default_rng(0)
+    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
+    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
+    return tmp / "sft"
+
+
+def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
+    from transformers import AutoModelForSequenceClassification
+
+    args = rm.Args(sft_model=str(tiny_sft), output_dir=str(tmp_path / "rm"), checkpoint_dir=str(tmp_path / "ck"),
+                   pairs_file=str(tmp_path / "pairs.jsonl"), num_prompts=64, response_length=8, batch_size=16,
+                   num_epochs=2, eval_every=4, log_every=2, norm_prompts=48, max_seq_len=24, num_devices=2)  # fmt: skip
+    ev = rm.main(args)
+    rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert len(rows) == 128 and {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"} <= set(rows[0])
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["gold_pairs"] >= 0
+    model, cfg = sft.load_model(tmp_path / "rm")
+    assert cfg.is_score_model and cfg.reward_gain > 0
+    # normalisation: fresh SFT samples scored by the saved model have mean ~0 and std ~1 (fitted on 48 of them)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert hf.config.pad_token_id is not None
+    # reuse the pairs: --dataset on the labeler's own file, and resume refuses nothing once finished
+    ev2 = rm.main(rm.Args(**{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")}))
+    assert ev2["gold_pairs"] == ev["gold_pairs"]
+
+
+def test_normalisation_gives_mean_zero_std_one(tmp_path, tiny_sft):
+    policy, _ = sft.load_model(tiny_sft)
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+    score_model, _ = sft.load_model(tiny_sft, architecture="LlamaForSequenceClassification", seed=5)
+    graphdef, params = nnx.split(score_model)
+    pairs = [{"prompt": f"the film {w}", "chosen": "a", "rejected": "b"} for w in "was is had got made saw".split()]
+    sharding = jax.sharding.NamedSharding(sft.make_mesh(1), jax.sharding.PartitionSpec())
+    for mode in ("gain_bias", "bias"):
+        args = rm.Args(normalize=mode, response_length=6, batch_size=8, max_seq_len=16)
+        gain, bias, raw = rm.fit_normalization(args, graphdef, params, policy, tok, eos, pad, pairs, sharding, jax.random.key(0))
+        normalised = gain * raw + bias
+        assert abs(normalised.mean()) < 1e-5 and len(raw) == 6
+        assert (abs(normalised.std() - 1) < 1e-4) if mode == "gain_bias" else (gain == 1.0)

@@ -111,17 +111,17 @@ class Args:
     """micro-batches accumulated per minibatch"""
     ppo_epochs: int = 4
     """passes over each batch of episodes"""
-    total_episodes: int = 12800
+    total_episodes: int = 3200
     """episodes in total (updates = total_episodes / batch_size)"""
-    learning_rate: float = 3e-5
-    """AdamW peak learning rate, decayed linearly to 0 (N+ details #16)"""
+    learning_rate: float = 3e-4
+    """AdamW peak learning rate (3e-4 suits the tiny default model; use ~1e-6 to 1e-5 for real checkpoints), decayed linearly to 0 (N+ details #16)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute dtype; parameters and optimizer state stay float32"""
 
     # evaluation, sharding, logging, checkpoints
-    eval_every: int = 20
+    eval_every: int = 10
     """updates between gold evaluations on held-out prompts"""
     eval_prompts: int = 256
     """held-out prompts per source (IMDB held-out reviews and Rotten Tomatoes) per evaluation"""
@@ -131,7 +131,7 @@ class Args:
     """shard parameters and optimizer state over the devices"""
     distributed: bool = False
     """multi-host: call jax.distributed.initialize()"""
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
     """updates between resumable training-state checkpoints"""
     num_sample_rows: int = 4
     """rows of the sample table logged as text at each evaluation"""
@@ -897,7 +897,7 @@ def main(args: Args):
     num_updates = args.total_episodes // args.batch_size
     tx, schedule = make_optimizer(args, num_updates)
     params, ref_params, rm_params = (shard(p, mesh, args.fsdp) for p in (params, ref_params, rm_params))
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp), "kl_coef": np.float32(args.kl_coef)}
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp), "kl_coef": jnp.float32(args.kl_coef)}
     state, start = restore_latest(ckpt, state, args.resume)
     params, opt_state, kl_coef = state["params"], state["opt_state"], float(state["kl_coef"])
     rollout_hp = RolloutConfig(args.temperature, args.stop_token_id if args.stop_token_id is not None else eos_id,
@@ -912,7 +912,7 @@ def main(args: Args):
 
     progress = Progress(TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     task = progress.add_task("", total=num_updates, completed=start, info="")
-    t_train = time.time()
+    t_train, final = time.time(), first_eval
     with progress, ckpt:
         for update in range(start, num_updates):
             gen_key, update_key = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), update))
@@ -932,14 +932,13 @@ def main(args: Args):
                 writer.add_scalar(k, v, stats["episode"])
             progress.update(task, info=f"score {stats['objective/scores']:.3f}  kl {stats['objective/kl']:.2f}  {stats['eps']:.1f} eps")
             if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
-                ev = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
-                progress.console.print(f"update {update + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.count("/") == 1))
-            ckpt.save(update + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": np.float32(kl_coef)}))
+                final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
+                progress.console.print(f"update {update + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k.count("/") == 1))
+            ckpt.save(update + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}))
             progress.advance(task)
         if ckpt.latest_step() != num_updates:
-            ckpt.save(num_updates, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": np.float32(kl_coef)}), force=True)
+            ckpt.save(num_updates, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}), force=True)
     train_time = time.time() - t_train
-    final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, num_updates * args.batch_size)
     if jax.process_index() == 0:
         save_model(args.output_dir, nnx.merge(graphdefs.policy, gather(params["policy"])), args.sft_model)
         (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")

@@ -1,0 +1,238 @@
+"""rlhf_ppo.py: GAE, whitening, KL, score placement, penalties, losses, adaptive KL, sharding, reward-fn, smoke run."""
+
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rlhf_ppo as ppo
+import sft
+from common import masked_mean, masked_whiten
+
+
+def test_gae_matches_a_plain_python_loop():
+    rng = np.random.default_rng(0)
+    B, R, gamma, lam = 3, 7, 0.9, 0.8
+    rewards, values = rng.normal(size=(B, R)).astype(np.float32), rng.normal(size=(B, R)).astype(np.float32)
+    lengths = [7, 4, 1]
+    mask = np.arange(R)[None] < np.array(lengths)[:, None]
+    rewards = rewards * mask
+    adv, ret = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0
+            last = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * last
+            assert adv[b, t] == pytest.approx(last, abs=1e-5)
+            assert ret[b, t] == pytest.approx(last + values[b, t], abs=1e-5)
+        assert (np.asarray(adv[b, n:]) == 0).all()
+
+
+def test_masked_whitening():
+    x = jnp.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 6.0, -100.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+    real = np.array([1, 2, 3, 4, 5, 6], np.float32)
+    w = np.asarray(masked_whiten(x, mask))[np.asarray(mask)]
+    np.testing.assert_allclose(w, (real - real.mean()) / real.std(ddof=1), atol=1e-5)
+    kept = np.asarray(masked_whiten(x, mask, shift_mean=False))[np.asarray(mask)]
+    np.testing.assert_allclose(kept, (real - real.mean()) / real.std(ddof=1) + real.mean(), atol=1e-5)
+    assert float(masked_mean(x, mask)) == pytest.approx(3.5)
+
+
+def test_kl_estimators():
+    logp, ref = jnp.log(jnp.array([0.5, 0.2])), jnp.log(jnp.array([0.25, 0.4]))
+    np.testing.assert_allclose(ppo.kl_per_token(logp, ref, "k1"), np.log([2.0, 0.5]), atol=1e-6)
+    r = np.array([0.5, 2.0])  # pi_ref / pi
+    np.testing.assert_allclose(ppo.kl_per_token(logp, ref, "k3"), (r - 1) - np.log(r), atol=1e-6)
+
+
+def test_response_mask_and_reward_model_inputs():
+    eos, pad, stop = 3, 0, 7
+    responses = jnp.array([[5, 7, 9, 9], [5, 6, 6, 6], [3, 0, 0, 0]])
+    mask = ppo.response_mask(responses, stop)
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    queries = jnp.array([[0, 11], [12, 13], [0, 14]])
+    qmask = jnp.array([[0, 1], [1, 1], [0, 1]], bool)
+    emask = ppo.response_mask(responses, eos)
+    tokens, tmask = ppo.reward_model_inputs(queries, qmask, responses, emask, eos, pad)
+    # row 0: no EOS in the response -> EOS appended after its last token; row 2 ends with EOS already
+    np.testing.assert_array_equal(tokens[0], [0, 11, 5, 7, 9, 9, 3])
+    np.testing.assert_array_equal(tmask[0], [0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(tokens[2, 2:], [3, 0, 0, 0, 0])
+    np.testing.assert_array_equal(tmask[2], [0, 1, 1, 0, 0, 0, 0])
+    scores = jnp.arange(21, dtype=jnp.float32).reshape(3, 7)
+    np.testing.assert_array_equal(ppo.last_token_scores(scores, tmask), [6.0, 13.0, 16.0])  # never a pad slot
+
+
+def test_missing_eos_penalty_and_float_scores():
+    scores = jnp.array([0.37, -1.25, 2.5], jnp.float32)
+    has_stop = jnp.array([True, False, False])
+    np.testing.assert_allclose(ppo.apply_missing_eos_penalty(scores, has_stop, -1.0, "replace"), [0.37, -1.0, -1.0])
+    np.testing.assert_allclose(ppo.apply_missing_eos_penalty(scores, has_stop, 0.5, "subtract"), [0.37, -1.75, 2.0])
+    assert ppo.apply_missing_eos_penalty(scores, has_stop, None, "replace") is scores
+    rollout = {"response_mask": jnp.ones((3, 2), bool), "logprobs": jnp.zeros((3, 2)), "ref_logprobs": jnp.zeros((3, 2)),
+               "values": jnp.zeros((3, 2)), "entropy": jnp.zeros((3, 2)), "contains_stop": has_stop}  # fmt: skip
+    hp = ppo.AdvantageConfig("k1", False, False, 1.0, 1.0)
+    adv, _, stats = ppo.compute_advantages(hp, rollout, scores, 0.05)
+    assert stats["objective/scores"].dtype == jnp.float32
+    np.testing.assert_allclose(adv[:, 0], scores, atol=1e-6)  # gamma = lambda = 1, V = 0: the fractional score reaches t=0
+
+
+def test_adaptive_kl_controller():
+    # Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert ppo.adaptive_kl_coef(0.1, 9.0, 64, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 6.6, 64, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 0.0, 64, 6.0, 10000) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
+
+
+def test_clipped_losses_match_hand_computed_values(monkeypatch):
+    new_logp = jnp.log(jnp.array([[1.5, 0.5, 1.1, 1.0]]))  # ratios 1.5, 0.5, 1.1 against old log-prob 0; last masked
+    values = jnp.array([[1.0, 0.0, 2.0, 5.0]])
+    monkeypatch.setattr(ppo, "policy_and_values", lambda *a: (None, values))
+    monkeypatch.setattr(ppo, "logprobs_from_logits", lambda logits, tokens, t: new_logp)
+    monkeypatch.setattr(ppo, "entropy_from_logits", lambda logits, t: jnp.zeros((1, 4)))
+    mb = {"responses": jnp.zeros((1, 4), jnp.int32), "response_mask": jnp.array([[1, 1, 1, 0]], bool),
+          "tokens": None, "mask": None, "logprobs": jnp.zeros((1, 4)), "values": jnp.array([[0.5, 0.5, 0.5, 0.5]]),
+          "advantages": jnp.array([[1.0, -1.0, 2.0, 9.0]]), "returns": jnp.array([[2.0, 1.0, 1.0, 0.0]])}  # fmt: skip
+    hp = ppo.LossConfig(temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, value_model="reward")
+    loss, stats = ppo.ppo_loss(None, None, hp, mb)
+    # policy: max(-A r, -A clip(r)): t0 max(-1.5, -1.2) = -1.2; t1 max(0.5, 0.8) = 0.8; t2 max(-2.2, -2.2) = -2.2
+    pg = (-1.2 + 0.8 - 2.2) / 3
+    # value: v_clip = 0.5 + clip(v - 0.5, +-0.2) = 0.7, 0.3, 0.7; max((v-R)^2, (v_clip-R)^2) = max(1, 1.69), max(1, .49), max(1, .09)
+    vf = 0.5 * (1.69 + 1.0 + 1.0) / 3
+    assert float(stats["loss/policy_avg"]) == pytest.approx(pg, abs=1e-5)
+    assert float(stats["loss/value_avg"]) == pytest.approx(vf, abs=1e-5)
+    assert float(loss) == pytest.approx(pg + 0.1 * vf, abs=1e-5)
+    assert float(stats["policy/clipfrac_avg"]) == pytest.approx(2 / 3, abs=1e-5)
+    assert float(stats["val/clipfrac_avg"]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- end-to-end pieces on tiny checkpoints
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny SFT checkpoint (own tokenizer) and a reward model saved from its backbone."""
+    from test_sft import TINY, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("ppo")
+    rng = np.random.default_rng(0)
+    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
+    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
+    rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
+    rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
+    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
+    sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)])
+    return tmp, prompts
+
+
+def tiny_args(tmp, prompts, **kw):
+    base = dict(sft_model=str(tmp / "sft"), reward_model=str(tmp / "rm"), dataset=str(prompts), response_length=6,
+                batch_size=8, total_episodes=16, ppo_epochs=2, num_mini_batches=2, eval_every=1, eval_prompts=8,
+                output_dir=str(tmp / "out"), checkpoint_dir=str(tmp / "ckpt"), learning_rate=1e-3)  # fmt: skip
+    return ppo.Args(**{**base, **kw})
+
+
+def first_rollout(args, mesh_devices=1):
+    tok, eos, pad = sft.load_tokenizer(args.sft_model)
+    graphdefs, params, ref, rm = ppo.load_models(args, jnp.float32)
+    queries, qmask, _ = ppo.setup_data(args, tok, pad)
+    hp = ppo.RolloutConfig(args.temperature, eos, eos, pad, args.value_model)
+    ctx = {"args": args, "graphdefs": graphdefs, "tok": tok, "rollout_hp": hp}
+    roll, texts = ppo.rollout(ctx, params, ref, rm, jnp.asarray(queries[:8]), jnp.asarray(qmask[:8]), jax.random.key(0))
+    return roll, texts, (graphdefs, params, ref, rm, queries, qmask, tok, eos, pad)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_kl_is_exactly_zero_when_policy_equals_reference(tiny_pipeline, temperature):
+    tmp, prompts = tiny_pipeline
+    roll, _, _ = first_rollout(tiny_args(tmp, prompts, temperature=temperature))
+    kl = (roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]
+    assert float(jnp.abs(kl).max()) == 0.0
+    assert roll["scores"].dtype == jnp.float32 and np.isfinite(np.asarray(roll["scores"])).all()
+
+
+def test_scores_are_read_at_the_last_real_token_with_a_custom_stop_token(tiny_pipeline):
+    tmp, prompts = tiny_pipeline
+    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
+    stop = tok.token_to_id("Ġthe") or tok.encode(" the").ids[0]
+    args = tiny_args(tmp, prompts, stop_token_id=stop, temperature=1.0)
+    roll, texts, (graphdefs, params, ref, rm, *_rest) = first_rollout(args)
+    roll2 = ppo.score_rollout(graphdefs, ppo.RolloutConfig(1.0, stop, eos, pad, "reward"), params, ref, rm,
+                              roll["tokens"][:, : -args.response_length], roll["mask"][:, : -args.response_length],
+                              roll["responses"])  # fmt: skip
+    model = nnx.merge(graphdefs.reward, rm)
+    for b in range(roll["responses"].shape[0]):  # score each episode alone, unpadded: prompt + truncated response + EOS
+        q = np.asarray(roll["tokens"][b, : -args.response_length])[np.asarray(roll["mask"][b, : -args.response_length])]
+        r = np.asarray(roll2["responses"][b])[np.asarray(roll2["response_mask"][b])]
+        seq = np.concatenate([q, r, [eos] if (len(r) == 0 or r[-1] != eos) else []]).astype(np.int32)
+        scores, _ = model(jnp.asarray(seq[None]), jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), bool))
+        assert float(roll2["scores"][b]) == pytest.approx(float(scores[0, -1]), abs=1e-5)
+        stops = np.flatnonzero(np.asarray(roll2["responses"][b]) == stop)
+        if len(stops):
+            assert roll2["response_mask"][b].sum() == stops[0] + 1
+
+
+def test_sharded_update_equals_single_device(tiny_pipeline):
+    tmp, prompts = tiny_pipeline
+    args = tiny_args(tmp, prompts)
+    roll, _, (graphdefs, params, ref, rm, *_rest) = first_rollout(args)
+    hp = ppo.AdvantageConfig("k1", False, True, 1.0, 0.95)
+    adv, ret, _ = ppo.compute_advantages(hp, roll, roll["scores"], 0.05)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
+    batch |= {"advantages": adv, "returns": ret}
+    update_hp = ppo.UpdateConfig(2, 2, 1, ppo.LossConfig(0.7, 0.2, 0.2, 0.1, "reward"))
+    results = []
+    for n, fsdp in ((1, False), (4, False), (4, True)):
+        mesh = sft.make_mesh(n)
+        tx, _ = ppo.make_optimizer(args, 2)
+        p = sft.shard(jax.tree.map(jnp.copy, params), mesh, fsdp)
+        b = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        p, _, stats = ppo.ppo_update(graphdefs, tx, update_hp, p, sft.shard(tx.init(p), mesh, fsdp), b, jax.random.key(0))
+        results.append((jax.device_get(p), {k: float(v) for k, v in stats.items()}))
+    for p, stats in results[1:]:
+        for k, v in stats.items():
+            assert v == pytest.approx(results[0][1][k], abs=1e-5), k
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(results[0][0])):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_reward_fn_is_used_instead_of_or_added_to_the_reward_model(tiny_pipeline, monkeypatch):
+    tmp, prompts = tiny_pipeline
+    module = types.ModuleType("my_rewards")
+    module.length = lambda prompts, completions: [0.5 * len(c) for c in completions]
+    monkeypatch.setitem(sys.modules, "my_rewards", module)
+    only_fn, texts, _ = first_rollout(tiny_args(tmp, prompts, reward_model=None, value_model="shared", reward_fn="my_rewards:length"))
+    np.testing.assert_allclose(only_fn["scores"], [0.5 * len(t) for t in texts], atol=1e-6)
+    rm_only, _, _ = first_rollout(tiny_args(tmp, prompts))
+    both, texts, _ = first_rollout(tiny_args(tmp, prompts, reward_fn="my_rewards:length"))
+    np.testing.assert_allclose(both["scores"], np.asarray(rm_only["scores"]) + [0.5 * len(t) for t in texts], atol=1e-5)
+    with pytest.raises(ValueError, match="needs --reward-model"):
+        ppo.load_models(tiny_args(tmp, prompts, reward_model=None), jnp.float32)
+
+
+def test_bad_prompt_lines_name_file_line_and_field(tmp_path, tiny_pipeline):
+    tok, _, _ = sft.load_tokenizer(tiny_pipeline[0] / "sft")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2: missing field 'prompt'"):
+        ppo.read_prompts(tmp_path / "p.jsonl", tok)
+
+
+@pytest.mark.parametrize("value_model", ["reward", "shared"])
+def test_smoke_run_and_resume(tiny_pipeline, value_model, capsys):
+    from transformers import AutoModelForCausalLM
+
+    tmp, prompts = tiny_pipeline
+    args = tiny_args(tmp, prompts, value_model=value_model, output_dir=str(tmp / f"out_{value_model}"),
+                     checkpoint_dir=str(tmp / f"ck_{value_model}"), adaptive_kl=True, kl_estimator="k3",
+                     whiten_rewards=True, missing_eos_penalty=-1.0, num_devices=2, checkpoint_every=1)  # fmt: skip
+    first, final = ppo.main(args)
+    assert first["eval/kl"] == 0.0 and np.isfinite(final["eval/gold_score"]) and final["eval/kl"] != 0.0
+    AutoModelForCausalLM.from_pretrained(tmp / f"out_{value_model}")
+    more = ppo.Args(**{**vars(args), "resume": True, "total_episodes": 24})
+    ppo.main(more)
+    assert "at step 2" in capsys.readouterr().out

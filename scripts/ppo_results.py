@@ -42,7 +42,9 @@ def main():
     runs = defaultdict(dict)  # kl -> seed -> scalars (the newest run of each pair)
     for run_dir in sorted(Path(args.runs).glob("ppo_kl*__*__*")):
         kl, seed = re.match(r"ppo_kl([\d.]+)__(\d+)__", run_dir.name).groups()
-        runs[kl][seed] = read_scalars(run_dir)
+        scalars = read_scalars(run_dir)
+        if len(scalars.get("eval/gold_score", [])) >= 2:  # skip runs that have not finished an evaluation
+            runs[kl][seed] = scalars
     print("| `--kl-coef` | seeds | SFT gold | PPO gold | Δ gold | SFT proxy | PPO proxy | final KL (nats) | PPO wall time (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kl in sorted(runs, key=float):

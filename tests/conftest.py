@@ -47,3 +47,19 @@ def hf_model(request, tmp_path_factory):
     """(kind, torch model, checkpoint dir) for each supported family."""
     path = tmp_path_factory.mktemp(request.param)
     return request.param, make_hf_model(request.param, path), path
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory):
+    """A tiny SFT checkpoint (its own BPE tokenizer) trained a few steps on random movie-review words."""
+    import numpy as np
+
+    import sft
+    from test_sft import TINY, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("tiny_sft")
+    rng = np.random.default_rng(0)
+    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
+    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
+    return tmp / "sft"

@@ -1,5 +1,6 @@
 """rlhf_ppo.py: GAE, whitening, KL, score placement, penalties, losses, adaptive KL, sharding, reward-fn, smoke run."""
 
+import shutil
 import sys
 import types
 
@@ -113,15 +114,14 @@ def test_clipped_losses_match_hand_computed_values(monkeypatch):
 
 # ---------------------------------------------------------------- end-to-end pieces on tiny checkpoints
 @pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    """A tiny SFT checkpoint (own tokenizer) and a reward model saved from its backbone."""
-    from test_sft import TINY, write_jsonl
+def tiny_pipeline(tmp_path_factory, tiny_sft):
+    """The tiny SFT checkpoint, a reward model saved from its backbone, and a prompts file."""
+    from test_sft import write_jsonl
 
     tmp = tmp_path_factory.mktemp("ppo")
+    shutil.copytree(tiny_sft, tmp / "sft")
     rng = np.random.default_rng(0)
     words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
-    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
-    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
     rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
     rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
     tok, eos, pad = sft.load_tokenizer(tmp / "sft")

@@ -11,7 +11,7 @@ from flax import nnx
 
 import reward_model as rm
 import sft
-from test_sft import TINY, write_jsonl
+from test_sft import write_jsonl
 
 
 def tiny_score_model(seed=0, **cfg_kw):
@@ -121,17 +121,6 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
     np.testing.assert_allclose(np.asarray(rm.rewards(p2, g2, jnp.asarray(tokens), jnp.asarray(mask))), 2.0 * theirs - 0.5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory):
-    """A tiny SFT checkpoint trained for a few steps on IMDB-like text."""
-    tmp = tmp_path_factory.mktemp("sft")
-    rng = np.random.default_rng(0)
-    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
-    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
-    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
-    return tmp / "sft"
-
-
 def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     from transformers import AutoModelForSequenceClassification
 
@@ -140,7 +129,7 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
                    num_epochs=2, eval_every=4, log_every=2, norm_prompts=48, max_seq_len=24, num_devices=2)  # fmt: skip
     ev = rm.main(args)
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
-    assert len(rows) == 128 and {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"} <= set(rows[0])
+    assert len(rows) == 64 * args.pairs_per_prompt and {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"} <= set(rows[0])
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["gold_pairs"] >= 0
     model, cfg = sft.load_model(tmp_path / "rm")
     assert cfg.is_score_model and cfg.reward_gain > 0

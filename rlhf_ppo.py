@@ -133,8 +133,8 @@ class Args:
     """multi-host: call jax.distributed.initialize()"""
     checkpoint_every: int = 25
     """updates between resumable training-state checkpoints"""
-    num_sample_rows: int = 4
-    """rows of the sample table logged as text at each evaluation"""
+    num_sample_rows: int = 2
+    """rows per evaluation set in the sample table logged as text at each evaluation"""
 
 
 # ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
@@ -853,7 +853,7 @@ def evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, episode):
         kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
         out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": vader_scores(texts), "kl": kl}
         prompts = [ctx["tok"].decode(q[m].tolist()) for q, m in zip(np.asarray(queries), np.asarray(query_mask))]
-        rows += [(p, t, s, g) for p, t, s, g in zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"])][:2]
+        rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: ctx["args"].num_sample_rows]
     metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
     metrics |= {f"eval/{k}": float(np.mean(np.concatenate([d[k] for d in out.values()]))) for k in ("proxy_score", "gold_score", "kl")}
     for k, v in metrics.items():

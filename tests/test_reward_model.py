@@ -133,10 +133,9 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["gold_pairs"] >= 0
     model, cfg = sft.load_model(tmp_path / "rm")
     assert cfg.is_score_model and cfg.reward_gain > 0
-    # normalisation: fresh SFT samples scored by the saved model have mean ~0 and std ~1 (fitted on 48 of them)
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
-    assert hf.config.pad_token_id is not None
-    # reuse the pairs: --dataset on the labeler's own file, and resume refuses nothing once finished
+    assert hf.config.pad_token_id is not None  # transformers needs it to pool at the last real token
+    # the labeler's file reused as --dataset gives the same held-out pairs; the finished checkpoint dir is reused
     ev2 = rm.main(rm.Args(**{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")}))
     assert ev2["gold_pairs"] == ev["gold_pairs"]
 

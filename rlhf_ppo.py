@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
-from common import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten, sample
+from common import head_logprobs, masked_mean, masked_whiten, sample
 
 
 @dataclass
@@ -278,17 +278,31 @@ class Attention(nnx.Module):
         self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, cache, cache_pos):
-        B, T, _ = x.shape
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # x [B * T, D]
+        B, T = cos.shape[:2]
         q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)  # [B, T, H, D]
         k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # [B, T, KV, D]
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        if cache is not None:  # write the T new keys/values at slots [cache_pos, cache_pos + T)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
+        else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
+            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_pos, 0))
             cache = {"k": k, "v": v}
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, H, D]
-        return self.o_proj(out.reshape(B, T, -1)), cache
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(B * T, -1)), cache
+
+
+def cached_attention(q, k, v, mask):
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts
+    that the two matmuls read as they are (a [B, S, KV, D] cache was transposed whole at every decoding step).
+    mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV), as HF's repeat_kv."""
+    B, T, H, D = q.shape
+    q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, KV, G, T, S]
+    out = jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1).astype(q.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 class MLP(nnx.Module):
@@ -338,18 +352,24 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        x, new_cache = self.embed_tokens(tokens), []
+        # the residual stream as a [B * T, D] matrix: XLA:CPU runs 2-D matmuls (and their gradients) ~3x faster
+        x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
             new_cache.append(layer_cache)
-        return self.norm(x), (new_cache if cache is not None else None)
+        return self.norm(x).reshape(*tokens.shape, -1), (new_cache if cache is not None else None)
 
     def head(self, h):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
+        shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return self.score(h)[..., 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32).reshape(*shape, -1)
+
+    def head_kernel(self):
+        """The LM head as a [D, V] matrix (tied: the embedding, transposed), for common.head_logprobs."""
+        return self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
 
     def __call__(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
         h, cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
@@ -357,14 +377,22 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache: per layer {"k", "v"} of shape [B, S, KV, D]."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (see cached_attention)."""
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    return [{"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+            for _ in range(cfg.num_hidden_layers)]  # fmt: skip
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function handed to common.sample (bind graphdef with functools.partial once)."""
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
     return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+
+
+@cache
+def step_function(graphdef):
+    """model_apply bound to `graphdef`, the same object on every call: common.sample is jitted with the step function
+    as a static argument, so a fresh functools.partial per call would recompile the sampler every time."""
+    return partial(model_apply, graphdef)
 
 
 def positions_from_mask(mask):
@@ -647,17 +675,24 @@ def last_token_scores(scores, mask):
     return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
 
 
-def policy_and_values(params, graphdefs, tokens, mask, R: int, value_model: str):
-    """Policy logits [B, R, V] and values [B, R] at the positions that predict the R response tokens."""
-    positions = positions_from_mask(mask)
+def policy_and_values(params, graphdefs, tokens, mask, responses, temperature: float, value_model: str):
+    """log π(response token), policy entropy and values, each [B, R], at the positions that predict the R response
+    tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits are materialised."""
+    R, positions = responses.shape[1], positions_from_mask(mask)
     policy = nnx.merge(graphdefs.policy, params["policy"])
+    h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
+    logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, temperature)  # same T everywhere (N+ #5)
     if value_model == "shared":  # one trunk, a value head on its last hidden state
-        h, _ = policy.hidden_states(tokens, positions, mask)
-        h = h[:, -R - 1 : -1]
-        return policy.head(h), nnx.merge(graphdefs.value, params["value"])(h)[..., 0].astype(jnp.float32)
-    logits, _ = policy(tokens, positions, mask)
-    values, _ = nnx.merge(graphdefs.value, params["value"])(tokens, positions, mask)
-    return logits[:, -R - 1 : -1], values[:, -R - 1 : -1]
+        return logprobs, entropy, nnx.merge(graphdefs.value, params["value"])(h)[..., 0].astype(jnp.float32)
+    value = nnx.merge(graphdefs.value, params["value"])
+    return logprobs, entropy, value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
+
+
+def response_logprobs(graphdef, params, tokens, mask, responses, temperature: float):
+    """log π(response token) [B, R] under the model `graphdef`/`params` (the frozen reference)."""
+    R, model = responses.shape[1], nnx.merge(graphdef, params)
+    h = model.hidden_states(tokens, positions_from_mask(mask), mask)[0][:, -R - 1 : -1]
+    return head_logprobs(h, model.head_kernel(), responses, temperature)[0]
 
 
 @partial(jax.jit, static_argnames=("graphdefs", "hp"))
@@ -667,8 +702,8 @@ def score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_m
     resp_mask = response_mask(responses, hp.stop_token_id)
     tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, hp.pad_id)], axis=1)  # [B, P + R]
     mask = jnp.concatenate([query_mask, resp_mask], axis=1)
-    logits, values = policy_and_values(params, graphdefs, tokens, mask, R, hp.value_model)
-    ref_logits, _ = nnx.merge(graphdefs.policy, ref_params)(tokens, positions_from_mask(mask), mask)
+    logprobs, entropy, values = policy_and_values(params, graphdefs, tokens, mask, responses, hp.temperature, hp.value_model)
+    ref_logprobs = response_logprobs(graphdefs.policy, ref_params, tokens, mask, responses, hp.temperature)
     scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model
     if graphdefs.reward is not None:
         rm_tokens, rm_mask = reward_model_inputs(queries, query_mask, responses, resp_mask, hp.eos_id, hp.pad_id)
@@ -676,11 +711,9 @@ def score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_m
         scores = last_token_scores(rm_scores, rm_mask)
     return {
         "tokens": tokens, "mask": mask, "responses": responses, "response_mask": resp_mask,
-        "logprobs": logprobs_from_logits(logits, responses, hp.temperature),  # same T everywhere (N+ details #5)
-        "ref_logprobs": logprobs_from_logits(ref_logits[:, -R - 1 : -1], responses, hp.temperature),
-        "values": values,
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
         "scores": scores,  # float32 end to end
-        "entropy": entropy_from_logits(logits, hp.temperature),
+        "entropy": entropy,
         "contains_stop": jnp.any((responses == hp.stop_token_id) & resp_mask, axis=1),
     }  # fmt: skip
 
@@ -757,9 +790,9 @@ def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
 # ---------------------------------------------------------------- PPO update
 def ppo_loss(params, graphdefs, hp, mb):
     """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (N+ details #14)."""
-    R, m = mb["responses"].shape[1], mb["response_mask"]
-    logits, values = policy_and_values(params, graphdefs, mb["tokens"], mb["mask"], R, hp.value_model)
-    new_logprobs = logprobs_from_logits(logits, mb["responses"], hp.temperature)
+    m = mb["response_mask"]
+    new_logprobs, entropy, values = policy_and_values(params, graphdefs, mb["tokens"], mb["mask"], mb["responses"],
+                                                      hp.temperature, hp.value_model)  # fmt: skip
 
     v_clipped = mb["values"] + jnp.clip(values - mb["values"], -hp.cliprange_value, hp.cliprange_value)
     vf_losses = jnp.maximum(jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"]))
@@ -773,7 +806,7 @@ def ppo_loss(params, graphdefs, hp, mb):
     stats = {
         "policy/approxkl_avg": 0.5 * masked_mean(jnp.square(log_ratio), m),
         "policy/clipfrac_avg": masked_mean((jnp.abs(ratio - 1) > hp.cliprange).astype(jnp.float32), m),
-        "policy/entropy_avg": masked_mean(entropy_from_logits(logits, hp.temperature), m),
+        "policy/entropy_avg": masked_mean(entropy, m),
         "loss/policy_avg": pg_loss,
         "loss/value_avg": vf_loss,
         "val/clipfrac_avg": masked_mean((jnp.abs(values - mb["values"]) > hp.cliprange_value).astype(jnp.float32), m),
@@ -825,16 +858,19 @@ def load_models(args: Args, dtype):
     return GraphDefs(graph_policy, graph_value, graph_reward), {"policy": policy_params, "value": value_params}, ref_params, rm_params
 
 
-def generate(graphdefs, params, queries, query_mask, key, args: Args, stop_id: int, pad_id: int):
-    cache = init_cache(nnx.merge(graphdefs.policy, params["policy"]).cfg, queries.shape[0], queries.shape[1] + args.response_length)
-    return sample(partial(model_apply, graphdefs.policy), params["policy"], cache, queries, query_mask, key,
-                  max_new_tokens=args.response_length, temperature=args.temperature, stop_token_id=stop_id, pad_token_id=pad_id)  # fmt: skip
+def generate(ctx, params, queries, query_mask, key):
+    """Sampled responses [B, response_length] (common.sample with a fresh KV cache)."""
+    args, hp = ctx["args"], ctx["rollout_hp"]
+    cache = init_cache(ctx["policy_cfg"], queries.shape[0], queries.shape[1] + args.response_length)
+    return sample(step_function(ctx["graphdefs"].policy), params["policy"], cache, queries, query_mask, key,
+                  max_new_tokens=args.response_length, temperature=args.temperature, stop_token_id=hp.stop_token_id,
+                  pad_token_id=hp.pad_id)  # fmt: skip
 
 
 def rollout(ctx, params, ref_params, rm_params, queries, query_mask, key):
     """Sample episodes, score them (reward model and/or --reward-fn, missing-stop penalty) -> rollout dict, texts."""
     args, graphdefs, tok, hp = ctx["args"], ctx["graphdefs"], ctx["tok"], ctx["rollout_hp"]
-    responses = generate(graphdefs, params, queries, query_mask, key, args, hp.stop_token_id, hp.pad_id)
+    responses = generate(ctx, params, queries, query_mask, key)
     roll = score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_mask, responses)
     mask = np.asarray(roll["response_mask"])
     texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(np.asarray(responses), mask)]
@@ -843,6 +879,18 @@ def rollout(ctx, params, ref_params, rm_params, queries, query_mask, key):
         roll["scores"] = roll["scores"] + jnp.asarray(call_reward_fn(args.reward_fn, prompts, texts))
     roll["scores"] = apply_missing_eos_penalty(roll["scores"], roll["contains_stop"], args.missing_eos_penalty, args.missing_eos_mode)
     return roll, texts
+
+
+def ppo_iteration(ctx, params, opt_state, ref_params, rm_params, queries, query_mask, kl_coef, key):
+    """One PPO iteration: sample and score episodes, KL-shaped rewards and GAE, then all PPO epochs.
+    -> new params, new opt_state, the iteration's statistics (floats)."""
+    gen_key, update_key = jax.random.split(key)
+    roll, _ = rollout(ctx, params, ref_params, rm_params, queries, query_mask, gen_key)
+    advantages, returns, stats = compute_advantages(ctx["adv_hp"], roll, roll["scores"], kl_coef)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
+    params, opt_state, ppo_stats = ppo_update(ctx["graphdefs"], ctx["tx"], ctx["update_hp"], params, opt_state,
+                                              batch | {"advantages": advantages, "returns": returns}, update_key)  # fmt: skip
+    return params, opt_state, {k: float(v) for k, v in (stats | ppo_stats).items()}
 
 
 def evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, episode):
@@ -881,6 +929,11 @@ def make_optimizer(args: Args, num_updates: int):
     return tx, schedule
 
 
+def train_state(params, opt_state, kl_coef):
+    """What a checkpoint holds; the (adaptive) KL coefficient is part of the training state."""
+    return {"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}
+
+
 def main(args: Args):
     if args.distributed:
         jax.distributed.initialize()
@@ -897,7 +950,7 @@ def main(args: Args):
     num_updates = args.total_episodes // args.batch_size
     tx, schedule = make_optimizer(args, num_updates)
     params, ref_params, rm_params = (shard(p, mesh, args.fsdp) for p in (params, ref_params, rm_params))
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp), "kl_coef": jnp.float32(args.kl_coef)}
+    state = train_state(params, shard(jax.jit(tx.init)(params), mesh, args.fsdp), args.kl_coef)
     state, start = restore_latest(ckpt, state, args.resume)
     params, opt_state, kl_coef = state["params"], state["opt_state"], float(state["kl_coef"])
     rollout_hp = RolloutConfig(args.temperature, args.stop_token_id if args.stop_token_id is not None else eos_id,
@@ -905,7 +958,8 @@ def main(args: Args):
     adv_hp = AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam)
     update_hp = UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps,
                              LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model))  # fmt: skip
-    ctx = {"args": args, "graphdefs": graphdefs, "tok": tok, "rollout_hp": rollout_hp}
+    ctx = {"args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
+           "tok": tok, "tx": tx, "rollout_hp": rollout_hp, "adv_hp": adv_hp, "update_hp": update_hp}  # fmt: skip
     rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
     first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
     print(f"setup {time.time() - t0:.0f}s; at update {start}: " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if k.count("/") == 1))
@@ -915,15 +969,10 @@ def main(args: Args):
     t_train, final = time.time(), first_eval
     with progress, ckpt:
         for update in range(start, num_updates):
-            gen_key, update_key = jax.random.split(jax.random.fold_in(jax.random.key(args.seed), update))
             idx = batch_indices(update, len(queries), args.batch_size, args.seed)
             q, qm = jax.device_put((queries[idx], query_mask[idx]), rows)
-            roll, _ = rollout(ctx, params, ref_params, rm_params, q, qm, gen_key)
-            advantages, returns, stats = compute_advantages(adv_hp, roll, roll["scores"], kl_coef)
-            batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
-            params, opt_state, ppo_stats = ppo_update(graphdefs, tx, update_hp, params, opt_state,
-                                                      batch | {"advantages": advantages, "returns": returns}, update_key)  # fmt: skip
-            stats = {k: float(v) for k, v in (stats | ppo_stats).items()}
+            key = jax.random.fold_in(jax.random.key(args.seed), update)
+            params, opt_state, stats = ppo_iteration(ctx, params, opt_state, ref_params, rm_params, q, qm, kl_coef, key)
             stats |= {"objective/kl_coef": kl_coef, "lr": float(schedule(update * args.ppo_epochs * args.num_mini_batches)),
                       "episode": (update + 1) * args.batch_size, "eps": (update + 1 - start) * args.batch_size / (time.time() - t_train)}  # fmt: skip
             if args.adaptive_kl:
@@ -934,10 +983,10 @@ def main(args: Args):
             if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
                 final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
                 progress.console.print(f"update {update + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k.count("/") == 1))
-            ckpt.save(update + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}))
+            ckpt.save(update + 1, args=ocp.args.StandardSave(train_state(params, opt_state, kl_coef)))
             progress.advance(task)
         if ckpt.latest_step() != num_updates:
-            ckpt.save(num_updates, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}), force=True)
+            ckpt.save(num_updates, args=ocp.args.StandardSave(train_state(params, opt_state, kl_coef)), force=True)
     train_time = time.time() - t_train
     if jax.process_index() == 0:
         save_model(args.output_dir, nnx.merge(graphdefs.policy, gather(params["policy"])), args.sft_model)

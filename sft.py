@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -248,17 +248,31 @@ class Attention(nnx.Module):
         self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-    def __call__(self, x, cos, sin, mask, cache, cache_pos):
-        B, T, _ = x.shape
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # x [B * T, D]
+        B, T = cos.shape[:2]
         q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)  # [B, T, H, D]
         k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # [B, T, KV, D]
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        if cache is not None:  # write the T new keys/values at slots [cache_pos, cache_pos + T)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_pos, 0, 0))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
+        else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
+            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_pos, 0))
             cache = {"k": k, "v": v}
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, H, D]
-        return self.o_proj(out.reshape(B, T, -1)), cache
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(B * T, -1)), cache
+
+
+def cached_attention(q, k, v, mask):
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts
+    that the two matmuls read as they are (a [B, S, KV, D] cache was transposed whole at every decoding step).
+    mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV), as HF's repeat_kv."""
+    B, T, H, D = q.shape
+    q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, KV, G, T, S]
+    out = jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1).astype(q.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 class MLP(nnx.Module):
@@ -308,18 +322,24 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        x, new_cache = self.embed_tokens(tokens), []
+        # the residual stream as a [B * T, D] matrix: XLA:CPU runs 2-D matmuls (and their gradients) ~3x faster
+        x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
             new_cache.append(layer_cache)
-        return self.norm(x), (new_cache if cache is not None else None)
+        return self.norm(x).reshape(*tokens.shape, -1), (new_cache if cache is not None else None)
 
     def head(self, h):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
+        shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return self.score(h)[..., 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32).reshape(*shape, -1)
+
+    def head_kernel(self):
+        """The LM head as a [D, V] matrix (tied: the embedding, transposed), for common.head_logprobs."""
+        return self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
 
     def __call__(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
         h, cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
@@ -327,14 +347,22 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache: per layer {"k", "v"} of shape [B, S, KV, D]."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (see cached_attention)."""
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    return [{"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+            for _ in range(cfg.num_hidden_layers)]  # fmt: skip
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function handed to common.sample (bind graphdef with functools.partial once)."""
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
     return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+
+
+@cache
+def step_function(graphdef):
+    """model_apply bound to `graphdef`, the same object on every call: common.sample is jitted with the step function
+    as a static argument, so a fresh functools.partial per call would recompile the sampler every time."""
+    return partial(model_apply, graphdef)
 
 
 def positions_from_mask(mask):
@@ -722,7 +750,7 @@ def main(args: Args):
 
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: batch split over devices
     sample_prompts = [tok.decode(val["tokens"][i][:8].tolist()) for i in range(args.num_samples)]
-    step_fn = partial(model_apply, graphdef)  # made once: the jitted sampler is cached on its identity
+    step_fn = step_function(graphdef)
 
     def evaluate_and_sample(params, step, key):
         loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))

@@ -175,6 +175,58 @@ def test_top_k_and_top_p_restrict_the_support():
     assert draws == [1] * 5
 
 
+def test_sampled_frequencies_follow_the_tempered_softmax():
+    """50,000 draws of one step from fixed logits: each token's frequency is within 4 standard errors of
+    softmax(logits / T), and a token filtered out by top-k is never drawn."""
+    from common import _next_token
+
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)) * 0.7, (50_000, 1))  # at T = 0.7: softmax = probs
+    draws = np.asarray(_next_token(logits, jax.random.key(0), 0.7, 0, 1.0))
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    np.testing.assert_array_less(np.abs(freq - probs), 4 * np.sqrt(probs * (1 - probs) / len(draws)))
+    top5 = np.asarray(_next_token(logits, jax.random.key(1), 0.7, 5, 1.0))
+    assert top5.max() == 4 and (top5 == 5).sum() == 0
+
+
+def test_sampler_compiles_once_per_model():
+    """rlhf_ppo.generate calls the jitted sampler with a step function bound to the policy's graphdef: the same
+    object every time (sft.step_function is cached), else every rollout would recompile the sampler."""
+    assert sft.step_function("graphdef") is sft.step_function("graphdef")
+    calls, cache = [], {"k": jnp.zeros((1, 4))}
+    step_fn = counting_step_fn(8, calls)
+    sample._clear_cache()
+    for i in range(3):
+        sample(step_fn, None, cache, np.array([[1]]), np.array([[True]]), jax.random.key(i), max_new_tokens=2,
+               temperature=1.0, stop_token_id=7, pad_token_id=0)  # fmt: skip
+    assert sample._cache_size() == 1
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 16, 50), (3, 7, 8, 300_000)])  # one chunk; 7 chunks of 1 position
+def test_fused_head_logprobs_equal_the_unfused_ones_with_gradients(shape):
+    """common.head_logprobs (chunked LM head + log-softmax, hand-written backward) against log_softmax of the full
+    logits: values and the gradients in hidden states and head weights, through log-probs and entropy."""
+    from common import entropy_from_logits, head_logprobs, logprobs_from_logits
+
+    B, R, D, V = shape
+    k = jax.random.split(jax.random.key(0), 5)
+    h, w = jax.random.normal(k[0], (B, R, D)), jax.random.normal(k[1], (D, V)) * 0.5
+    tokens = jax.random.randint(k[2], (B, R), 0, V)
+    a, e = jax.random.normal(k[3], (B, R)), jax.random.normal(k[4], (B, R))
+
+    def objective(h, w, fused):
+        if fused:
+            logp, entropy = head_logprobs(h, w, tokens, 0.7)
+        else:
+            logp, entropy = logprobs_from_logits(h @ w, tokens, 0.7), entropy_from_logits(h @ w, 0.7)
+        return jnp.sum(a * logp) + jnp.sum(e * entropy)
+
+    (v1, g1), (v0, g0) = (jax.value_and_grad(objective, (0, 1))(h, w, fused) for fused in (True, False))
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for x, y in zip(g1, g0):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(jnp.abs(y).max()))
+
+
 def test_model_copies_are_identical():
     """The model section is duplicated in each script on purpose; the copies must not drift."""
     from pathlib import Path

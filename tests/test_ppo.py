@@ -93,9 +93,7 @@ def test_adaptive_kl_controller():
 def test_clipped_losses_match_hand_computed_values(monkeypatch):
     new_logp = jnp.log(jnp.array([[1.5, 0.5, 1.1, 1.0]]))  # ratios 1.5, 0.5, 1.1 against old log-prob 0; last masked
     values = jnp.array([[1.0, 0.0, 2.0, 5.0]])
-    monkeypatch.setattr(ppo, "policy_and_values", lambda *a: (None, values))
-    monkeypatch.setattr(ppo, "logprobs_from_logits", lambda logits, tokens, t: new_logp)
-    monkeypatch.setattr(ppo, "entropy_from_logits", lambda logits, t: jnp.zeros((1, 4)))
+    monkeypatch.setattr(ppo, "policy_and_values", lambda *a: (new_logp, jnp.zeros((1, 4)), values))
     mb = {"responses": jnp.zeros((1, 4), jnp.int32), "response_mask": jnp.array([[1, 1, 1, 0]], bool),
           "tokens": None, "mask": None, "logprobs": jnp.zeros((1, 4)), "values": jnp.array([[0.5, 0.5, 0.5, 0.5]]),
           "advantages": jnp.array([[1.0, -1.0, 2.0, 9.0]]), "returns": jnp.array([[2.0, 1.0, 1.0, 0.0]])}  # fmt: skip
@@ -142,7 +140,7 @@ def first_rollout(args, mesh_devices=1):
     graphdefs, params, ref, rm = ppo.load_models(args, jnp.float32)
     queries, qmask, _ = ppo.setup_data(args, tok, pad)
     hp = ppo.RolloutConfig(args.temperature, eos, eos, pad, args.value_model)
-    ctx = {"args": args, "graphdefs": graphdefs, "tok": tok, "rollout_hp": hp}
+    ctx = {"args": args, "graphdefs": graphdefs, "tok": tok, "rollout_hp": hp, "policy_cfg": sft.load_model(args.sft_model)[1]}
     roll, texts = ppo.rollout(ctx, params, ref, rm, jnp.asarray(queries[:8]), jnp.asarray(qmask[:8]), jax.random.key(0))
     return roll, texts, (graphdefs, params, ref, rm, queries, qmask, tok, eos, pad)
 

@@ -1,0 +1,127 @@
+"""Our hot paths in isolation, on the benchmark workload's model and batch:
+
+1. sampling: the KV-cache sampler (common.sample, what rlhf_ppo.py runs) against a no-cache sampler that recomputes
+   the full forward pass over the whole sequence for every new token; tokens/s of each.
+2. the PPO train step (rlhf_ppo.ppo_update: 4 epochs x 1 minibatch of 64, forward + backward of policy and value,
+   AdamW) in FLOP/s, against a plain large float32 matmul on the same machine (the practical peak).
+   FLOPs are XLA's own count (compiled cost analysis) of one loss-and-gradient pass, times the number of passes.
+
+    benchmarks/.venvs/ours/bin/python benchmarks/bench_kernels.py [--num-devices 2]
+
+The last stdout line is `RESULT {json}` for benchmarks/run.py.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import rlhf_ppo as rp  # noqa: E402
+import workload as W  # noqa: E402
+from bench_ours import prompts, setup  # noqa: E402
+from common import _next_token  # noqa: E402
+
+
+def best_of(fn, repeats):
+    """Median seconds of `repeats` calls after one warm-up call; fn() must block on its result."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_flops(repeats):
+    """FLOP/s of a plain float32 n x n matmul, best over a few sizes: the practical peak of this machine."""
+    best, matmul = 0.0, jax.jit(jnp.dot)
+    for n in (1024, 2048, 4096):
+        a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+        best = max(best, 2 * n**3 / best_of(lambda a=a, b=b: matmul(a, b).block_until_ready(), repeats))
+    return best
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
+def sample_no_cache(graphdef, params, prompt_tokens, prompt_mask, key, *, max_new_tokens, temperature):
+    """The baseline: every new token recomputes the transformer over the whole sequence (a fixed [B, P + R] buffer
+    with a causal mask, so the shapes never change); the LM head runs on the last position only (as HF generate's
+    logits_to_keep), so the baseline does not waste work the KV cache would not also save."""
+    B, P = prompt_tokens.shape
+    model = nnx.merge(graphdef, params)
+    tokens = jnp.concatenate([prompt_tokens, jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)  # [B, P + R]
+    mask = jnp.concatenate([prompt_mask, jnp.zeros((B, max_new_tokens), bool)], axis=1)
+
+    def body(i, carry):
+        tokens, mask = carry
+        h, _ = model.hidden_states(tokens, rp.positions_from_mask(mask), mask)  # [B, P + R, D]: all positions again
+        logits = model.head(h[:, P + i - 1][:, None])[:, 0]  # [B, V]: the LM head only where it is needed
+        new = _next_token(logits, jax.random.fold_in(key, i), temperature, 0, 1.0)
+        return tokens.at[:, P + i].set(new), mask.at[:, P + i].set(True)
+
+    return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, mask))[0][:, P:]
+
+
+def sampler_speeds(ctx, params, q, qm, repeats):
+    """tokens/s of the KV-cache sampler (rlhf_ppo.generate) and of the full-recompute one."""
+    key = jax.random.key(0)
+    cached = best_of(lambda: rp.generate(ctx, params, q, qm, key).block_until_ready(), repeats)
+    no_cache = best_of(lambda: sample_no_cache(ctx["graphdefs"].policy, params["policy"], q, qm, key, max_new_tokens=W.RESPONSE_LEN,
+                                               temperature=W.TEMPERATURE).block_until_ready(), repeats)  # fmt: skip
+    n = q.shape[0] * W.RESPONSE_LEN
+    return n / cached, n / no_cache
+
+
+def train_step_flops(ctx, params, opt_state, batch, repeats):
+    """-> (FLOP/s, FLOPs per ppo_update call, seconds per call) of rlhf_ppo.ppo_update."""
+    graphdefs, tx, hp = ctx["graphdefs"], ctx["tx"], ctx["update_hp"]
+    grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
+    cost = grad.lower(params, graphdefs, hp.loss, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = cost["flops"] * hp.ppo_epochs * hp.num_mini_batches  # each pass sees the whole batch once per epoch
+    state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.tree.map(jnp.copy, opt_state)}  # donated below
+
+    def step():
+        state["params"], state["opt_state"], stats = rp.ppo_update(graphdefs, tx, hp, state["params"], state["opt_state"], batch, jax.random.key(0))
+        jax.block_until_ready(stats)
+
+    seconds = best_of(step, repeats)
+    return flops / seconds, flops, seconds
+
+
+def main(cli):
+    ctx, params, opt_state, ref_params, rm_params, mesh = setup(cli.num_devices)
+    q, qm = prompts(0, mesh)
+    roll, _ = rp.rollout(ctx, params, ref_params, rm_params, q, qm, jax.random.key(0))
+    advantages, returns, _ = rp.compute_advantages(ctx["adv_hp"], roll, roll["scores"], W.KL_COEF)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
+    batch |= {"advantages": advantages, "returns": returns}
+
+    cached, no_cache = sampler_speeds(ctx, params, q, qm, cli.repeats)
+    step_flops, flops, seconds = train_step_flops(ctx, params, opt_state, batch, cli.repeats)
+    peak = matmul_flops(cli.repeats)
+    result = {"num_devices": cli.num_devices, "kv_cache_tok_s": cached, "no_cache_tok_s": no_cache,
+              "train_step_flop_s": step_flops, "train_step_flops": flops, "train_step_s": seconds, "matmul_flop_s": peak}  # fmt: skip
+    print(f"sampler: KV cache {cached:,.0f} tok/s, no cache {no_cache:,.0f} tok/s ({cached / no_cache:.1f}x); train step "
+          f"{flops / 1e9:.1f} GFLOP in {seconds:.3f}s = {step_flops / 1e9:.1f} GFLOP/s, matmul {peak / 1e9:.1f} GFLOP/s "
+          f"({step_flops / peak:.0%})", file=sys.stderr)  # fmt: skip
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-devices", type=int, default=1, help="fake XLA CPU devices; the batch is split over them")
+    main(parser.parse_args())

@@ -648,6 +648,7 @@ class UpdateConfig(NamedTuple):
     num_mini_batches: int
     grad_accum_steps: int
     loss: LossConfig
+    batch_sharding: NamedSharding | None = None  # keeps each shuffled minibatch split over the devices
 
 
 def response_mask(responses, stop_token_id: int):
@@ -825,6 +826,8 @@ def ppo_update(graphdefs, tx, hp, params, opt_state, batch, key):
 
         def micro_step(grad_sum, micro_idx):
             mb = jax.tree.map(lambda x: x[micro_idx], batch)
+            if hp.batch_sharding is not None:  # else XLA replicates the gathered rows: every device does all the work
+                mb = jax.lax.with_sharding_constraint(mb, hp.batch_sharding)
             grads, stats = jax.grad(ppo_loss, has_aux=True)(params, graphdefs, hp.loss, mb)
             return jax.tree.map(jnp.add, grad_sum, grads), stats
 
@@ -956,11 +959,11 @@ def main(args: Args):
     rollout_hp = RolloutConfig(args.temperature, args.stop_token_id if args.stop_token_id is not None else eos_id,
                                eos_id, pad_id, args.value_model)  # fmt: skip
     adv_hp = AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam)
+    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
     update_hp = UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps,
-                             LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model))  # fmt: skip
+                             LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model), rows)  # fmt: skip
     ctx = {"args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
            "tok": tok, "tx": tx, "rollout_hp": rollout_hp, "adv_hp": adv_hp, "update_hp": update_hp}  # fmt: skip
-    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
     first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
     print(f"setup {time.time() - t0:.0f}s; at update {start}: " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if k.count("/") == 1))
 

@@ -4,7 +4,8 @@
    the full forward pass over the whole sequence for every new token; tokens/s of each.
 2. the PPO train step (rlhf_ppo.ppo_update: 4 epochs x 1 minibatch of 64, forward + backward of policy and value,
    AdamW) in FLOP/s, against a plain large float32 matmul on the same machine (the practical peak).
-   FLOPs are XLA's own count (compiled cost analysis) of one loss-and-gradient pass, times the number of passes.
+   FLOPs are XLA's own count (compiled cost analysis) of one loss-and-gradient pass over the batch (per device,
+   times the devices), times the number of passes.
 
     benchmarks/.venvs/ours/bin/python benchmarks/bench_kernels.py [--num-devices 2]
 
@@ -90,7 +91,8 @@ def train_step_flops(ctx, params, opt_state, batch, repeats):
     grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
     cost = grad.lower(params, graphdefs, hp.loss, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = cost["flops"] * hp.ppo_epochs * hp.num_mini_batches  # each pass sees the whole batch once per epoch
+    # XLA counts one device's share of the partitioned program; each pass sees the whole batch once per epoch
+    flops = cost["flops"] * jax.device_count() * hp.ppo_epochs * hp.num_mini_batches
     state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.tree.map(jnp.copy, opt_state)}  # donated below
 
     def step():

@@ -56,7 +56,8 @@ def setup(num_devices: int = 1, dtype: str = "float32", num_iterations: int = 10
     ctx = {"args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
            "tok": tok, "tx": tx, "rollout_hp": rp.RolloutConfig(args.temperature, -1, eos_id, pad_id, args.value_model),
            "adv_hp": rp.AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam),
-           "update_hp": rp.UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps, loss_hp)}  # fmt: skip
+           "update_hp": rp.UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps, loss_hp,
+                                        NamedSharding(mesh, PartitionSpec("data")))}  # fmt: skip
     return ctx, params, opt_state, ref_params, rm_params, mesh
 
 

@@ -24,6 +24,7 @@ WORK = HERE / ".work"
 PPO_RUNS = {  # key: (venv, script, extra arguments)
     "ours": ("ours", "bench_ours.py", []),
     "ours-2dev": ("ours", "bench_ours.py", ["--num-devices", "2"]),
+    "ours-bf16": ("ours", "bench_ours.py", ["--dtype", "bfloat16"]),
     "trl": ("trl", "bench_trl.py", []),
     "tunix": ("tunix", "bench_tunix.py", []),
 }
@@ -72,7 +73,7 @@ def kernel_table(results: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed PPO iterations per implementation")
-    parser.add_argument("--iters", type=int, default=5, help="timed PPO iterations per implementation")
+    parser.add_argument("--iters", type=int, default=10, help="timed PPO iterations per implementation")
     parser.add_argument("--only", nargs="*", default=[*PPO_RUNS, *KERNEL_RUNS], help="a subset of the runs")
     cli = parser.parse_args()
     if not (WORK / "models" / "reward" / "config.json").exists():  # the shared random models, made with transformers

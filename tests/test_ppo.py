@@ -183,13 +183,14 @@ def test_sharded_update_equals_single_device(tiny_pipeline):
     adv, ret, _ = ppo.compute_advantages(hp, roll, roll["scores"], 0.05)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": adv, "returns": ret}
-    update_hp = ppo.UpdateConfig(2, 2, 1, ppo.LossConfig(0.7, 0.2, 0.2, 0.1, "reward"))
     results = []
     for n, fsdp in ((1, False), (4, False), (4, True)):
         mesh = sft.make_mesh(n)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        update_hp = ppo.UpdateConfig(2, 2, 1, ppo.LossConfig(0.7, 0.2, 0.2, 0.1, "reward"), rows)
         tx, _ = ppo.make_optimizer(args, 2)
         p = sft.shard(jax.tree.map(jnp.copy, params), mesh, fsdp)
-        b = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        b = jax.device_put(batch, rows)
         p, _, stats = ppo.ppo_update(graphdefs, tx, update_hp, p, sft.shard(tx.init(p), mesh, fsdp), b, jax.random.key(0))
         results.append((jax.device_get(p), {k: float(v) for k, v in stats.items()}))
     for p, stats in results[1:]:

@@ -1,10 +1,11 @@
 """Runs every benchmark in turn, each alone on the machine and in its own virtual environment, and prints one table.
 
     bash benchmarks/setup.sh            # once: benchmarks/.venvs/{ours,trl,tunix}
-    python benchmarks/run.py            # ~10 min on a 2-core CPU; any Python 3 runs it (standard library only)
+    python benchmarks/run.py            # ~15 min on a 2-core CPU; any Python 3 runs it (standard library only)
 
-1. PPO iterations on the identical workload (workload.py): ours on 1 and on 2 fake XLA CPU devices, TRL 1.12.0's
-   PPOTrainer and Tunix 0.1.7's PPO learner; `--warmup` iterations each, then `--iters` timed ones.
+1. PPO iterations on the identical workload (workload.py): ours on 1 and on 2 fake XLA CPU devices and in bf16,
+   TRL 1.12.0's PPOTrainer and Tunix 0.1.7's PPO learner; `--warmup` iterations each, then `--iters` timed ones,
+   in `--rounds` rounds that take the implementations in turn (the timings of all rounds are pooled).
 2. Our hot paths (bench_kernels.py) on 1 and 2 fake devices: KV-cache vs no-cache sampling, and the PPO train
    step's FLOP/s against a plain large matmul's.
 The raw results go to benchmarks/.work/results.json, each run's output to benchmarks/.work/logs/.
@@ -48,6 +49,14 @@ def run(name: str, venv: str, script: str, args: list[str]) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def merge(a: dict, b: dict) -> dict:
+    """Two rounds of one implementation: timings concatenated, the larger peak RSS, the later metrics."""
+    out = {**b, **{k: a[k] + b[k] for k in ("iter_s", "gen_s", "update_s")}, "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+    if "compiles_in_timed_iterations" in a:
+        out["compiles_in_timed_iterations"] = a["compiles_in_timed_iterations"] + b["compiles_in_timed_iterations"]
+    return out
+
+
 def ppo_table(results: dict) -> str:
     ours = statistics.median(results["ours"]["iter_s"])
     rows = ["| implementation | s/iteration median (min–max) | episodes/s | generation s | rest (scoring + update) s "
@@ -74,17 +83,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed PPO iterations per implementation")
     parser.add_argument("--iters", type=int, default=10, help="timed PPO iterations per implementation")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all PPO runs, one implementation after another")
     parser.add_argument("--only", nargs="*", default=[*PPO_RUNS, *KERNEL_RUNS], help="a subset of the runs")
     cli = parser.parse_args()
     if not (WORK / "models" / "reward" / "config.json").exists():  # the shared random models, made with transformers
         subprocess.run([str(HERE / ".venvs" / "trl" / "bin" / "python"), "workload.py"], cwd=HERE, check=True)
-    ppo = {k: run(k, *v[:2], [*v[2], "--warmup", str(cli.warmup), "--iters", str(cli.iters)])
-           for k, v in PPO_RUNS.items() if k in cli.only}  # fmt: skip
+    ppo = {}
+    for round_ in range(cli.rounds):  # rounds interleave the implementations, so slow drifts of the machine hit all
+        for k, (venv, script, extra) in PPO_RUNS.items():
+            if k in cli.only:
+                r = run(f"{k}-{round_}", venv, script, [*extra, "--warmup", str(cli.warmup), "--iters", str(cli.iters)])
+                ppo[k] = merge(ppo[k], r) if k in ppo else r
     kernels = {k: run(k, "ours", "bench_kernels.py", v) for k, v in KERNEL_RUNS.items() if k in cli.only}
     (WORK / "results.json").write_text(json.dumps({"ppo": ppo, "kernels": kernels}, indent=1))
     machine = f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
-    print(f"\nPPO iteration on the workload of benchmarks/workload.py ({machine}; {cli.iters} timed iterations "
-          f"after {cli.warmup} warm-up; episodes/s = 64 / median s per iteration)\n")  # fmt: skip
+    print(f"\nPPO iteration on the workload of benchmarks/workload.py ({machine}; {cli.rounds} rounds x {cli.iters} timed "
+          f"iterations after {cli.warmup} warm-up; episodes/s = 64 / median s per iteration)\n")  # fmt: skip
     if "ours" in ppo:
         print(ppo_table(ppo))
     for name, r in ppo.items():

@@ -932,6 +932,20 @@ def make_optimizer(args: Args, num_updates: int):
     return tx, schedule
 
 
+def make_context(args: Args, graphdefs, params, tok, eos_id: int, pad_id: int, tx, mesh):
+    """What the rollout and update functions read besides the weights: the static configs of the jitted functions,
+    the model structure, tokenizer and optimizer."""
+    stop_id = args.stop_token_id if args.stop_token_id is not None else eos_id
+    loss_hp = LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model)
+    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
+    return {
+        "args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
+        "tok": tok, "tx": tx, "rollout_hp": RolloutConfig(args.temperature, stop_id, eos_id, pad_id, args.value_model),
+        "adv_hp": AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam),
+        "update_hp": UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps, loss_hp, rows),
+    }  # fmt: skip
+
+
 def train_state(params, opt_state, kl_coef):
     """What a checkpoint holds; the (adaptive) KL coefficient is part of the training state."""
     return {"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}
@@ -956,14 +970,8 @@ def main(args: Args):
     state = train_state(params, shard(jax.jit(tx.init)(params), mesh, args.fsdp), args.kl_coef)
     state, start = restore_latest(ckpt, state, args.resume)
     params, opt_state, kl_coef = state["params"], state["opt_state"], float(state["kl_coef"])
-    rollout_hp = RolloutConfig(args.temperature, args.stop_token_id if args.stop_token_id is not None else eos_id,
-                               eos_id, pad_id, args.value_model)  # fmt: skip
-    adv_hp = AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam)
-    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
-    update_hp = UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps,
-                             LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model), rows)  # fmt: skip
-    ctx = {"args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
-           "tok": tok, "tx": tx, "rollout_hp": rollout_hp, "adv_hp": adv_hp, "update_hp": update_hp}  # fmt: skip
+    ctx = make_context(args, graphdefs, params, tok, eos_id, pad_id, tx, mesh)
+    rows = ctx["update_hp"].batch_sharding
     first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
     print(f"setup {time.time() - t0:.0f}s; at update {start}: " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if k.count("/") == 1))
 

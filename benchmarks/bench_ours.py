@@ -23,7 +23,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import rlhf_ppo as rp  # noqa: E402
@@ -52,13 +51,7 @@ def setup(num_devices: int = 1, dtype: str = "float32", num_iterations: int = 10
     tx, _ = rp.make_optimizer(args, num_iterations)
     params, ref_params, rm_params = (rp.shard(p, mesh) for p in (params, ref_params, rm_params))
     opt_state = rp.shard(jax.jit(tx.init)(params), mesh)
-    loss_hp = rp.LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model)
-    ctx = {"args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
-           "tok": tok, "tx": tx, "rollout_hp": rp.RolloutConfig(args.temperature, -1, eos_id, pad_id, args.value_model),
-           "adv_hp": rp.AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam),
-           "update_hp": rp.UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps, loss_hp,
-                                        NamedSharding(mesh, PartitionSpec("data")))}  # fmt: skip
-    return ctx, params, opt_state, ref_params, rm_params, mesh
+    return rp.make_context(args, graphdefs, params, tok, eos_id, pad_id, tx, mesh), params, opt_state, ref_params, rm_params, mesh
 
 
 def prompts(i: int, mesh):

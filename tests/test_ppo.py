@@ -139,8 +139,8 @@ def first_rollout(args, mesh_devices=1):
     tok, eos, pad = sft.load_tokenizer(args.sft_model)
     graphdefs, params, ref, rm = ppo.load_models(args, jnp.float32)
     queries, qmask, _ = ppo.setup_data(args, tok, pad)
-    hp = ppo.RolloutConfig(args.temperature, eos, eos, pad, args.value_model)
-    ctx = {"args": args, "graphdefs": graphdefs, "tok": tok, "rollout_hp": hp, "policy_cfg": sft.load_model(args.sft_model)[1]}
+    tx, _ = ppo.make_optimizer(args, 1)
+    ctx = ppo.make_context(args, graphdefs, params, tok, eos, pad, tx, sft.make_mesh(mesh_devices))
     roll, texts = ppo.rollout(ctx, params, ref, rm, jnp.asarray(queries[:8]), jnp.asarray(qmask[:8]), jax.random.key(0))
     return roll, texts, (graphdefs, params, ref, rm, queries, qmask, tok, eos, pad)
 

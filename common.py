@@ -19,17 +19,10 @@ import jax.numpy as jnp
 def logprobs_from_logits(logits, tokens, temperature=1.0):
     """log π(token) under softmax(logits / T): logits [..., V], tokens [...] -> [...] float32.
 
-    The one function every script uses for policy, reference and training log-probs, so that all of
-    them divide by the same sampling temperature T (with policy == reference the KL is then exactly 0).
+    sft.py's token log-probs; head_logprobs below is the same quantity computed from the hidden states (PPO).
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-
-
-def entropy_from_logits(logits, temperature=1.0):
-    """Entropy of softmax(logits / T) over the last axis, float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 
@@ -40,7 +33,8 @@ def entropy_from_logits(logits, temperature=1.0):
 def head_logprobs(hidden, head_kernel, tokens, temperature=1.0):
     """log π(token) and the entropy under softmax(hidden @ head_kernel / T), both float32 [B, R] (differentiable in
     hidden and head_kernel). hidden [B, R, D], head_kernel [D, V], tokens [B, R]. Equal to logprobs_from_logits and
-    entropy_from_logits of the full logits."""
+    the entropy of the full logits. rlhf_ppo.py uses it for policy, reference and training log-probs alike, so all
+    divide by the same sampling temperature T (with policy == reference the KL is exactly 0)."""
     B, R = tokens.shape
     chunk = max([c for c in range(1, R + 1) if R % c == 0 and B * c * head_kernel.shape[1] <= 2**20] or [1])
     return _head_logprobs(hidden, head_kernel, tokens, float(temperature), chunk)

@@ -189,16 +189,21 @@ def test_sampled_frequencies_follow_the_tempered_softmax():
     assert top5.max() == 4 and (top5 == 5).sum() == 0
 
 
-def test_sampler_compiles_once_per_model():
-    """rlhf_ppo.generate calls the jitted sampler with a step function bound to the policy's graphdef: the same
-    object every time (sft.step_function is cached), else every rollout would recompile the sampler."""
-    assert sft.step_function("graphdef") is sft.step_function("graphdef")
-    calls, cache = [], {"k": jnp.zeros((1, 4))}
-    step_fn = counting_step_fn(8, calls)
+def test_sampler_compiles_once_per_model(tmp_path):
+    """The jitted sampler takes its step function as a static argument: sft.step_function returns the same object
+    for a graphdef every time, so rollouts with fresh weights and keys reuse one compilation (a fresh
+    functools.partial per call would recompile every rollout)."""
+    from conftest import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    model, cfg = sft.load_model(tmp_path)
+    graphdef, params = nnx.split(model)
     sample._clear_cache()
     for i in range(3):
-        sample(step_fn, None, cache, np.array([[1]]), np.array([[True]]), jax.random.key(i), max_new_tokens=2,
-               temperature=1.0, stop_token_id=7, pad_token_id=0)  # fmt: skip
+        params = jax.tree.map(lambda x: x * 1.01, params)  # new weights, as after each PPO update
+        sample(sft.step_function(graphdef), params, sft.init_cache(cfg, 2, 3 + 4), np.ones((2, 3), np.int32),
+               np.ones((2, 3), bool), jax.random.key(i), max_new_tokens=4, temperature=1.0, stop_token_id=3,
+               pad_token_id=0)  # fmt: skip
     assert sample._cache_size() == 1
 
 
@@ -206,7 +211,7 @@ def test_sampler_compiles_once_per_model():
 def test_fused_head_logprobs_equal_the_unfused_ones_with_gradients(shape):
     """common.head_logprobs (chunked LM head + log-softmax, hand-written backward) against log_softmax of the full
     logits: values and the gradients in hidden states and head weights, through log-probs and entropy."""
-    from common import entropy_from_logits, head_logprobs, logprobs_from_logits
+    from common import head_logprobs, logprobs_from_logits
 
     B, R, D, V = shape
     k = jax.random.split(jax.random.key(0), 5)
@@ -218,7 +223,8 @@ def test_fused_head_logprobs_equal_the_unfused_ones_with_gradients(shape):
         if fused:
             logp, entropy = head_logprobs(h, w, tokens, 0.7)
         else:
-            logp, entropy = logprobs_from_logits(h @ w, tokens, 0.7), entropy_from_logits(h @ w, 0.7)
+            full = jax.nn.log_softmax((h @ w) / 0.7, axis=-1)  # [B, R, V]
+            logp, entropy = logprobs_from_logits(h @ w, tokens, 0.7), -jnp.sum(jnp.exp(full) * full, axis=-1)
         return jnp.sum(a * logp) + jnp.sum(e * entropy)
 
     (v1, g1), (v0, g0) = (jax.value_and_grad(objective, (0, 1))(h, w, fused) for fused in (True, False))

@@ -25,69 +25,37 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
     return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
-
 # The LM head fused with the log-prob: log pi(token) and the entropy straight from the final hidden states, a few
-# positions at a time, so the [B, R, V] logits are never held (nor written and re-read) in full. The idea of the
-# fused linear cross-entropy (e.g. Liger Kernel); here with a hand-written backward that recomputes each chunk's
-# logits. On the benchmark workload (64 x 32 tokens, V = 4096, CPU) this made a policy loss-and-gradient ~4x faster.
+# positions at a time, so the [B, R, V] logits are never held in full (the idea of Liger Kernel's fused linear
+# cross-entropy). Each chunk is rematerialised (jax.checkpoint): the backward pass recomputes its logits and
+# differentiates the same log_softmax as the unfused form, so the gradients are as accurate as the unfused ones on
+# every CPU (benchmarks/README.md: a hand-written backward lost ~40x accuracy on AVX2-only CPUs).
 def head_logprobs(hidden, head_kernel, tokens, temperature=1.0):
     """log π(token) and the entropy under softmax(hidden @ head_kernel / T), both float32 [B, R] (differentiable in
     hidden and head_kernel). hidden [B, R, D], head_kernel [D, V], tokens [B, R]. Equal to logprobs_from_logits and
     the entropy of the full logits. rlhf_ppo.py uses it for policy, reference and training log-probs alike, so all
     divide by the same sampling temperature T (with policy == reference the KL is exactly 0)."""
     B, R = tokens.shape
-    chunk = max([c for c in range(1, R + 1) if R % c == 0 and B * c * head_kernel.shape[1] <= 2**20] or [1])
-    return _head_logprobs(hidden, head_kernel, tokens, float(temperature), chunk)
+    c = max([c for c in range(1, R + 1) if R % c == 0 and B * c * head_kernel.shape[1] <= 2**20] or [1])
+
+    @jax.checkpoint
+    def chunk(xs):  # h [B, c, D], y [B, c] -> log π(y), entropy [B, c]
+        h, y = xs
+        z = (h.reshape(-1, h.shape[-1]) @ head_kernel.astype(h.dtype)).astype(jnp.float32) / temperature  # [B * c, V]
+        logp = jax.nn.log_softmax(z.reshape(*y.shape, -1), axis=-1)  # [B, c, V]
+        return jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0], -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+    logp, entropy = jax.lax.map(chunk, (_chunks(hidden, c), _chunks(tokens, c)))
+    return _unchunk(logp), _unchunk(entropy)
 
 
-def _split(x, c):  # [B, R, ...] -> [R / c, B, c, ...]: chunks along the sequence, so a sharded batch stays local
+def _chunks(x, c):  # [B, R, ...] -> [R / c, B, c, ...]: chunks along the sequence, so a sharded batch stays local
     return jnp.swapaxes(x.reshape(x.shape[0], -1, c, *x.shape[2:]), 0, 1)
 
 
-def _merge(x):  # [R / c, B, c, ...] -> [B, R, ...]
-    x = jnp.swapaxes(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+def _unchunk(x):  # [R / c, B, c] -> [B, R]
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1)
 
-
-def _chunk_softmax(h, w, tokens, temperature):
-    """One chunk: tempered logits z [B, c, V], log-softmax, log π(token) [B, c], entropy [B, c]."""
-    z = (h.reshape(-1, h.shape[-1]) @ w.astype(h.dtype)).astype(jnp.float32).reshape(*h.shape[:-1], -1) / temperature
-    logp = jax.nn.log_softmax(z, axis=-1)
-    return logp, jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], -jnp.sum(jnp.exp(logp) * logp, -1)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_logprobs(hidden, head_kernel, tokens, temperature, chunk):
-    def one(xs):
-        return _chunk_softmax(xs[0], head_kernel, xs[1], temperature)[1:]
-
-    logp, entropy = jax.lax.map(one, (_split(hidden, chunk), _split(tokens, chunk)))
-    return _merge(logp), _merge(entropy)
-
-
-def _head_logprobs_fwd(hidden, head_kernel, tokens, temperature, chunk):
-    return _head_logprobs(hidden, head_kernel, tokens, temperature, chunk), (hidden, head_kernel, tokens)
-
-
-def _head_logprobs_bwd(temperature, chunk, residuals, cotangents):
-    """d log π(y)/dz = onehot(y) - p; dH/dz = -p (log p + H); z = logits / T. Chunk by chunk, logits recomputed."""
-    hidden, w, tokens = residuals
-
-    def step(dw, xs):
-        h, y, g_logp, g_entropy = xs
-        logp, _, entropy = _chunk_softmax(h, w, y, temperature)
-        p = jnp.exp(logp)  # [B, c, V]
-        dz = g_logp[..., None] * (jax.nn.one_hot(y, p.shape[-1]) - p) - g_entropy[..., None] * p * (logp + entropy[..., None])
-        dlogits = (dz / temperature).astype(h.dtype).reshape(-1, p.shape[-1])  # [B * c, V]: 2-D matmuls below
-        dw = dw + jnp.dot(h.reshape(-1, h.shape[-1]).T, dlogits, preferred_element_type=jnp.float32)
-        return dw, (dlogits @ w.astype(h.dtype).T).reshape(h.shape)
-
-    xs = tuple(_split(x, chunk) for x in (hidden, tokens, *cotangents))
-    dw, dhidden = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), xs)
-    return _merge(dhidden), dw.astype(w.dtype), None
-
-
-_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
 
 def masked_mean(x, mask, axis=None):
     """Mean of x over the entries where mask is true (0 where there are none)."""

@@ -8,7 +8,25 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+F32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def assert_as_accurate(ours, theirs, exact, factor=4.0, floor_ulps=16, what="result"):
+    """Tolerances that follow from float32 error, whatever the CPU: `ours` and `theirs` are float32 results of the same
+    quantity by two implementations, `exact` its float64 value. Asserts that our error is at most `factor` times
+    theirs plus `floor_ulps` units of roundoff of the largest |exact| (errors of a few ulps are noise), so a test
+    passes on any instruction set on which both implementations are sound, and fails if ours loses accuracy."""
+    ours, theirs, exact = (np.asarray(x, np.float64) for x in (ours, theirs, exact))
+    scale = np.abs(exact).max()
+    err_ours, err_theirs = np.abs(ours - exact).max(), np.abs(theirs - exact).max()
+    limit = factor * err_theirs + floor_ulps * F32_UNIT_ROUNDOFF * scale
+    assert err_ours <= limit, (
+        f"{what}: our float32 error {err_ours:.3g} ({err_ours / scale:.2g} of max|x|) exceeds {factor}x the reference "
+        f"implementation's {err_theirs:.3g} + {floor_ulps} ulps"
+    )
 
 
 def _randomize(model, seed):

@@ -1,5 +1,6 @@
 """reward_model.py: Bradley–Terry loss, reward read-out under padding, normalisation, export, labeler, smoke run."""
 
+import copy
 import json
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 
 import reward_model as rm
 import sft
+from conftest import assert_as_accurate
 from test_sft import write_jsonl
 
 
@@ -110,15 +112,17 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
     graphdef, params = nnx.split(model)
     ours = np.asarray(rm.rewards(params, graphdef, jnp.asarray(tokens), jnp.asarray(mask)))
     with torch.no_grad():
-        theirs = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits[:, 0].numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        theirs, exact = (m(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits[:, 0].numpy()
+                         for m in (hf, copy.deepcopy(hf).double()))  # fmt: skip
+    assert_as_accurate(ours, theirs, exact, what="scores")
     # the normalisation lives in config.json: our loader applies it, transformers reads the raw score
     model.cfg = sft.ModelConfig(**{**vars(model.cfg), "reward_gain": 2.0, "reward_bias": -0.5})
     sft.save_model(tmp_path / "rm2", model, None, {"pad_token_id": 0})
     again, cfg = sft.load_model(tmp_path / "rm2")
     assert (cfg.reward_gain, cfg.reward_bias) == (2.0, -0.5)
     g2, p2 = nnx.split(again)
-    np.testing.assert_allclose(np.asarray(rm.rewards(p2, g2, jnp.asarray(tokens), jnp.asarray(mask))), 2.0 * theirs - 0.5, atol=1e-5)
+    normalised = np.asarray(rm.rewards(p2, g2, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert_as_accurate(normalised, 2.0 * theirs - 0.5, 2.0 * exact - 0.5, what="normalised scores")
 
 
 def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):

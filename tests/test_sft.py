@@ -1,5 +1,6 @@
 """sft.py: data formats and errors, loss masking, sharding, a smoke run, resume, and the transformers export."""
 
+import copy
 import json
 
 import jax
@@ -11,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import sft
 from common import logprobs_from_logits
+from conftest import assert_as_accurate
 
 TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             max_seq_len=48, batch_size=8, max_steps=6, warmup_steps=2, eval_every=3, log_every=2,
@@ -152,9 +154,9 @@ def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset):
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = np.array([tok.encode(text).ids])
     with torch.no_grad():
-        theirs = hf(torch.tensor(ids)).logits.numpy()
+        theirs, exact = (m(torch.tensor(ids)).logits.numpy() for m in (hf, copy.deepcopy(hf).double()))
     mine = np.asarray(ours(jnp.asarray(ids), sft.positions_from_mask(jnp.ones_like(ids)), jnp.ones_like(ids))[0])
-    np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+    assert_as_accurate(mine, theirs, exact, what="exported model's logits")
     # fine-tuning the exported checkpoint as a --base-model works too (with its own tokenizer)
     again = sft.main(tiny_args(tmp_path, dataset=str(pc_dataset), base_model=str(out), max_steps=2,
                                output_dir=str(tmp_path / "out2"), checkpoint_dir=str(tmp_path / "ck2")))  # fmt: skip

@@ -119,6 +119,7 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    max_position_embeddings: int = 2048  # the context the checkpoint declares (positions beyond it are refused)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
@@ -160,6 +161,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
@@ -175,12 +177,12 @@ class ModelConfig:
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
-        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu", "max_position_embeddings": 2048}
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
         hf.update(
             architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
         )  # fmt: skip
         if family == "Llama":
@@ -436,6 +438,9 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     for p, w in params.items():
         name, transpose = _hf_name(p)
         w = np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            shutil.rmtree(tmp)
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
@@ -527,6 +532,36 @@ def checkpoint_manager(directory, every: int, resume: bool):
     return ocp.CheckpointManager(directory, options=options)
 
 
+def jsonl_rows(path):
+    """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
+    not an object stops the run with FILE:LINE: what is wrong."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def check_finite(metrics, step: int, ckpt, output_dir):
+    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
+                                 f"--learning-rate). Stopped; the last good training state is step "
+                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
+                                 "not written")  # fmt: skip
+
+
 # ==== END MODEL ====
 
 
@@ -536,22 +571,13 @@ def read_pairs(path):
     Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
     response (the policy stopped at once) is allowed. Errors name file:line:field."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
-                if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
-            pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
+    for lineno, row in jsonl_rows(path):
+        for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
+            if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs
@@ -576,7 +602,7 @@ def vader_scores(texts):
 
 def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
     """Simulated noisy labeler: a is preferred with probability sigmoid((g(a) - g(b)) / tau)."""
-    p_a = 1.0 / (1.0 + np.exp(-(gold_a - gold_b) / tau))
+    p_a = 0.5 * (1.0 + np.tanh(0.5 * (gold_a - gold_b) / tau))  # sigmoid, without overflow for tiny tau
     return rng.random(len(p_a)) < p_a
 
 
@@ -696,8 +722,13 @@ def train_step(graphdef, tx, params, opt_state, batch):
 
     grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
     grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, jax.tree.map(jnp.mean, metrics)
+    metrics = jax.tree.map(jnp.mean, metrics) | {"grad_norm": optax.tree.norm(grads)}
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    # a non-finite loss or gradient leaves the state as it was; main stops the run
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+    return params, opt_state, metrics
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -746,6 +777,9 @@ def fit_normalization(args: Args, graphdef, params, policy, tok, eos_id, pad_id,
     texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
     tokens, mask, _ = tokenize(tok, prompts, texts, eos_id, pad_id, args.max_seq_len)
     raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
+    if not np.isfinite(raw).all() or (args.normalize == "gain_bias" and raw.std() < 1e-6):
+        raise FloatingPointError(f"normalisation: the reward model's scores of {len(raw)} SFT samples have mean "
+                                 f"{raw.mean()} and std {raw.std()}; cannot scale them to std 1")  # fmt: skip
     gain = 1.0 / float(raw.std() + 1e-8) if args.normalize == "gain_bias" else 1.0
     return gain, -gain * float(raw.mean()), raw
 
@@ -782,8 +816,7 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     mesh = make_mesh(args.num_devices)
-    if args.batch_size % mesh.size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices")
+    check_args(args, mesh.size)
     t0, dtype = time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
     key, label_key, norm_key = jax.random.split(jax.random.key(args.seed), 3)
@@ -796,6 +829,7 @@ def main(args: Args):
     arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")
     graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
     pairs_per_step = args.batch_size * args.grad_accum_steps
+    check_data(args, policy.cfg, train["tokens"].shape[1], max(train["tokens"].shape[2], val["tokens"].shape[2]))
     total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
     tx, schedule = make_optimizer(args, total_steps)
     params = shard(params, mesh, args.fsdp)
@@ -813,6 +847,7 @@ def main(args: Args):
             idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.seed).reshape(args.grad_accum_steps, -1)
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
+            check_finite(metrics, step + 1, ckpt, args.output_dir)
             ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 m = {k: float(v) for k, v in metrics.items()}
@@ -844,6 +879,39 @@ def main(args: Args):
           f"total {time.time() - t0:.0f}s; saved {args.output_dir}")  # fmt: skip
     writer.close()
     return ev
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
+         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
+        (args.num_epochs >= 1, f"--num-epochs {args.num_epochs}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+        (args.labeler_tau > 0, f"--labeler-tau {args.labeler_tau}: must be > 0"),
+        (args.response_length >= 1 and args.prompt_tokens >= 1, "--response-length and --prompt-tokens must be >= 1"),
+        (args.pairs_per_prompt >= 1, f"--pairs-per-prompt {args.pairs_per_prompt}: must be >= 1"),
+        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
+        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2"),
+        (args.normalize == "none" or args.norm_prompts >= 2, f"--norm-prompts {args.norm_prompts}: must be >= 2"),
+        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(args: Args, cfg: ModelConfig, num_train: int, longest: int):
+    """The pairs fit the model's context and fill at least one optimizer step."""
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {args.max_seq_len}: pairs of {longest} tokens are more than the model's "
+                         f"context (max_position_embeddings {cfg.max_position_embeddings})")  # fmt: skip
+    if num_train < args.batch_size * args.grad_accum_steps:
+        raise ValueError(f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
+                         f"{num_train} training pairs")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Implementation details follow Huang et al. 2024, "The N+ Implementation Details 
 The gold judge (VADER) is evaluated on held-out prompts next to the proxy reward, so over-optimisation shows.
 """
 
+import contextlib
 import csv
 import dataclasses
 import importlib.resources
@@ -32,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
-from common import head_logprobs, masked_mean, masked_whiten, sample
+from common import head_logprobs, masked_whiten, sample
 
 
 @dataclass
@@ -149,6 +150,7 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    max_position_embeddings: int = 2048  # the context the checkpoint declares (positions beyond it are refused)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
@@ -190,6 +192,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
@@ -205,12 +208,12 @@ class ModelConfig:
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
-        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu", "max_position_embeddings": 2048}
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
         hf.update(
             architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
         )  # fmt: skip
         if family == "Llama":
@@ -466,6 +469,9 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     for p, w in params.items():
         name, transpose = _hf_name(p)
         w = np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            shutil.rmtree(tmp)
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
@@ -557,6 +563,36 @@ def checkpoint_manager(directory, every: int, resume: bool):
     return ocp.CheckpointManager(directory, options=options)
 
 
+def jsonl_rows(path):
+    """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
+    not an object stops the run with FILE:LINE: what is wrong."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def check_finite(metrics, step: int, ckpt, output_dir):
+    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
+                                 f"--learning-rate). Stopped; the last good training state is step "
+                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
+                                 "not written")  # fmt: skip
+
+
 # ==== END MODEL ====
 
 
@@ -575,19 +611,12 @@ def review_openings(tok, n_tokens: int, split: Literal["train", "heldout", "rott
 def read_prompts(path, tok):
     """{"prompt": ...} JSONL -> prompt token ids (with the tokenizer's special tokens). Errors name file:line:field."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
-            prompts.append(row["prompt"])
+    for lineno, row in jsonl_rows(path):
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
+        prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return [e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)]
@@ -699,7 +728,6 @@ def response_logprobs(graphdef, params, tokens, mask, responses, temperature: fl
 @partial(jax.jit, static_argnames=("graphdefs", "hp"))
 def score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_mask, responses):
     """One pass each of policy (+ values), reference and reward model over the sampled episodes."""
-    R = responses.shape[1]
     resp_mask = response_mask(responses, hp.stop_token_id)
     tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, hp.pad_id)], axis=1)  # [B, P + R]
     mask = jnp.concatenate([query_mask, resp_mask], axis=1)
@@ -744,7 +772,7 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str):
 @partial(jax.jit, static_argnames=("hp",))
 def compute_advantages(hp, rollout, scores, kl_coef):
     """Per-token rewards -beta * KL plus the score at the last response token (InstructGPT eq. 2), optional
-    reward whitening, GAE, advantage whitening (N+ details #11)."""
+    reward whitening, GAE, advantage whitening (N+ details #11). -> advantages, returns, rewards [B, R], stats."""
     mask = rollout["response_mask"]
     kl = kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * mask
     non_score_reward = -kl_coef * kl
@@ -752,7 +780,7 @@ def compute_advantages(hp, rollout, scores, kl_coef):
     rewards = non_score_reward.at[jnp.arange(mask.shape[0]), last].add(scores)
     if hp.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, returns = gae(rewards, rollout["values"], mask, hp.gamma, hp.lam)
+    advantages, returns = gae(rewards, rollout["values"], mask, hp.gamma, hp.lam)  # returns from raw advantages
     if hp.whiten_advantages:
         advantages = masked_whiten(advantages, mask) * mask
     stats = {
@@ -763,7 +791,7 @@ def compute_advantages(hp, rollout, scores, kl_coef):
         "objective/scores": scores.mean(),
         "val/num_eos_tokens": rollout["contains_stop"].sum(),
     }
-    return advantages, returns, stats
+    return advantages, returns, rewards, stats
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, n_steps: int, target: float, horizon: int):
@@ -785,33 +813,44 @@ def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
     out = np.asarray(fn(prompts, completions), np.float32)
     if out.shape != (len(prompts),):
         raise ValueError(f"--reward-fn {spec}: returned shape {out.shape}, expected ({len(prompts)},)")
+    if not np.isfinite(out).all():
+        bad = np.flatnonzero(~np.isfinite(out))
+        raise FloatingPointError(f"--reward-fn {spec} returned {out[bad[0]]} for {len(bad)} of {len(out)} completions "
+                                 f"(the first: {completions[bad[0]]!r})")  # fmt: skip
     return out
 
 
 # ---------------------------------------------------------------- PPO update
-def ppo_loss(params, graphdefs, hp, mb):
-    """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (N+ details #14)."""
+def ppo_loss(params, graphdefs, hp, mb, num_tokens=None):
+    """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (N+ details #14), averaged over
+    the response tokens: sums over this micro-batch divided by `num_tokens`, the token count of the whole minibatch
+    (default: this one), so the gradients of a minibatch's micro-batches add up to exactly its token mean."""
     m = mb["response_mask"]
+    n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
+
+    def token_mean(x):  # over the minibatch's response tokens
+        return jnp.sum(x * m) / n
+
     new_logprobs, entropy, values = policy_and_values(params, graphdefs, mb["tokens"], mb["mask"], mb["responses"],
                                                       hp.temperature, hp.value_model)  # fmt: skip
 
     v_clipped = mb["values"] + jnp.clip(values - mb["values"], -hp.cliprange_value, hp.cliprange_value)
     vf_losses = jnp.maximum(jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"]))
-    vf_loss = 0.5 * masked_mean(vf_losses, m)
+    vf_loss = 0.5 * token_mean(vf_losses)
 
     log_ratio = new_logprobs - mb["logprobs"]
     ratio = jnp.exp(log_ratio)
     clipped_ratio = jnp.clip(ratio, 1 - hp.cliprange, 1 + hp.cliprange)
     pg_losses = jnp.maximum(-mb["advantages"] * ratio, -mb["advantages"] * clipped_ratio)
-    pg_loss = masked_mean(pg_losses, m)
+    pg_loss = token_mean(pg_losses)
     stats = {
-        "policy/approxkl_avg": 0.5 * masked_mean(jnp.square(log_ratio), m),
-        "policy/clipfrac_avg": masked_mean((jnp.abs(ratio - 1) > hp.cliprange).astype(jnp.float32), m),
-        "policy/entropy_avg": masked_mean(entropy, m),
+        "policy/approxkl_avg": 0.5 * token_mean(jnp.square(log_ratio)),
+        "policy/clipfrac_avg": token_mean((jnp.abs(ratio - 1) > hp.cliprange).astype(jnp.float32)),
+        "policy/entropy_avg": token_mean(entropy),
         "loss/policy_avg": pg_loss,
         "loss/value_avg": vf_loss,
-        "val/clipfrac_avg": masked_mean((jnp.abs(values - mb["values"]) > hp.cliprange_value).astype(jnp.float32), m),
-        "val/ratio": masked_mean(ratio, m),
+        "val/clipfrac_avg": token_mean((jnp.abs(values - mb["values"]) > hp.cliprange_value).astype(jnp.float32)),
+        "val/ratio": token_mean(ratio),
     }
     return pg_loss + hp.vf_coef * vf_loss, stats
 
@@ -823,24 +862,31 @@ def ppo_update(graphdefs, tx, hp, params, opt_state, batch, key):
 
     def minibatch_step(carry, idx):  # idx [A, micro]: one minibatch as A accumulated micro-batches
         params, opt_state = carry
+        num_tokens = batch["response_mask"][idx.reshape(-1)].sum()
 
         def micro_step(grad_sum, micro_idx):
             mb = jax.tree.map(lambda x: x[micro_idx], batch)
             if hp.batch_sharding is not None:  # else XLA replicates the gathered rows: every device does all the work
                 mb = jax.lax.with_sharding_constraint(mb, hp.batch_sharding)
-            grads, stats = jax.grad(ppo_loss, has_aux=True)(params, graphdefs, hp.loss, mb)
-            return jax.tree.map(jnp.add, grad_sum, grads), stats
+            (loss, stats), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, graphdefs, hp.loss, mb, num_tokens)
+            return jax.tree.map(jnp.add, grad_sum, grads), stats | {"loss": loss}
 
         grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), idx)
-        updates, opt_state = tx.update(jax.tree.map(lambda g: g / hp.grad_accum_steps, grads), opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), stats
+        stats = jax.tree.map(jnp.sum, stats)  # token sums / minibatch tokens, added over micro-batches: minibatch means
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # a non-finite loss or gradient leaves the weights as they were; the host stops the run (ppo_iteration)
+        finite = jnp.isfinite(stats.pop("loss")) & jnp.isfinite(optax.tree.norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        carry = keep((optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
+        return carry, stats | {"nonfinite": ~finite}
 
     def epoch(carry, key):
         perm = jax.random.permutation(key, B).reshape(hp.num_mini_batches, hp.grad_accum_steps, -1)  # [M, A, micro]
         return jax.lax.scan(minibatch_step, carry, perm)
 
     (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, hp.ppo_epochs))
-    return params, opt_state, jax.tree.map(jnp.mean, stats)
+    nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
+    return params, opt_state, jax.tree.map(jnp.mean, stats) | {"nonfinite": nonfinite}
 
 
 # ---------------------------------------------------------------- set-up, evaluation, main loop
@@ -881,6 +927,8 @@ def rollout(ctx, params, ref_params, rm_params, queries, query_mask, key):
         prompts = [tok.decode(q[m].tolist(), skip_special_tokens=True) for q, m in zip(np.asarray(queries), np.asarray(query_mask))]
         roll["scores"] = roll["scores"] + jnp.asarray(call_reward_fn(args.reward_fn, prompts, texts))
     roll["scores"] = apply_missing_eos_penalty(roll["scores"], roll["contains_stop"], args.missing_eos_penalty, args.missing_eos_mode)
+    if not np.isfinite(np.asarray(roll["scores"])).all():
+        raise FloatingPointError(f"the reward model ({args.reward_model}) gave non-finite scores")
     return roll, texts
 
 
@@ -889,10 +937,13 @@ def ppo_iteration(ctx, params, opt_state, ref_params, rm_params, queries, query_
     -> new params, new opt_state, the iteration's statistics (floats)."""
     gen_key, update_key = jax.random.split(key)
     roll, _ = rollout(ctx, params, ref_params, rm_params, queries, query_mask, gen_key)
-    advantages, returns, stats = compute_advantages(ctx["adv_hp"], roll, roll["scores"], kl_coef)
+    advantages, returns, _, stats = compute_advantages(ctx["adv_hp"], roll, roll["scores"], kl_coef)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     params, opt_state, ppo_stats = ppo_update(ctx["graphdefs"], ctx["tx"], ctx["update_hp"], params, opt_state,
                                               batch | {"advantages": advantages, "returns": returns}, update_key)  # fmt: skip
+    if int(ppo_stats.pop("nonfinite")):
+        raise FloatingPointError("non-finite PPO loss or gradient (loss/policy_avg "
+                                 f"{float(ppo_stats['loss/policy_avg'])}, loss/value_avg {float(ppo_stats['loss/value_avg'])})")
     return params, opt_state, {k: float(v) for k, v in (stats | ppo_stats).items()}
 
 
@@ -957,13 +1008,16 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     mesh = make_mesh(args.num_devices)
-    if args.batch_size % (mesh.size * args.num_mini_batches * args.grad_accum_steps):
-        raise ValueError("--batch-size must be divisible by devices * --num-mini-batches * --grad-accum-steps")
+    check_args(args, mesh.size)
     t0 = time.time()
     ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
     graphdefs, params, ref_params, rm_params = load_models(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     queries, query_mask, eval_sets = setup_data(args, tok, pad_id)
+    configs = {"--sft-model": nnx.merge(graphdefs.policy, params["policy"]).cfg}
+    if graphdefs.reward is not None:
+        configs["--reward-model"] = nnx.merge(graphdefs.reward, rm_params).cfg
+    check_context(args, configs, queries, eval_sets)
     num_updates = args.total_episodes // args.batch_size
     tx, schedule = make_optimizer(args, num_updates)
     params, ref_params, rm_params = (shard(p, mesh, args.fsdp) for p in (params, ref_params, rm_params))
@@ -972,7 +1026,8 @@ def main(args: Args):
     params, opt_state, kl_coef = state["params"], state["opt_state"], float(state["kl_coef"])
     ctx = make_context(args, graphdefs, params, tok, eos_id, pad_id, tx, mesh)
     rows = ctx["update_hp"].batch_sharding
-    first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
+    with stop_if_not_finite(f"evaluation before update {start + 1}", ckpt, args):
+        first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
     print(f"setup {time.time() - t0:.0f}s; at update {start}: " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if k.count("/") == 1))
 
     progress = Progress(TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
@@ -983,7 +1038,8 @@ def main(args: Args):
             idx = batch_indices(update, len(queries), args.batch_size, args.seed)
             q, qm = jax.device_put((queries[idx], query_mask[idx]), rows)
             key = jax.random.fold_in(jax.random.key(args.seed), update)
-            params, opt_state, stats = ppo_iteration(ctx, params, opt_state, ref_params, rm_params, q, qm, kl_coef, key)
+            with stop_if_not_finite(f"PPO update {update + 1}", ckpt, args):
+                params, opt_state, stats = ppo_iteration(ctx, params, opt_state, ref_params, rm_params, q, qm, kl_coef, key)
             stats |= {"objective/kl_coef": kl_coef, "lr": float(schedule(update * args.ppo_epochs * args.num_mini_batches)),
                       "episode": (update + 1) * args.batch_size, "eps": (update + 1 - start) * args.batch_size / (time.time() - t_train)}  # fmt: skip
             if args.adaptive_kl:
@@ -992,7 +1048,8 @@ def main(args: Args):
                 writer.add_scalar(k, v, stats["episode"])
             progress.update(task, info=f"score {stats['objective/scores']:.3f}  kl {stats['objective/kl']:.2f}  {stats['eps']:.1f} eps")
             if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
-                final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
+                with stop_if_not_finite(f"evaluation after update {update + 1}", ckpt, args):
+                    final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
                 progress.console.print(f"update {update + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k.count("/") == 1))
             ckpt.save(update + 1, args=ocp.args.StandardSave(train_state(params, opt_state, kl_coef)))
             progress.advance(task)
@@ -1014,6 +1071,55 @@ def batch_indices(step: int, n: int, size: int, seed: int):
     """Prompt indices of an update: a fresh permutation per epoch, a pure function of (seed, step) for exact resume."""
     epoch, i = divmod(step, n // size)
     return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+@contextlib.contextmanager
+def stop_if_not_finite(where: str, ckpt, args: Args):
+    """A FloatingPointError (non-finite scores, loss or gradient) stops the run, saying where and what is kept."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{where}: {e}. Stopped; the last good training state is update "
+                                 f"{ckpt.latest_step() or 0} in {args.checkpoint_dir} (--resume), and "
+                                 f"{args.output_dir} was not written") from None  # fmt: skip
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (every log-prob divides the logits by it)"),
+        (args.response_length >= 1, f"--response-length {args.response_length}: must be >= 1"),
+        (args.prompt_tokens >= 1, f"--prompt-tokens {args.prompt_tokens}: must be >= 1"),
+        (args.batch_size % (num_devices * args.num_mini_batches * args.grad_accum_steps) == 0,
+         f"--batch-size {args.batch_size}: must be divisible by the {num_devices} device(s) x --num-mini-batches "
+         f"{args.num_mini_batches} x --grad-accum-steps {args.grad_accum_steps}"),
+        (args.total_episodes >= args.batch_size, f"--total-episodes {args.total_episodes}: fewer than one --batch-size "
+                                                 f"{args.batch_size}, so no PPO update would run"),
+        (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0"),
+        (args.cliprange > 0 and args.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
+        (0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma {args.gamma} and --lam {args.lam} must be in [0, 1]"),
+        (args.kl_target > 0 and args.kl_horizon > 0, "--kl-target and --kl-horizon must be > 0"),
+        (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be >= 1"),
+        (args.eval_prompts >= 1, f"--eval-prompts {args.eval_prompts}: must be >= 1"),
+        (args.reward_model is not None or args.reward_fn is not None, "--reward-model None needs a --reward-fn"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_context(args: Args, configs: dict, queries, eval_sets):
+    """Prompt + response (+ the EOS the reward model reads) must fit each model's context window.
+    configs: {flag: ModelConfig} of the models that read the episodes."""
+    longest = max(queries.shape[1], *(q.shape[1] for q, _ in eval_sets.values())) + args.response_length + 1
+    for flag, cfg in configs.items():
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(f"the longest prompt ({longest - args.response_length - 1} tokens) + --response-length "
+                             f"{args.response_length} + EOS is {longest} tokens, more than {flag}'s context "
+                             f"(max_position_embeddings {cfg.max_position_embeddings}); shorten the prompts or the "
+                             "responses")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    max_position_embeddings: int = 2048  # the context the checkpoint declares (positions beyond it are refused)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
@@ -160,6 +161,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
@@ -175,12 +177,12 @@ class ModelConfig:
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
-        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu", "max_position_embeddings": 2048}
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
         hf.update(
             architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
         )  # fmt: skip
         if family == "Llama":
@@ -436,6 +438,9 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     for p, w in params.items():
         name, transpose = _hf_name(p)
         w = np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            shutil.rmtree(tmp)
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
@@ -527,6 +532,36 @@ def checkpoint_manager(directory, every: int, resume: bool):
     return ocp.CheckpointManager(directory, options=options)
 
 
+def jsonl_rows(path):
+    """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
+    not an object stops the run with FILE:LINE: what is wrong."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def check_finite(metrics, step: int, ckpt, output_dir):
+    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
+                                 f"--learning-rate). Stopped; the last good training state is step "
+                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
+                                 "not written")  # fmt: skip
+
+
 # ==== END MODEL ====
 
 
@@ -549,23 +584,14 @@ def imdb_reviews(split: Literal["train", "heldout"]):
 def read_jsonl(path):
     """-> list of {"prompt": str, "completion": str} (prompt "" for {"text": ...} lines). Errors name file:line:field."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            fields = ("text",) if "text" in row else ("prompt", "completion")
-            for field in fields:
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
-                if not isinstance(row[field], str) or not row[field].strip():
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
-            examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
+    for lineno, row in jsonl_rows(path):
+        fields = ("text",) if "text" in row else ("prompt", "completion")
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -666,9 +692,13 @@ def train_step(graphdef, tx, params, opt_state, batch):
     grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
     count = jnp.maximum(count.sum(), 1)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    # a non-finite loss or gradient leaves the state as it was; main stops the run
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+    return params, opt_state, metrics
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -733,12 +763,12 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     mesh = make_mesh(args.num_devices)
-    if args.batch_size % mesh.size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {mesh.size} devices")
+    check_args(args, mesh.size)
     t0 = time.time()
     ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
     model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     train, val = load_data(args, tok, eos_id, pad_id)
+    check_data(args, model.cfg, len(train["tokens"]))
     print(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} parameters, {mesh.size} device(s), "
           f"setup {time.time() - t0:.0f}s")  # fmt: skip
     graphdef, params = nnx.split(model)
@@ -769,6 +799,7 @@ def main(args: Args):
             idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
             batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
             params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
+            check_finite(metrics, step + 1, ckpt, args.output_dir)
             tokens_seen += int(batch["attention_mask"].sum())
             ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
@@ -799,6 +830,39 @@ def main(args: Args):
         print(f"--- {p!r} -> {t!r}")
     writer.close()
     return eval_loss
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
+         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
+        (args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.warmup_steps >= 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
+        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2 (an input and a target)"),
+        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
+        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
+        (args.base_model or args.hidden_size % args.num_heads == 0 and (args.hidden_size // args.num_heads) % 2 == 0,
+         f"--hidden-size {args.hidden_size}: must be divisible by --num-heads {args.num_heads} into an even head size"),
+        (args.base_model or args.num_heads % args.num_kv_heads == 0,
+         f"--num-heads {args.num_heads}: must be a multiple of --num-kv-heads {args.num_kv_heads}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(args: Args, cfg: ModelConfig, num_train: int):
+    """The data fits the model's context and fills at least one optimizer step."""
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {args.max_seq_len}: more than the model's context (max_position_embeddings "
+                         f"{cfg.max_position_embeddings})")  # fmt: skip
+    if num_train < args.batch_size * args.grad_accum_steps:
+        raise ValueError(f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
+                         f"{num_train} training examples")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -81,3 +81,66 @@ def tiny_sft(tmp_path_factory):
     data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
     sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
     return tmp / "sft"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_sft):
+    """The tiny SFT checkpoint, a reward model saved from its backbone, and a prompts file."""
+    import shutil
+
+    import sft
+    from test_sft import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("ppo")
+    shutil.copytree(tiny_sft, tmp / "sft")
+    rng = np.random.default_rng(0)
+    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+    rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
+    rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
+    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
+    sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)])
+    return tmp, prompts
+
+
+def read_checkpoint(directory):
+    """(latest step, training state as numpy arrays) of an orbax checkpoint directory, whatever its devices."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    steps = [int(p.name) for p in Path(directory).iterdir() if p.name.isdigit()]
+    path = Path(directory).absolute() / str(max(steps)) / "default"
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    return max(steps), ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
+def flat_params(tree):
+    """{"layers/0/mlp/up_proj/kernel": array}: nnx parameter trees from a model, a pure dict or a checkpoint alike."""
+    from flax import nnx, traverse_util
+
+    if isinstance(tree, nnx.Module):
+        tree = nnx.to_pure_dict(nnx.state(tree, nnx.Param))
+    flat = traverse_util.flatten_dict(tree)
+    return {"/".join(str(k) for k in path if k != "value"): np.asarray(v) for path, v in flat.items()}
+
+
+def assert_same_params(a, b, **tolerance):
+    a, b = flat_params(a), flat_params(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        if tolerance:
+            np.testing.assert_allclose(a[name], b[name], err_msg=name, **tolerance)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def tree_digest(path):
+    """SHA-256 of every file under path (names and bytes): 'left byte-for-byte unchanged'."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()

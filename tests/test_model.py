@@ -173,6 +173,22 @@ def test_sampler_stops_at_eos_pads_after_and_exits_early():
     assert len(calls) == 8  # prefill + 7 decode steps: the loop ended when the last row stopped, not at 50
 
 
+def test_every_sampler_step_draws_with_a_fresh_key():
+    """From uniform logits over 1,000 tokens, 40 steps of one row: a key reused across steps would draw one token
+    again and again; fresh keys give (almost surely) many distinct ones, and another key other tokens."""
+
+    def uniform(params, tokens, positions, kv_mask, cache, cache_pos):
+        return jnp.zeros((*tokens.shape, 1000)), cache
+
+    def draw(key):
+        out = sample(uniform, None, {"k": jnp.zeros((1, 41))}, np.array([[5]]), np.array([[True]]), key,
+                     max_new_tokens=40, temperature=1.0, stop_token_id=-1, pad_token_id=0)  # fmt: skip
+        return np.asarray(out)[0]
+
+    a, b = draw(jax.random.key(0)), draw(jax.random.key(1))
+    assert len(set(a.tolist())) > 30 and (a != b).mean() > 0.9
+
+
 def test_top_k_and_top_p_restrict_the_support():
     from common import filter_logits
 

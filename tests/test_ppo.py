@@ -1,18 +1,19 @@
 """rlhf_ppo.py: GAE, whitening, KL, score placement, penalties, losses, adaptive KL, sharding, reward-fn, smoke run."""
 
-import shutil
 import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import rlhf_ppo as ppo
 import sft
 from common import masked_mean, masked_whiten
+from conftest import assert_same_params, read_checkpoint, tree_digest
 
 
 def test_gae_matches_a_plain_python_loop():
@@ -78,7 +79,7 @@ def test_missing_eos_penalty_and_float_scores():
     rollout = {"response_mask": jnp.ones((3, 2), bool), "logprobs": jnp.zeros((3, 2)), "ref_logprobs": jnp.zeros((3, 2)),
                "values": jnp.zeros((3, 2)), "entropy": jnp.zeros((3, 2)), "contains_stop": has_stop}  # fmt: skip
     hp = ppo.AdvantageConfig("k1", False, False, 1.0, 1.0)
-    adv, _, stats = ppo.compute_advantages(hp, rollout, scores, 0.05)
+    adv, _, _, stats = ppo.compute_advantages(hp, rollout, scores, 0.05)
     assert stats["objective/scores"].dtype == jnp.float32
     np.testing.assert_allclose(adv[:, 0], scores, atol=1e-6)  # gamma = lambda = 1, V = 0: the fractional score reaches t=0
 
@@ -111,23 +112,6 @@ def test_clipped_losses_match_hand_computed_values(monkeypatch):
 
 
 # ---------------------------------------------------------------- end-to-end pieces on tiny checkpoints
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory, tiny_sft):
-    """The tiny SFT checkpoint, a reward model saved from its backbone, and a prompts file."""
-    from test_sft import write_jsonl
-
-    tmp = tmp_path_factory.mktemp("ppo")
-    shutil.copytree(tiny_sft, tmp / "sft")
-    rng = np.random.default_rng(0)
-    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
-    rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
-    rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
-    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
-    sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
-    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)])
-    return tmp, prompts
-
-
 def tiny_args(tmp, prompts, **kw):
     base = dict(sft_model=str(tmp / "sft"), reward_model=str(tmp / "rm"), dataset=str(prompts), response_length=6,
                 batch_size=8, total_episodes=16, ppo_epochs=2, num_mini_batches=2, eval_every=1, eval_prompts=8,
@@ -180,7 +164,7 @@ def test_sharded_update_equals_single_device(tiny_pipeline):
     args = tiny_args(tmp, prompts)
     roll, _, (graphdefs, params, ref, rm, *_rest) = first_rollout(args)
     hp = ppo.AdvantageConfig("k1", False, True, 1.0, 0.95)
-    adv, ret, _ = ppo.compute_advantages(hp, roll, roll["scores"], 0.05)
+    adv, ret, _, _ = ppo.compute_advantages(hp, roll, roll["scores"], 0.05)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": adv, "returns": ret}
     results = []
@@ -221,17 +205,183 @@ def test_bad_prompt_lines_name_file_line_and_field(tmp_path, tiny_pipeline):
         ppo.read_prompts(tmp_path / "p.jsonl", tok)
 
 
+def rollout_setup(args, devices=1):
+    tok, eos, pad = sft.load_tokenizer(args.sft_model)
+    graphdefs, params, ref, rm = ppo.load_models(args, jnp.float32)
+    queries, qmask, _ = ppo.setup_data(args, tok, pad)
+    tx, _ = ppo.make_optimizer(args, 4)
+    ctx = ppo.make_context(args, graphdefs, params, tok, eos, pad, tx, sft.make_mesh(devices))
+    return ctx, params, ref, rm, jnp.asarray(queries[:8]), jnp.asarray(qmask[:8])
+
+
+def test_the_sampler_draws_at_the_rollout_temperature(tiny_pipeline):
+    """At T = 1e-3 sampling is greedy: the rollout's responses equal temperature-0 decoding, and at T = 1 they
+    do not. (The log-probs of the loss and of the reference at T are checked by test_ppo_reference.py.)"""
+    tmp, prompts = tiny_pipeline
+    ctx, params, ref, rm, q, qm = rollout_setup(tiny_args(tmp, prompts, temperature=1e-3))
+    cold, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    cfg = ctx["policy_cfg"]
+    greedy = ppo.sample(sft.step_function(ctx["graphdefs"].policy), params["policy"], sft.init_cache(cfg, 8, q.shape[1] + 6),
+                        q, qm, jax.random.key(0), max_new_tokens=6, temperature=0.0, stop_token_id=ctx["rollout_hp"].stop_token_id,
+                        pad_token_id=ctx["rollout_hp"].pad_id)  # fmt: skip
+    np.testing.assert_array_equal(cold["responses"], greedy)
+    ctx, *_ = rollout_setup(tiny_args(tmp, prompts, temperature=1.0))
+    warm, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    assert (np.asarray(warm["responses"]) != np.asarray(greedy)).any()
+
+
+def test_the_update_lowers_its_own_loss(tiny_pipeline):
+    tmp, prompts = tiny_pipeline
+    args = tiny_args(tmp, prompts, ppo_epochs=2, num_mini_batches=1, learning_rate=3e-4)
+    ctx, params, ref, rm, q, qm = rollout_setup(args)
+    roll, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    adv, ret, _, _ = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], 0.05)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")} | {"advantages": adv, "returns": ret}
+    loss = lambda p: float(ppo.ppo_loss(p, ctx["graphdefs"], ctx["update_hp"].loss, batch)[0])  # noqa: E731
+    before = loss(params)
+    new, _, stats = ppo.ppo_update(ctx["graphdefs"], ctx["tx"], ctx["update_hp"], jax.tree.map(jnp.copy, params),
+                                   ctx["tx"].init(params), batch, jax.random.key(1))  # fmt: skip
+    assert int(stats["nonfinite"]) == 0 and loss(new) < before - 1e-3
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_pipeline):
+    """2 epochs x 2 minibatches of 4 episodes: with 2 accumulated micro-batches per minibatch the update equals the one
+    on whole minibatches (the token mean over the minibatch, whatever the micro-batches' token counts). Plain SGD, so
+    the gradients themselves are compared."""
+    tmp, prompts = tiny_pipeline
+    ctx, params, ref, rm, q, qm = rollout_setup(tiny_args(tmp, prompts))
+    sampled, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    stop = int(sampled["responses"][0, 2])  # as the stop token, the same draws end at different lengths
+    ctx, params, ref, rm, q, qm = rollout_setup(tiny_args(tmp, prompts, stop_token_id=stop))
+    roll, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    assert len(set(np.asarray(roll["response_mask"]).sum(1).tolist())) > 1  # unequal token counts per episode
+    adv, ret, _, _ = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], 0.05)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")} | {"advantages": adv, "returns": ret}
+    tx, out = optax.sgd(0.3), []
+    for accum in (1, 2):
+        hp = ctx["update_hp"]._replace(ppo_epochs=2, num_mini_batches=2, grad_accum_steps=accum)
+        new, _, stats = ppo.ppo_update(ctx["graphdefs"], tx, hp, jax.tree.map(jnp.copy, params), tx.init(params), batch, jax.random.key(3))
+        out.append((new, stats))
+    for k, v in out[0][1].items():
+        assert float(out[1][1][k]) == pytest.approx(float(v), rel=1e-4, abs=1e-6), k
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_fresh_key_for_every_update_and_for_sampling_and_shuffling(tiny_pipeline, monkeypatch):
+    tmp, prompts = tiny_pipeline
+    seen = {"rollout": [], "update": []}
+    real_rollout, real_update = ppo.rollout, ppo.ppo_update
+
+    def rollout(ctx, params, ref, rm, q, qm, key):
+        seen["rollout"].append(np.asarray(jax.random.key_data(key)).tobytes())
+        return real_rollout(ctx, params, ref, rm, q, qm, key)
+
+    def update(graphdefs, tx, hp, params, opt_state, batch, key):
+        seen["update"].append(np.asarray(jax.random.key_data(key)).tobytes())
+        return real_update(graphdefs, tx, hp, params, opt_state, batch, key)
+
+    monkeypatch.setattr(ppo, "rollout", rollout)
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    ppo.main(tiny_args(tmp, prompts, total_episodes=24, eval_every=10, eval_prompts=2,
+                       output_dir=str(tmp / "out_keys"), checkpoint_dir=str(tmp / "ck_keys")))  # fmt: skip
+    training = seen["rollout"][2:-2]  # between the evaluations (two sets, before and after)
+    assert len(training) == len(seen["update"]) == 3
+    assert len(set(training + seen["update"])) == 6  # no key used twice
+
+
+def test_ppo_learns_a_programmatic_reward(tiny_pipeline, monkeypatch):
+    """With --reward-fn counting "good" in the completion, 16 updates raise the held-out reward from ~0 to > 1."""
+    tmp, prompts = tiny_pipeline
+    module = types.ModuleType("good_rewards")
+    module.good = lambda prompts, completions: [float(c.count("good")) for c in completions]
+    monkeypatch.setitem(sys.modules, "good_rewards", module)
+    args = tiny_args(tmp, prompts, reward_model=None, value_model="shared", reward_fn="good_rewards:good",
+                     response_length=8, batch_size=16, total_episodes=16 * 16, ppo_epochs=4, num_mini_batches=2,
+                     eval_every=16, eval_prompts=32, learning_rate=2e-2, kl_coef=0.01, temperature=1.0,
+                     output_dir=str(tmp / "out_learn"), checkpoint_dir=str(tmp / "ck_learn"))  # fmt: skip
+    first, final = ppo.main(args)
+    assert first["eval/proxy_score"] < 0.3 and final["eval/proxy_score"] > 1.0, (first, final)
+
+
 @pytest.mark.parametrize("value_model", ["reward", "shared"])
-def test_smoke_run_and_resume(tiny_pipeline, value_model, capsys):
+def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy(tiny_pipeline, value_model, monkeypatch):
+    """Killed during update 3 and resumed, a run ends with the uninterrupted run's weights, AdamW state and adaptive
+    KL coefficient, bit for bit; the exported policy is that state's, and opens in transformers."""
     from transformers import AutoModelForCausalLM
 
     tmp, prompts = tiny_pipeline
-    args = tiny_args(tmp, prompts, value_model=value_model, output_dir=str(tmp / f"out_{value_model}"),
-                     checkpoint_dir=str(tmp / f"ck_{value_model}"), adaptive_kl=True, kl_estimator="k3",
-                     whiten_rewards=True, missing_eos_penalty=-1.0, num_devices=2, checkpoint_every=1)  # fmt: skip
-    first, final = ppo.main(args)
-    assert first["eval/kl"] == 0.0 and np.isfinite(final["eval/gold_score"]) and final["eval/kl"] != 0.0
-    AutoModelForCausalLM.from_pretrained(tmp / f"out_{value_model}")
-    more = ppo.Args(**{**vars(args), "resume": True, "total_episodes": 24})
-    ppo.main(more)
-    assert "at step 2" in capsys.readouterr().out
+    kw = dict(value_model=value_model, adaptive_kl=True, kl_horizon=100, kl_estimator="k3", whiten_rewards=True,
+              missing_eos_penalty=-1.0, num_devices=2, checkpoint_every=1, total_episodes=24, eval_every=2)  # fmt: skip
+    straight = tiny_args(tmp, prompts, output_dir=str(tmp / f"s_{value_model}"), checkpoint_dir=str(tmp / f"cs_{value_model}"), **kw)
+    ppo.main(straight)
+    args = tiny_args(tmp, prompts, output_dir=str(tmp / f"r_{value_model}"), checkpoint_dir=str(tmp / f"cr_{value_model}"), **kw)
+    real, calls = ppo.ppo_iteration, []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo, "ppo_iteration", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main(args)
+    monkeypatch.setattr(ppo, "ppo_iteration", real)
+    ppo.main(ppo.Args(**{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert step_a == step_b == 3 and float(a["kl_coef"]) != args.kl_coef  # the adaptive coefficient moved
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert_same_params(sft.load_model(args.output_dir)[0], a["params"]["policy"])
+    AutoModelForCausalLM.from_pretrained(args.output_dir)
+
+
+def test_non_finite_rewards_or_losses_stop_the_run_and_leave_the_output_dir_unchanged(tiny_pipeline, monkeypatch):
+    tmp, prompts = tiny_pipeline
+    out = tmp / "out_nan"
+    out.mkdir(exist_ok=True)
+    (out / "model.safetensors").write_bytes(b"a model trained earlier")
+    digest = tree_digest(out)
+    module = types.ModuleType("bad_rewards")
+    module.nan = lambda prompts, completions: [float("nan")] * len(completions)
+    calls = []
+    module.huge_later = lambda prompts, completions: calls.append(1) or [3e38 if len(calls) > 3 else 0.0] * len(completions)
+    monkeypatch.setitem(sys.modules, "bad_rewards", module)
+    with pytest.raises(FloatingPointError, match=r"evaluation before update 1: --reward-fn bad_rewards:nan returned nan"):
+        ppo.main(tiny_args(tmp, prompts, reward_fn="bad_rewards:nan", output_dir=str(out), checkpoint_dir=str(tmp / "ck_nan")))
+    assert tree_digest(out) == digest
+    # finite rewards of 3e38 from the second update on: the value loss overflows; the state of update 1 is kept
+    args = tiny_args(tmp, prompts, reward_model=None, value_model="shared", reward_fn="bad_rewards:huge_later",
+                     output_dir=str(out), checkpoint_dir=str(tmp / "ck_inf"), checkpoint_every=1, eval_every=10,
+                     total_episodes=32)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"PPO update 2: non-finite PPO loss or gradient.*last good training state is update 1"):
+        ppo.main(args)
+    assert tree_digest(out) == digest
+    step, state = read_checkpoint(args.checkpoint_dir)
+    assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"temperature": 0.0}, "--temperature 0.0: must be > 0"),
+        ({"batch_size": 6, "num_mini_batches": 4}, "--batch-size 6: must be divisible"),
+        ({"total_episodes": 4}, "--total-episodes 4: fewer than one --batch-size"),
+        ({"cliprange": 0.0}, "--cliprange"),
+        ({"lam": 1.5}, "--lam 1.5"),
+        ({"reward_model": None, "value_model": "shared"}, "--reward-model None needs a --reward-fn"),
+        ({"response_length": 2100}, "more than --sft-model's context"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_flag(tiny_pipeline, override, message):
+    tmp, prompts = tiny_pipeline
+    with pytest.raises(ValueError, match=message):
+        ppo.main(tiny_args(tmp, prompts, output_dir=str(tmp / "out_bad"), checkpoint_dir=str(tmp / "ck_bad"), **override))
+
+
+def test_a_prompts_file_that_is_not_utf8_names_file_and_line(tmp_path, tiny_pipeline):
+    tok, _, _ = sft.load_tokenizer(tiny_pipeline[0] / "sft")
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xc3"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2: not UTF-8 text"):
+        ppo.read_prompts(tmp_path / "p.jsonl", tok)

@@ -6,13 +6,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
 
 import reward_model as rm
 import sft
-from conftest import assert_as_accurate
+from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
 from test_sft import write_jsonl
 
 
@@ -157,3 +158,173 @@ def test_normalisation_gives_mean_zero_std_one(tmp_path, tiny_sft):
         normalised = gain * raw + bias
         assert abs(normalised.mean()) < 1e-5 and len(raw) == 6
         assert (abs(normalised.std() - 1) < 1e-4) if mode == "gain_bias" else (gain == 1.0)
+
+
+# ---------------------------------------------------------------- wiring: orientation, direction, accumulation, resume
+def rule_pairs(n, seed):
+    """Synthetic preferences that follow one token rule: the chosen response contains "great", the rejected "awful"."""
+    rng = np.random.default_rng(seed)
+    words = "the film was plot actor fun dull boring loved hated".split()
+    rows = []
+    for _ in range(n):
+        prompt, base = " ".join(rng.choice(words, 3)), list(rng.choice(words, 4))
+        good, bad = base.copy(), base.copy()
+        i = int(rng.integers(0, 5))
+        good.insert(i, "great"), bad.insert(i, "awful")
+        rows.append({"prompt": prompt, "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad),
+                     "chosen_gold": 1.0, "rejected_gold": 0.0})  # fmt: skip
+    return rows
+
+
+def rm_args(tmp_path, tiny_sft, **kw):
+    base = dict(sft_model=str(tiny_sft), output_dir=str(tmp_path / "rm"), checkpoint_dir=str(tmp_path / "ck"),
+                batch_size=16, num_epochs=2, eval_every=5, log_every=5, checkpoint_every=2, max_seq_len=24,
+                norm_prompts=16, response_length=6, learning_rate=3e-3)  # fmt: skip
+    return rm.Args(**{**base, **kw})
+
+
+def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft):
+    """Trained on pairs whose chosen side has "great" where the rejected has "awful", the reward model ranks
+    held-out pairs right (orientation of the pairs, the loss and the update direction end to end)."""
+    data = write_jsonl(tmp_path / "rule.jsonl", rule_pairs(480, seed=0))
+    ev = rm.main(rm_args(tmp_path, tiny_sft, dataset=str(data), num_epochs=3))
+    assert ev["accuracy"] >= 0.9 and ev["gold_accuracy"] >= 0.9, ev
+
+
+def test_pair_tensors_and_held_out_accuracy_keep_chosen_first(tmp_path, tiny_sft, monkeypatch):
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+    pairs = [{"prompt": "the film", "chosen": " was great", "rejected": " was awful"},
+             {"prompt": "a plot", "chosen": " fun", "rejected": " dull dull", "chosen_gold": 0.9, "rejected_gold": 0.1}]  # fmt: skip
+    data, _ = rm.tokenize_pairs(tok, pairs, eos, pad, 16)
+    for side, name in enumerate(("chosen", "rejected")):
+        for i, p in enumerate(pairs):
+            ids = data["tokens"][side, i][data["mask"][side, i]].tolist()
+            assert tok.decode(ids[:-1]) == p["prompt"] + p[name] and ids[-1] == eos
+    np.testing.assert_array_equal(np.isnan(data["gold"][:, 0]), [True, True])
+    np.testing.assert_allclose(data["gold"][:, 1], [0.9, 0.1])
+    # held-out accuracy: chosen rewards are the first N of the scored rows
+    monkeypatch.setattr(rm, "score_all", lambda *a, **k: np.array([1.0, -2.0, 0.0, 3.0]))  # chosen 1, -2; rejected 0, 3
+    ev = rm.evaluate(None, None, data, None, 4)
+    assert ev["accuracy"] == 0.5 and ev["gold_accuracy"] == 0.0 and ev["gold_pairs"] == 1
+
+
+def test_the_simulated_labeler_prefers_the_higher_gold_score(tmp_path, tiny_sft, monkeypatch):
+    """With a noiseless labeler (tau -> 0) every chosen response has the higher (or equal) gold score. The tiny
+    model's text is mostly neutral to VADER, so the gold judge here is the text's length."""
+    monkeypatch.setattr(rm, "vader_scores", lambda texts: np.array([len(t) for t in texts], np.float32))
+    policy, _ = sft.load_model(tiny_sft)
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+    args = rm_args(tmp_path, tiny_sft, labeler_tau=1e-6, num_prompts=32, pairs_per_prompt=2,
+                   pairs_file=str(tmp_path / "pairs.jsonl"))  # fmt: skip
+    rm.simulate_labeler(args, policy, tok, eos, pad, jax.random.key(0))
+    rows = [json.loads(line) for line in open(args.pairs_file)]
+    gold = np.array([[r["chosen_gold"], r["rejected_gold"]] for r in rows])
+    assert len(rows) == 64 and (gold[:, 0] >= gold[:, 1]).all() and (gold[:, 0] > gold[:, 1]).sum() >= 20
+
+
+def tiny_pair_batch(accum=1, rows=8, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(12)[None, None] < rng.integers(3, 13, (2, rows, 1))
+    batch = {"tokens": rng.integers(1, 64, (2, rows, 12)).astype(np.int32), "mask": mask,
+             "gold": rng.normal(size=(2, rows)).astype(np.float32)}  # fmt: skip
+    return {k: np.moveaxis(v.reshape(2, accum, rows // accum, *v.shape[2:]), 1, 0) for k, v in batch.items()}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Three SGD steps with 2 accumulated micro-batches equal three steps on the whole batch."""
+    tx, out = optax.sgd(0.5), []
+    for accum in (1, 2):
+        graphdef, params = nnx.split(tiny_score_model(seed=4))
+        opt_state, batch, losses = tx.init(params), tiny_pair_batch(accum), []
+        for _ in range(3):
+            params, opt_state, metrics = rm.train_step(graphdef, tx, params, opt_state, batch)
+            losses.append(float(metrics["loss"]))
+        out.append((losses, params))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_lowers_the_preference_loss_and_a_non_finite_one_changes_nothing():
+    graphdef, params = nnx.split(tiny_score_model(seed=5))
+    batch = tiny_pair_batch()
+    tx, _ = rm.make_optimizer(rm.Args(learning_rate=1e-2), 100)
+    tx = optax.chain(tx, optax.scale(1.0))
+    loss = lambda p: float(rm.preference_loss(p, graphdef, {k: v[0] for k, v in batch.items()})[0])  # noqa: E731
+    opt_state = tx.init(params)
+    for _ in range(3):  # the first steps of the warm-up
+        before = loss(params)
+        params, opt_state, _ = rm.train_step(graphdef, tx, params, opt_state, batch)
+    assert loss(params) < before
+    huge = jax.tree.map(lambda x: x * 1e30, params)
+    out_params, out_state, metrics = rm.train_step(graphdef, tx, *jax.tree.map(jnp.copy, (huge, opt_state)), batch)
+    assert not (np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
+    for a, b in zip(jax.tree.leaves((out_params, out_state)), jax.tree.leaves((huge, opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model(tmp_path, tiny_sft, monkeypatch):
+    data = write_jsonl(tmp_path / "rule.jsonl", rule_pairs(160, seed=1))
+    straight = rm_args(tmp_path / "a", tiny_sft, dataset=str(data))
+    rm.main(straight)
+    args = rm_args(tmp_path / "b", tiny_sft, dataset=str(data))
+    real_step, calls = rm.train_step, []
+
+    def crashing_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 12:  # of 16 steps; state saved every 2
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(rm, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        rm.main(args)
+    monkeypatch.setattr(rm, "train_step", real_step)
+    with pytest.raises(FileExistsError, match="unfinished run"):
+        rm.main(args)
+    rm.main(rm.Args(**{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert step_a == step_b == 16
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    exported, cfg = sft.load_model(tmp_path / "b" / "rm")
+    assert_same_params(exported, a["params"])
+    assert cfg.reward_gain != 1.0 and cfg.reward_bias != 0.0  # the normalisation is in the export
+
+
+def test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged(tmp_path, tiny_sft):
+    data = write_jsonl(tmp_path / "rule.jsonl", rule_pairs(64, seed=2))
+    out = tmp_path / "rm"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    digest = tree_digest(out)
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite"):
+        rm.main(rm_args(tmp_path, tiny_sft, dataset=str(data), learning_rate=1e30, max_grad_norm=1e30))
+    assert tree_digest(out) == digest
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"batch_size": 6, "num_devices": 4}, "--batch-size 6"),
+        ({"labeler_tau": 0.0}, "--labeler-tau"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"num_epochs": 0}, "--num-epochs"),
+        ({"batch_size": 256}, "more than the .* training pairs"),
+        ({"max_seq_len": 4096}, "more than the model's context"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_flag(tmp_path, tiny_sft, override, message):
+    data = write_jsonl(tmp_path / "rule.jsonl", rule_pairs(64, seed=3))
+    if "max_seq_len" in override:  # pairs that long: one very long prompt
+        rows = rule_pairs(63, seed=3) + [{"prompt": "the " * 3000, "chosen": " a", "rejected": " b"}]
+        data = write_jsonl(tmp_path / "rule.jsonl", rows)
+    with pytest.raises(ValueError, match=message):
+        rm.main(rm_args(tmp_path, tiny_sft, dataset=str(data), **override))
+
+
+def test_a_pairs_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"chosen": "a", "rejected": "b"}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match="pairs.jsonl:2: not UTF-8 text"):
+        rm.read_pairs(path)

@@ -6,13 +6,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import sft
 from common import logprobs_from_logits
-from conftest import assert_as_accurate
+from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
 
 TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             max_seq_len=48, batch_size=8, max_steps=6, warmup_steps=2, eval_every=3, log_every=2,
@@ -92,50 +93,82 @@ def test_truncation_is_reported(tmp_path, capsys, pc_dataset):
     assert "truncated to 8 tokens" in capsys.readouterr().out
 
 
+def tiny_model_and_batch(seed=0, accum=1, rows=8, length=24, vocab=64):
+    """A tiny random model and a batch [accum, rows / accum, length] with unequal token counts per row."""
+    cfg = sft.ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    mask = np.arange(length)[None] < rng.integers(4, length + 1, (rows, 1))
+    loss_mask = mask & (np.arange(length)[None] >= rng.integers(0, 3, (rows, 1)))  # a few prompt tokens masked
+    batch = {"tokens": rng.integers(0, vocab, (rows, length)).astype(np.int32), "attention_mask": mask, "loss_mask": loss_mask}
+    return sft.Transformer(cfg, rngs=nnx.Rngs(seed)), {k: v.reshape(accum, rows // accum, length) for k, v in batch.items()}
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_sharded_steps_equal_single_device(fsdp):
+    """Four real AdamW steps (no warm-up: every step moves the weights) on 1 and on 4 devices."""
     assert jax.device_count() == 4
-    args = sft.Args(batch_size=8, learning_rate=1e-2, warmup_steps=1)
-    cfg = sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
-    rng = np.random.default_rng(0)
-    mask = np.arange(24)[None, None] < rng.integers(10, 25, (1, 8, 1))
-    batch = {"tokens": rng.integers(0, 64, (1, 8, 24)).astype(np.int32), "attention_mask": mask, "loss_mask": mask}
-    losses = {}
+    tx, _ = sft.make_optimizer(sft.Args(batch_size=8, learning_rate=1e-2, warmup_steps=0, max_steps=4))
+    out = {}
     for n in (1, 4):
         mesh = sft.make_mesh(n)
-        graphdef, params = nnx.split(sft.Transformer(cfg, rngs=nnx.Rngs(0)))
-        tx, _ = sft.make_optimizer(args)
+        model, batch = tiny_model_and_batch()
+        graphdef, params = nnx.split(model)
         params = sft.shard(params, mesh, fsdp)
         opt_state = sft.shard(tx.init(params), mesh, fsdp)
         if fsdp and n == 4:
-            assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
+            assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves((params, opt_state)))
         b = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(None, "data")))
-        losses[n] = []
-        for _ in range(3):
+        losses = []
+        for _ in range(4):
             params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, b)
-            losses[n].append(float(metrics["loss"]))
-    assert losses[1][2] < losses[1][0]  # it learns
-    np.testing.assert_allclose(losses[4], losses[1], atol=1e-5, rtol=0)
+            losses.append(float(metrics["loss"]))
+        out[n] = losses, jax.device_get(params)
+    assert out[1][0][3] < out[1][0][0]  # it learns
+    np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[4][1]), jax.tree.leaves(out[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    args = sft.Args(learning_rate=1e-2, warmup_steps=1)
-    cfg = sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=4, head_dim=8)  # fmt: skip
-    rng = np.random.default_rng(1)
-    mask = np.arange(16)[None] < rng.integers(4, 17, (8, 1))  # unequal token counts per micro-batch
-    batch = {"tokens": rng.integers(0, 64, (8, 16)).astype(np.int32), "attention_mask": mask, "loss_mask": mask}
+    """Three real steps with 4 accumulated micro-batches of unequal token counts equal three steps on the whole
+    batch (the token mean over all micro-batches, not a mean of per-micro-batch means). Plain SGD, so the
+    comparison is of the gradients themselves, not of Adam's normalisation of them."""
+    tx = optax.sgd(0.5)
     out = []
     for accum in (1, 4):
-        graphdef, params = nnx.split(sft.Transformer(cfg, rngs=nnx.Rngs(0)))
-        tx, _ = sft.make_optimizer(args)
-        params, _, metrics = sft.train_step(graphdef, tx, params, tx.init(params),
-                                            {k: v.reshape(accum, 8 // accum, 16) for k, v in batch.items()})  # fmt: skip
-        out.append((float(metrics["loss"]), params))
-    assert out[0][0] == pytest.approx(out[1][0], abs=1e-6)
+        model, batch = tiny_model_and_batch(seed=1, accum=accum)
+        graphdef, params = nnx.split(model)
+        opt_state, losses = tx.init(params), []
+        for _ in range(3):
+            params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, batch)
+            losses.append(float(metrics["loss"]))
+        out.append((losses, params))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_step_lowers_its_own_loss():
+    model, batch = tiny_model_and_batch(seed=2)
+    graphdef, params = nnx.split(model)
+    tx, _ = sft.make_optimizer(sft.Args(learning_rate=1e-2, warmup_steps=0))
+    before = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
+    params, _, _ = sft.train_step(graphdef, tx, params, tx.init(params), batch)
+    after = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
+    assert float(after[0]) < float(before[0]) - 0.01 and int(after[1]) == int(before[1])
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged():
+    model, batch = tiny_model_and_batch(seed=3)
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x * 1e30, params)  # overflows to inf / NaN in the forward pass
+    tx, _ = sft.make_optimizer(sft.Args(learning_rate=1e-2, warmup_steps=0))
+    opt_state = tx.init(params)
+    new_params, new_opt_state, metrics = sft.train_step(graphdef, tx, jax.tree.map(jnp.copy, params), opt_state, batch)
+    assert not np.isfinite(float(metrics["loss"])) or not np.isfinite(float(metrics["grad_norm"]))
+    for a, b in zip(jax.tree.leaves((new_params, new_opt_state)), jax.tree.leaves((params, tx.init(params)))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset):
@@ -163,10 +196,13 @@ def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset):
     assert np.isfinite(again) and (tmp_path / "out2" / "tokenizer.json").exists()
 
 
-def test_resume_after_interruption_continues_from_saved_step(tmp_path, pc_dataset, monkeypatch, capsys):
+def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path, pc_dataset, monkeypatch, capsys):
+    """A run killed during step 6 (state saved at steps 2 and 4) and resumed ends with the weights and optimizer state
+    of an uninterrupted run, bit for bit; a new run refuses to overwrite the unfinished state; the exported model is
+    the trained state."""
+    straight = tiny_args(tmp_path / "straight", dataset=str(pc_dataset), max_steps=6, checkpoint_every=2)
+    sft.main(straight)
     args = tiny_args(tmp_path, dataset=str(pc_dataset), max_steps=6, checkpoint_every=2)
-    sft.main(tiny_args(tmp_path / "straight", dataset=str(pc_dataset), max_steps=6, checkpoint_every=2))
-    straight, _ = sft.load_model(tmp_path / "straight" / "out")
 
     real_step, calls = sft.train_step, []
 
@@ -181,9 +217,62 @@ def test_resume_after_interruption_continues_from_saved_step(tmp_path, pc_datase
         sft.main(args)
     monkeypatch.setattr(sft, "train_step", real_step)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(FileExistsError, match="unfinished run"):
+        sft.main(args)
     capsys.readouterr()
     sft.main(sft.Args(**{**vars(args), "resume": True}))
     assert "resuming from" in (out := capsys.readouterr().out) and "at step 4" in out
-    resumed, _ = sft.load_model(tmp_path / "out")
-    for a, b in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed))):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert step_a == step_b == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # parameters and AdamW state
+        np.testing.assert_array_equal(x, y)
+    assert_same_params(sft.load_model(tmp_path / "out")[0], a["params"])  # the export is the trained state
+    assert_same_params(sft.load_model(tmp_path / "straight" / "out")[0], a["params"])
+
+
+def test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged(tmp_path, pc_dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"a model trained earlier")
+    digest = tree_digest(out)
+    args = tiny_args(tmp_path, dataset=str(pc_dataset), learning_rate=1e12, max_steps=6, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite loss .* was not written"):
+        sft.main(args)
+    assert tree_digest(out) == digest
+    step, state = read_checkpoint(args.checkpoint_dir)  # the last good state is finite and resumable
+    assert step >= 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_save_model_refuses_non_finite_weights(tmp_path):
+    model, _ = tiny_model_and_batch()
+    sft.save_model(tmp_path / "m", model)
+    digest = tree_digest(tmp_path / "m")
+    model.layers[0].mlp.up_proj.kernel[...] = model.layers[0].mlp.up_proj.kernel[...].at[0, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="up_proj.*non-finite"):
+        sft.save_model(tmp_path / "m", model)
+    assert tree_digest(tmp_path / "m") == digest
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"batch_size": 6, "num_devices": 4}, "--batch-size 6"),
+        ({"max_seq_len": 1}, "--max-seq-len 1"),
+        ({"learning_rate": 0.0}, "--learning-rate"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"hidden_size": 30}, "--hidden-size 30"),
+        ({"num_kv_heads": 3}, "--num-kv-heads 3"),
+        ({"max_seq_len": 4096}, "--max-seq-len 4096: more than the model's context"),
+        ({"batch_size": 128}, "more than the 72 training examples"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_flag(tmp_path, pc_dataset, override, message):
+    with pytest.raises(ValueError, match=message):
+        sft.main(tiny_args(tmp_path, dataset=str(pc_dataset), **override))
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        sft.read_jsonl(path)

@@ -1,0 +1,278 @@
+"""Mutation check: do the tests notice when something is connected wrongly?
+
+Each mutant below is a one-line change of the kind a careful reviewer worries about (a flipped sign, a swapped
+argument, a wrong temperature, an off-by-one slice, a key used twice, a guard removed). Each is applied alone to a
+fresh copy of the repository, and only the tests that should catch it are run there: the mutant is *killed* if they
+fail, *survived* if they pass. Every mutant must be killed. Not part of CI (~45 minutes on 2 CPU cores); run it after
+changing algorithm code, and add mutants of what you wrote.
+
+    python scripts/mutation_check.py                 # every mutant, then a table
+    python scripts/mutation_check.py -k kl -k sft    # the mutants whose name contains "kl" or "sft"
+
+Before the mutants, the same tests run on the unmodified copy and must pass (else a "kill" would mean nothing).
+A mutant whose text is not found exactly once stops the script: the list is stale.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
+T_PPO, T_SFT, T_RM, T_MODEL = "tests/test_ppo.py::", "tests/test_sft.py::", "tests/test_reward_model.py::", "tests/test_model.py::"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    # ---- KL penalty
+    Mutant("kl: sign of the penalty flipped", "rlhf_ppo.py",
+           "    non_score_reward = -kl_coef * kl", "    non_score_reward = kl_coef * kl", (REF,)),
+    Mutant("kl: not masked after the stop token", "rlhf_ppo.py",
+           'hp.kl_estimator) * mask\n', 'hp.kl_estimator)\n', (REF,)),
+    Mutant("kl: arguments swapped (ref, policy)", "rlhf_ppo.py",
+           'kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator)',
+           'kl_per_token(rollout["ref_logprobs"], rollout["logprobs"], hp.kl_estimator)', (REF,)),
+    Mutant("kl: k1 and k3 swapped", "rlhf_ppo.py",
+           'return -log_ratio if estimator == "k1" else', 'return -log_ratio if estimator == "k3" else', (REF,)),
+    # ---- temperature
+    Mutant("temperature: training log-probs in the loss at T = 1", "rlhf_ppo.py",
+           "                                                      hp.temperature, hp.value_model)  # fmt: skip",
+           "                                                      1.0, hp.value_model)  # fmt: skip", (REF,)),
+    Mutant("temperature: sampler at T = 1", "rlhf_ppo.py",
+           "max_new_tokens=args.response_length, temperature=args.temperature,",
+           "max_new_tokens=args.response_length, temperature=1.0,", (T_PPO + "test_the_sampler_draws_at_the_rollout_temperature",)),
+    Mutant("temperature: reference log-probs at T = 1", "rlhf_ppo.py",
+           "ref_params, tokens, mask, responses, hp.temperature)", "ref_params, tokens, mask, responses, 1.0)", (REF,)),
+    Mutant("temperature: fused head ignores T", "common.py",
+           ".astype(jnp.float32) / temperature  # [B * c, V]", ".astype(jnp.float32)  # [B * c, V]", (REF,)),
+    # ---- score placement and the reward model's input
+    Mutant("score: added at slot -1, not the last real token", "rlhf_ppo.py",
+           "    last = jnp.maximum(mask.sum(1) - 1, 0)", "    last = jnp.full(mask.shape[0], mask.shape[1] - 1)", (REF,)),
+    Mutant("score: reward model read at the last slot, pad or not", "rlhf_ppo.py",
+           "    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)",
+           "    last = jnp.full(mask.shape[0], mask.shape[1] - 1)", (REF,)),
+    Mutant("score: no EOS appended to a response that lacks it", "rlhf_ppo.py",
+           "    append = (length == 0) | (last != eos_id)", "    append = length == 0", (REF,)),
+    Mutant("stop token: mask excludes the stop token itself", "rlhf_ppo.py",
+           "    return (jnp.cumsum(is_stop, axis=1) - is_stop) == 0", "    return jnp.cumsum(is_stop, axis=1) == 0", (REF,)),
+    Mutant("stop token: contains_stop needs every token to be it", "rlhf_ppo.py",
+           '"contains_stop": jnp.any(', '"contains_stop": jnp.all(', (REF,)),
+    Mutant("missing-EOS penalty on the rows that have the stop token", "rlhf_ppo.py",
+           "    return jnp.where(contains_stop, scores,", "    return jnp.where(~contains_stop, scores,", (REF,)),
+    # ---- values, returns, whitening
+    Mutant("values: read one position late", "rlhf_ppo.py",
+           "value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])",
+           "value.head(value.hidden_states(tokens, positions, mask)[0][:, -R:])", (REF,)),
+    Mutant("returns: from the whitened advantages", "rlhf_ppo.py",
+           "        advantages = masked_whiten(advantages, mask) * mask",
+           '        advantages = masked_whiten(advantages, mask) * mask; returns = advantages + rollout["values"]', (REF,)),
+    Mutant("whitening: padding included", "rlhf_ppo.py",
+           "        advantages = masked_whiten(advantages, mask) * mask",
+           "        advantages = masked_whiten(advantages, jnp.ones_like(mask)) * mask", (REF,)),
+    Mutant("value clip: --cliprange instead of --cliprange-value", "rlhf_ppo.py",
+           "jnp.clip(values - mb[\"values\"], -hp.cliprange_value, hp.cliprange_value)",
+           "jnp.clip(values - mb[\"values\"], -hp.cliprange, hp.cliprange)", (REF,)),
+    # ---- the PPO loss and update
+    Mutant("policy loss: min instead of max (pessimistic bound lost)", "rlhf_ppo.py",
+           "    pg_losses = jnp.maximum(-mb[\"advantages\"] * ratio,", "    pg_losses = jnp.minimum(-mb[\"advantages\"] * ratio,", (REF,)),
+    Mutant("ratio: old / new", "rlhf_ppo.py",
+           '    log_ratio = new_logprobs - mb["logprobs"]', '    log_ratio = mb["logprobs"] - new_logprobs', (REF,)),
+    Mutant("PPO update: gradient ascent", "rlhf_ppo.py",
+           "carry = keep((optax.apply_updates(params, updates), new_opt_state)",
+           "carry = keep((jax.tree.map(jnp.subtract, params, updates), new_opt_state)",
+           (T_PPO + "test_the_update_lowers_its_own_loss",)),
+    Mutant("PPO accumulation: micro-batch token count, not the minibatch's", "rlhf_ppo.py",
+           '        num_tokens = batch["response_mask"][idx.reshape(-1)].sum()',
+           '        num_tokens = batch["response_mask"][idx[0]].sum()', (T_PPO + "test_gradient_accumulation_equals_one_big_batch",)),
+    Mutant("PPO guard: a non-finite update is applied", "rlhf_ppo.py",
+           '        finite = jnp.isfinite(stats.pop("loss")) & jnp.isfinite(optax.tree.norm(grads))',
+           '        finite = jnp.isfinite(stats.pop("loss")) | True',
+           (T_PPO + "test_non_finite_rewards_or_losses_stop_the_run_and_leave_the_output_dir_unchanged",)),
+    Mutant("PPO guard: a NaN --reward-fn is not named", "rlhf_ppo.py",
+           "    if not np.isfinite(out).all():", "    if False:",
+           (T_PPO + "test_non_finite_rewards_or_losses_stop_the_run_and_leave_the_output_dir_unchanged",)),
+    Mutant("settings: --temperature 0 accepted", "rlhf_ppo.py",
+           "        (args.temperature > 0, f\"--temperature", "        (True, f\"--temperature",
+           (T_PPO + "test_settings_that_cannot_work_are_refused_naming_the_flag",)),
+    # ---- PRNG
+    Mutant("PRNG: one key for every sampler step", "common.py",
+           "jax.random.fold_in(key, i), temperature, top_k, top_p)", "jax.random.fold_in(key, 0), temperature, top_k, top_p)",
+           (T_MODEL + "test_every_sampler_step_draws_with_a_fresh_key",)),
+    Mutant("PRNG: one key for every PPO update", "rlhf_ppo.py",
+           "            key = jax.random.fold_in(jax.random.key(args.seed), update)",
+           "            key = jax.random.key(args.seed)", (T_PPO + "test_a_fresh_key_for_every_update_and_for_sampling_and_shuffling",)),
+    Mutant("PRNG: the same key for sampling and shuffling", "rlhf_ppo.py",
+           "    gen_key, update_key = jax.random.split(key)", "    gen_key = update_key = key",
+           (T_PPO + "test_a_fresh_key_for_every_update_and_for_sampling_and_shuffling",)),
+    # ---- sampler
+    Mutant("sampler: never stops at the stop token", "common.py",
+           "return i + 1, cache, new, done | (new == stop_token_id), out", "return i + 1, cache, new, done, out",
+           (T_MODEL + "test_sampler_stops_at_eos_pads_after_and_exits_early",)),
+    Mutant("sampler: decoding positions off by one", "common.py",
+           "(next_pos + i - 1)[:, None], kv, cache, P + i - 1)", "(next_pos + i)[:, None], kv, cache, P + i - 1)",
+           (T_MODEL + "test_greedy_sampling_equals_transformers_generate",)),
+    # ---- PPO resume and export
+    Mutant("PPO resume: the adaptive KL coefficient restarts", "rlhf_ppo.py",
+           'state["opt_state"], float(state["kl_coef"])', 'state["opt_state"], args.kl_coef',
+           (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
+    Mutant("PPO export: the reference weights are written", "rlhf_ppo.py",
+           'nnx.merge(graphdefs.policy, gather(params["policy"]))', "nnx.merge(graphdefs.policy, gather(ref_params))",
+           (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
+    # ---- SFT
+    Mutant("sft: loss on prompt tokens too", "sft.py",
+           '    target_mask = batch["loss_mask"][:, 1:]', '    target_mask = batch["attention_mask"][:, 1:]',
+           (T_SFT + "test_loss_only_on_completion_tokens",)),
+    Mutant("sft: gradient ascent", "sft.py",
+           "    new = (optax.apply_updates(params, updates), new_opt_state)",
+           "    new = (jax.tree.map(jnp.subtract, params, updates), new_opt_state)", (T_SFT + "test_a_step_lowers_its_own_loss",)),
+    Mutant("sft accumulation: divided by the first micro-batch's tokens", "sft.py",
+           "    count = jnp.maximum(count.sum(), 1)", "    count = jnp.maximum(count[0], 1)",
+           (T_SFT + "test_gradient_accumulation_equals_one_big_batch",)),
+    Mutant("sft guard: a non-finite step is applied", "sft.py",
+           '    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])',
+           '    finite = jnp.isfinite(metrics["loss"]) | True', (T_SFT + "test_a_non_finite_step_leaves_the_state_unchanged",)),
+    Mutant("sft guard: a diverging run goes on", "sft.py",
+           "    if not (math.isfinite(loss) and math.isfinite(grad_norm)):", "    if False:",
+           (T_SFT + "test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged",)),
+    Mutant("sft resume: starts again from step 0", "sft.py",
+           "args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()", "args=ocp.args.StandardRestore(abstract)), 0",
+           (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
+    Mutant("sft resume: optimizer state not restored", "sft.py",
+           '    params, opt_state = state["params"], state["opt_state"]',
+           '    params, opt_state = state["params"], shard(jax.jit(tx.init)(state["params"]), mesh, args.fsdp)',
+           (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
+    Mutant("sft resume: a new run overwrites an unfinished one", "sft.py",
+           '        if not (directory / "FINISHED").exists() and any(', "        if False and any(",
+           (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
+    Mutant("sft export: the initial weights are written", "sft.py",
+           "        save_model(args.output_dir, nnx.merge(graphdef, gather(params)), tok_dir, overrides)",
+           "        save_model(args.output_dir, model, tok_dir, overrides)",
+           (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
+    Mutant("export: non-finite weights written", "sft.py",
+           "        if not np.isfinite(w).all():  # a NaN never", "        if False:  # a NaN never",
+           (T_SFT + "test_save_model_refuses_non_finite_weights",)),
+    Mutant("HF export: kernels not transposed to torch's [out, in]", "sft.py",
+           "        tensors[name] = np.ascontiguousarray(w.T if transpose else w)", "        tensors[name] = np.ascontiguousarray(w)",
+           (T_MODEL + "test_save_load_roundtrip_is_exact",)),
+    Mutant("data: a file that is not UTF-8 is read as Latin-1", "sft.py",
+           '                line = raw.decode("utf-8")', '                line = raw.decode("latin-1")',
+           (T_SFT + "test_a_file_that_is_not_utf8_names_file_and_line",)),
+    # ---- sharding
+    Mutant("sharding: --num-devices ignored (one device)", "sft.py",
+           "    devices = jax.devices()[: num_devices or len(jax.devices())]", "    devices = jax.devices()[:1]",
+           (T_SFT + "test_sharded_steps_equal_single_device",)),
+    Mutant("sharding: --fsdp ignored (replicated)", "sft.py",
+           "        if not fsdp or n == 1 or not dims:", "        if True:", (T_SFT + "test_sharded_steps_equal_single_device",)),
+    # ---- reward model
+    Mutant("labeler: chosen and rejected swapped", "reward_model.py",
+           "    chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)",
+           "    chosen, rejected = np.where(a_wins, b, a), np.where(a_wins, a, b)",
+           (T_RM + "test_the_simulated_labeler_prefers_the_higher_gold_score",)),
+    Mutant("pair tensors: rejected first", "reward_model.py",
+           'np.stack([widen(ct, pad_id), widen(rt, pad_id)]), "mask": np.stack([widen(cm, False), widen(rmask, False)])',
+           'np.stack([widen(rt, pad_id), widen(ct, pad_id)]), "mask": np.stack([widen(rmask, False), widen(cm, False)])',
+           (T_RM + "test_pair_tensors_and_held_out_accuracy_keep_chosen_first",)),
+    Mutant("held-out accuracy: margin rejected - chosen", "reward_model.py",
+           "    margin, gold_margin = r[:N] - r[N:],", "    margin, gold_margin = r[N:] - r[:N],",
+           (T_RM + "test_pair_tensors_and_held_out_accuracy_keep_chosen_first",)),
+    Mutant("reward model: gradient ascent", "reward_model.py",
+           "    new = (optax.apply_updates(params, updates), new_opt_state)",
+           "    new = (jax.tree.map(jnp.subtract, params, updates), new_opt_state)",
+           (T_RM + "test_a_step_lowers_the_preference_loss_and_a_non_finite_one_changes_nothing",)),
+    Mutant("reward model: loss prefers the rejected", "reward_model.py",
+           '        "loss": -jax.nn.log_sigmoid(margin).mean(),', '        "loss": -jax.nn.log_sigmoid(-margin).mean(),',
+           (T_RM + "test_the_reward_model_learns_a_token_rule",)),
+    Mutant("reward model: read at the first real token", "reward_model.py",
+           "    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)  # [B]",
+           "    last = jnp.argmax(mask, axis=1)  # [B]", (T_RM + "test_reward_is_read_at_last_real_token_whatever_the_padding",)),
+    Mutant("reward model accumulation: gradients summed, not averaged", "reward_model.py",
+           '    grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)', "    grads = jax.tree.map(lambda g: g, grads)",
+           (T_RM + "test_gradient_accumulation_equals_one_big_batch",)),
+    Mutant("reward model: normalised by the variance, not the std", "reward_model.py",
+           "    gain = 1.0 / float(raw.std() + 1e-8)", "    gain = 1.0 / float(raw.var() + 1e-8)",
+           (T_RM + "test_normalisation_gives_mean_zero_std_one",)),
+    Mutant("reward model resume: optimizer state not restored", "reward_model.py",
+           '    params, opt_state = state["params"], state["opt_state"]',
+           '    params, opt_state = state["params"], shard(jax.jit(tx.init)(state["params"]), mesh, args.fsdp)',
+           (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
+]  # fmt: skip
+
+
+def repo_copy() -> Path:
+    """A fresh copy of the files git knows (tracked, and untracked but not ignored)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()  # fmt: skip
+    dst = Path(tempfile.mkdtemp(prefix="mutant_"))
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    return dst
+
+
+def run_tests(repo: Path, tests, timeout: int) -> tuple[int, float, str]:
+    """-> (pytest's exit code, seconds, the last lines of its output); exit 124 on timeout."""
+    t = time.time()
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        code, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        code, out = 124, "timeout"
+    return code, time.time() - t, "\n".join(out.strip().splitlines()[-3:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", action="append", default=[], help="only the mutants whose name contains this (repeatable)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    cli = parser.parse_args()
+    mutants = [m for m in MUTANTS if not cli.k or any(k.lower() in m.name.lower() for k in cli.k)]
+    for m in mutants:  # a stale mutant is an error, not a survivor
+        count = (ROOT / m.file).read_text().count(m.old)
+        if count != 1:
+            sys.exit(f"mutant {m.name!r}: its text occurs {count} times in {m.file}, not once; update the list")
+
+    tests = sorted({t for m in mutants for t in m.tests})
+    base = repo_copy()
+    code, secs, tail = run_tests(base, tests, cli.timeout * 2)
+    shutil.rmtree(base)
+    if code != 0:
+        sys.exit(f"the tests fail without any mutant (exit {code}, {secs:.0f}s); fix them first:\n{tail}")
+    print(f"baseline: {len(tests)} test targets pass unmodified ({secs:.0f}s)", flush=True)
+
+    rows = []
+    for i, m in enumerate(mutants, 1):
+        repo = repo_copy()
+        path = repo / m.file
+        path.write_text(path.read_text().replace(m.old, m.new))
+        code, secs, tail = run_tests(repo, m.tests, cli.timeout)
+        shutil.rmtree(repo)
+        result = {0: "SURVIVED", 1: "killed"}.get(code, f"error (exit {code})")
+        rows.append((m, result, secs))
+        print(f"[{i}/{len(mutants)}] {result:8s} {secs:5.0f}s  {m.name}" + (f"\n    {tail}" if code not in (0, 1) else ""), flush=True)
+
+    print("\n| # | mutant | file | tests | result |\n|---|---|---|---|---|")
+    for i, (m, result, secs) in enumerate(rows, 1):
+        tests = ", ".join(t.split("::")[-1] if "::" in t else Path(t).name for t in m.tests)
+        print(f"| {i} | {m.name} | {m.file} | {tests} | {result} ({secs:.0f}s) |")
+    killed = sum(r == "killed" for _, r, _ in rows)
+    print(f"\n{killed} of {len(rows)} mutants killed" + ("" if killed == len(rows) else f"; {len(rows) - killed} NOT killed"))
+    sys.exit(0 if killed == len(rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

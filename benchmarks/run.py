@@ -13,7 +13,6 @@ The raw results go to benchmarks/.work/results.json, each run's output to benchm
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -96,7 +95,10 @@ def main():
                 ppo[k] = merge(ppo[k], r) if k in ppo else r
     kernels = {k: run(k, "ours", "bench_kernels.py", v) for k, v in KERNEL_RUNS.items() if k in cli.only}
     (WORK / "results.json").write_text(json.dumps({"ppo": ppo, "kernels": kernels}, indent=1))
-    machine = f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+    sys.path.insert(0, str(HERE))
+    from workload import cpu_description
+
+    machine = cpu_description()
     print(f"\nPPO iteration on the workload of benchmarks/workload.py ({machine}; {cli.rounds} rounds x {cli.iters} timed "
           f"iterations after {cli.warmup} warm-up; episodes/s = 64 / median s per iteration)\n")  # fmt: skip
     if "ours" in ppo:
@@ -107,7 +109,7 @@ def main():
         if "compiles_in_timed_iterations" in r:
             print(f"- {name}: XLA compilations during the timed iterations: {r['compiles_in_timed_iterations']}")
     if kernels:
-        print("\nOur hot paths (bench_kernels.py)\n\n" + kernel_table(kernels))
+        print(f"\nOur hot paths (bench_kernels.py; {machine})\n\n" + kernel_table(kernels))
 
 
 if __name__ == "__main__":

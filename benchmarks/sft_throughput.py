@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,6 +19,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import sft  # noqa: E402
+from workload import cpu_description  # noqa: E402
 
 
 def main():
@@ -49,7 +50,7 @@ def main():
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t) / a.steps
     print(f"{jax.device_count()} device(s), batch {a.batch_size} x {a.seq_len}: {dt:.3f} s/step, "
-          f"{a.batch_size * a.seq_len / dt:,.0f} tokens/s")
+          f"{a.batch_size * a.seq_len / dt:,.0f} tokens/s ({cpu_description()})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Reads the event files directly (tensorboardX's protobufs; no TensorFlow), prints a markdown table of held-out
 gold (VADER) and proxy (reward model) scores of the SFT policy (episode 0) and the final PPO policy, the final KL
-and the PPO wall time (from results/logs), mean ± std over seeds, and draws proxy score, gold score and KL
+and the PPO wall time (from results/logs), mean ± sample standard deviation (ddof = 1) over seeds, and draws proxy score, gold score and KL
 against episodes (mean over seeds, one line per --kl-coef). Needs matplotlib for the PNG.
 """
 
@@ -59,7 +59,7 @@ def main():
             match = re.search(r"PPO \d+ updates in (\d+)s", log.read_text()) if log.exists() else None
             rows["time"].append(float(match.group(1)) if match else float("nan"))
         rows["delta"] = list(np.array(rows["ppo_gold"]) - np.array(rows["sft_gold"]))
-        f = lambda k, d=3: f"{np.mean(rows[k]):.{d}f} ± {np.std(rows[k]):.{d}f}"  # noqa: E731
+        f = lambda k, d=3: f"{np.mean(rows[k]):.{d}f} ± {np.std(rows[k], ddof=1):.{d}f}"  # noqa: E731  (sample std)
         print(f"| {kl} | {len(runs[kl])} | {f('sft_gold')} | {f('ppo_gold')} | {f('delta')} | {f('sft_proxy')} | "
               f"{f('ppo_proxy')} | {f('kl', 2)} | {f('time', 0)} |")  # fmt: skip
 

@@ -107,8 +107,9 @@ def test_clipped_losses_match_hand_computed_values(monkeypatch):
     assert float(stats["loss/policy_avg"]) == pytest.approx(pg, abs=1e-5)
     assert float(stats["loss/value_avg"]) == pytest.approx(vf, abs=1e-5)
     assert float(loss) == pytest.approx(pg + 0.1 * vf, abs=1e-5)
+    # clipfrac as LHP and TRL define it: the share of tokens where the clipped term is the larger (t0, t1; not t2)
     assert float(stats["policy/clipfrac_avg"]) == pytest.approx(2 / 3, abs=1e-5)
-    assert float(stats["val/clipfrac_avg"]) == pytest.approx(1.0)
+    assert float(stats["val/clipfrac_avg"]) == pytest.approx(1 / 3, abs=1e-5)  # only t0: 1.69 > 1
 
 
 # ---------------------------------------------------------------- end-to-end pieces on tiny checkpoints
@@ -385,3 +386,36 @@ def test_a_prompts_file_that_is_not_utf8_names_file_and_line(tmp_path, tiny_pipe
     (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xc3"}\n')
     with pytest.raises(ValueError, match="p.jsonl:2: not UTF-8 text"):
         ppo.read_prompts(tmp_path / "p.jsonl", tok)
+
+
+def test_the_critic_has_its_own_learning_rate(tiny_pipeline):
+    """--critic-learning-rate tiny: the value network barely moves while the policy does; and the other way round."""
+    tmp, prompts = tiny_pipeline
+    base = tiny_args(tmp, prompts)
+    ctx, params, ref, rm, q, qm = rollout_setup(base)
+    roll, _ = ppo.rollout(ctx, params, ref, rm, q, qm, jax.random.key(0))
+    adv, ret, _, _ = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], 0.05)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")} | {"advantages": adv, "returns": ret}
+
+    def moved(**rates):
+        tx, _ = ppo.make_optimizer(ppo.Args(**{**vars(base), **rates}), 1)
+        new, _, _ = ppo.ppo_update(ctx["graphdefs"], tx, ctx["update_hp"], jax.tree.map(jnp.copy, params), tx.init(params), batch, jax.random.key(1))
+        return {part: max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new[part]), jax.tree.leaves(params[part])))
+                for part in ("policy", "value")}  # fmt: skip
+
+    slow_critic, slow_policy = moved(learning_rate=1e-3, critic_learning_rate=1e-9), moved(learning_rate=1e-9, critic_learning_rate=1e-3)
+    assert slow_critic["value"] < 1e-7 < 1e-4 < slow_critic["policy"]
+    assert slow_policy["policy"] < 1e-7 < 1e-4 < slow_policy["value"]
+
+
+def test_each_evaluation_set_has_its_own_fixed_key(tiny_pipeline, monkeypatch):
+    tmp, prompts = tiny_pipeline
+    ctx, params, ref, rm, _, _ = rollout_setup(tiny_args(tmp, prompts))
+    _, _, eval_sets = ppo.setup_data(ctx["args"], ctx["tok"], ctx["rollout_hp"].pad_id)
+    keys, real = [], ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a: keys.append(np.asarray(jax.random.key_data(a[-1])).tobytes()) or real(*a))
+    writer = types.SimpleNamespace(add_scalar=lambda *a: None, add_text=lambda *a: None)
+    for _ in range(2):
+        ppo.evaluate(ctx, params, ref, rm, eval_sets, writer, 0)
+    assert len(keys) == 4 and keys[0] != keys[1] and keys[:2] == keys[2:]
+

@@ -123,7 +123,7 @@ class Naive:
         """The PPO loss and its closed-form derivatives in each new log-prob and value."""
         a = self.args
         N = sum(len(x) for x in advs)
-        pg = vf = 0.0
+        pg = vf = pg_clipped = vf_clipped = 0.0
         g_logp, g_v = [], []
         for lp, v, olp, ov, A, ret in zip(new_logps, new_values, old_logps, old_values, advs, rets):
             gl, gv = np.zeros(len(lp)), np.zeros(len(lp))
@@ -131,13 +131,16 @@ class Naive:
                 ratio = np.exp(lp[t] - olp[t])
                 unclipped, clipped = -A[t] * ratio, -A[t] * np.clip(ratio, 1 - a.cliprange, 1 + a.cliprange)
                 pg += max(unclipped, clipped) / N
+                pg_clipped += (clipped > unclipped) / N  # LHP / TRL's clipfrac: where the clipped term is the larger
                 gl[t] = -A[t] * ratio / N if unclipped >= clipped else 0.0  # the clipped branch has no gradient
                 v_clip = ov[t] + np.clip(v[t] - ov[t], -a.cliprange_value, a.cliprange_value)
                 plain, clip = (v[t] - ret[t]) ** 2, (v_clip - ret[t]) ** 2
                 vf += 0.5 * max(plain, clip) / N
+                vf_clipped += (clip > plain) / N
                 gv[t] = a.vf_coef * (v[t] - ret[t]) / N if plain >= clip else 0.0
             g_logp.append(gl), g_v.append(gv)
-        return pg + a.vf_coef * vf, pg, vf, g_logp, g_v
+        return pg + a.vf_coef * vf, {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/clipfrac_avg": pg_clipped,
+                                     "val/clipfrac_avg": vf_clipped}, g_logp, g_v  # fmt: skip
 
 
 def planted_responses(sampled, stop):
@@ -170,7 +173,7 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     responses = jnp.asarray(planted_responses(sampled, stop))
     monkeypatch.setattr(ppo, "generate", lambda *a: responses)
     roll, _ = ppo.rollout(ctx, params, ref_params, rm_params, queries, qmask, jax.random.key(0))
-    advantages, returns, rewards, _ = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], args.kl_coef)
+    advantages, returns, rewards, roll_stats = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], args.kl_coef)
 
     naive = Naive(args, graphdefs, eos)
     lengths = [list(r).index(stop) + 1 if stop in r else R for r in np.asarray(responses)]
@@ -200,6 +203,10 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     np.testing.assert_allclose(np.asarray(rewards), padded(n_rewards), err_msg="per-token rewards", **close)
     np.testing.assert_allclose(np.asarray(advantages), padded(n_advs), err_msg="advantages", **close)
     np.testing.assert_allclose(np.asarray(returns) * m, padded(n_rets), err_msg="returns", **close)
+    n_kl = np.mean([naive.kl(lp, ref).sum() for lp, ref in zip(logps, refs)])
+    assert float(roll_stats["objective/kl"]) == pytest.approx(n_kl, rel=1e-4, abs=1e-5)
+    assert float(roll_stats["objective/entropy"]) == pytest.approx(np.mean([-lp.sum() for lp in logps]), rel=1e-4)
+    assert float(roll_stats["objective/scores"]) == pytest.approx(scores.mean(), rel=1e-4, abs=1e-5)
 
     # the loss and its gradient at new weights, against the episodes' old log-probs and values
     new_params = perturbed(params, jax.random.key(2), 0.03)
@@ -207,12 +214,12 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     batch |= {"advantages": advantages, "returns": returns}
     (loss, stats), grads = jax.value_and_grad(ppo.ppo_loss, has_aux=True)(new_params, graphdefs, ctx["update_hp"].loss, batch)
     new = naive.forward(new_params, episodes)
-    n_loss, n_pg, n_vf, g_logp, g_v = naive.loss_and_cotangents(
+    n_loss, n_stats, g_logp, g_v = naive.loss_and_cotangents(
         [np.asarray(lp, np.float64) for lp, _ in new], [np.asarray(v, np.float64) for _, v in new],
         logps, values, n_advs, n_rets)  # fmt: skip
-    assert float(stats["policy/clipfrac_avg"]) > 0 and float(stats["val/clipfrac_avg"]) > 0  # both clips engage
-    assert float(stats["loss/policy_avg"]) == pytest.approx(n_pg, rel=1e-4, abs=1e-5)
-    assert float(stats["loss/value_avg"]) == pytest.approx(n_vf, rel=1e-4, abs=1e-5)
+    assert n_stats["policy/clipfrac_avg"] > 0 and n_stats["val/clipfrac_avg"] > 0  # both clips engage
+    for name, value in n_stats.items():
+        assert float(stats[name]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert float(loss) == pytest.approx(n_loss, rel=1e-4, abs=1e-5)
     _, vjp = jax.vjp(lambda p: naive.forward(p, episodes), new_params)
     (n_grads,) = vjp([(jnp.asarray(gl, jnp.float32), jnp.asarray(gv, jnp.float32)) for gl, gv in zip(g_logp, g_v)])

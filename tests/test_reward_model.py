@@ -94,11 +94,12 @@ def test_implicit_prompt_and_left_truncation(tmp_path):
     pairs = rm.read_pairs(write_jsonl(tmp_path / "p.jsonl", [{"chosen": "one two", "rejected": "three"}]))
     assert pairs[0]["prompt"] == ""
     prompt = "one two three four five six seven eight nine ten"
-    tokens, mask, truncated = rm.tokenize(tok, [prompt, "one"], [" ten", " two"], eos, pad, 6)
     p_ids, r_ids = tok.encode(prompt).ids, tok.encode(" ten").ids
-    assert truncated.tolist() == [True, False]
+    tokens, mask, truncated = rm.tokenize([p_ids, [5], [5]], [r_ids, [7, 8], [7, eos]], eos, pad, 6)
+    assert truncated.tolist() == [True, False, False]
     assert tokens[0].tolist() == p_ids[-(5 - len(r_ids)) :] + r_ids + [eos]  # prompt cut on the left, response + EOS kept
-    assert mask[1].sum() == len(tok.encode("one").ids) + len(tok.encode(" two").ids) + 1
+    assert tokens[1, :4].tolist() == [5, 7, 8, eos] and mask[1].sum() == 4
+    assert tokens[2, :3].tolist() == [5, 7, eos] and mask[2].sum() == 3  # a sampled response ending with EOS: no second
 
 
 def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
@@ -145,19 +146,51 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     assert ev2["gold_pairs"] == ev["gold_pairs"]
 
 
-def test_normalisation_gives_mean_zero_std_one(tmp_path, tiny_sft):
+def test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature(tmp_path, tiny_sft, monkeypatch):
+    """mean 0 / std 1 (or mean 0) on a random sample of the given prompts (PPO's), sampled at --norm-temperature."""
     policy, _ = sft.load_model(tiny_sft)
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
     score_model, _ = sft.load_model(tiny_sft, architecture="LlamaForSequenceClassification", seed=5)
     graphdef, params = nnx.split(score_model)
-    pairs = [{"prompt": f"the film {w}", "chosen": "a", "rejected": "b"} for w in "was is had got made saw".split()]
+    prompts = sft.encode_prompts(tok, [f"the film {w} {v}" for w in "was is had got made saw".split() for v in "a the".split()])
     sharding = jax.sharding.NamedSharding(sft.make_mesh(1), jax.sharding.PartitionSpec())
+    seen, real = [], rm.sample_continuations
+    monkeypatch.setattr(rm, "sample_continuations", lambda *a, **k: seen.append(a) or real(*a, **k))
     for mode in ("gain_bias", "bias"):
-        args = rm.Args(normalize=mode, response_length=6, batch_size=8, max_seq_len=16)
-        gain, bias, raw = rm.fit_normalization(args, graphdef, params, policy, tok, eos, pad, pairs, sharding, jax.random.key(0))
+        args = rm.Args(normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6)
+        gain, bias, raw = rm.fit_normalization(args, graphdef, params, policy, eos, pad, prompts, sharding, jax.random.key(0))
         normalised = gain * raw + bias
-        assert abs(normalised.mean()) < 1e-5 and len(raw) == 6
+        assert abs(normalised.mean()) < 1e-5 and len(raw) == 8
         assert (abs(normalised.std() - 1) < 1e-4) if mode == "gain_bias" else (gain == 1.0)
+    sampled, temperature = seen[-1][3], seen[-1][6]
+    assert temperature == 0.6 and len(sampled) == 8 and all(p in prompts for p in sampled)
+    assert sampled != prompts[:8] and sampled != sorted(sampled)  # a random sample, not the first or the smallest
+
+
+def test_the_default_normalisation_prompts_are_ppos_default_prompts(tiny_sft):
+    import rlhf_ppo as ppo
+
+    tok, _, pad = sft.load_tokenizer(tiny_sft)
+    ours = rm.ppo_prompts(rm.Args(sft_model=str(tiny_sft)), tok, [])
+    queries, mask, _ = ppo.setup_data(ppo.Args(sft_model=str(tiny_sft)), tok, pad)
+    assert len(ours) == len(queries) == 22_500
+    assert [q[m].tolist() for q, m in zip(queries[:50], mask[:50])] == ours[:50]
+
+
+def test_pairs_with_token_ids_train_on_those_ids(tmp_path, tiny_sft):
+    """The labeler's sampled ids are what the reward model reads, not a re-tokenisation of their text."""
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+    odd = [int(i) for i in tok.encode(" the").ids] * 2  # ids whose text re-tokenises differently (" the the")
+    assert tok.encode(tok.decode(odd), add_special_tokens=False).ids != odd
+    rows = [{"prompt": "a", "chosen": tok.decode(odd), "rejected": "b", "prompt_ids": [7], "chosen_ids": odd,
+             "rejected_ids": [9, eos]}]  # fmt: skip
+    pairs = rm.read_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tok.get_vocab_size())
+    data, _ = rm.tokenize_pairs(tok, pairs, eos, pad, 16)
+    assert data["tokens"][0, 0][data["mask"][0, 0]].tolist() == [7, *odd, eos]
+    assert data["tokens"][1, 0][data["mask"][1, 0]].tolist() == [7, 9, eos]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "chosen_ids": [10**6]}])
+    with pytest.raises(ValueError, match="bad.jsonl:1: field 'chosen_ids' must be a list of token ids"):
+        rm.read_pairs(bad, tok.get_vocab_size())
 
 
 # ---------------------------------------------------------------- wiring: orientation, direction, accumulation, resume
@@ -220,6 +253,9 @@ def test_the_simulated_labeler_prefers_the_higher_gold_score(tmp_path, tiny_sft,
     rows = [json.loads(line) for line in open(args.pairs_file)]
     gold = np.array([[r["chosen_gold"], r["rejected_gold"]] for r in rows])
     assert len(rows) == 64 and (gold[:, 0] >= gold[:, 1]).all() and (gold[:, 0] > gold[:, 1]).sum() >= 20
+    for r in rows:  # the sampled ids are kept, with their text for people to read
+        assert r["chosen"] == tok.decode(r["chosen_ids"]) and r["rejected"] == tok.decode(r["rejected_ids"])
+        assert r["prompt_ids"] == sft.encode_prompts(tok, [r["prompt"]])[0]
 
 
 def tiny_pair_batch(accum=1, rows=8, seed=0):

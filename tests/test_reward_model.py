@@ -173,14 +173,14 @@ def test_the_default_normalisation_prompts_are_ppos_default_prompts(tiny_sft):
     tok, _, pad = sft.load_tokenizer(tiny_sft)
     ours = rm.ppo_prompts(rm.Args(sft_model=str(tiny_sft)), tok, [])
     queries, mask, _ = ppo.setup_data(ppo.Args(sft_model=str(tiny_sft)), tok, pad)
-    assert len(ours) == len(queries) == 22_500
+    assert len(ours) == len(queries) == 22_412
     assert [q[m].tolist() for q, m in zip(queries[:50], mask[:50])] == ours[:50]
 
 
 def test_pairs_with_token_ids_train_on_those_ids(tmp_path, tiny_sft):
     """The labeler's sampled ids are what the reward model reads, not a re-tokenisation of their text."""
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
-    odd = [int(i) for i in tok.encode(" the").ids] * 2  # ids whose text re-tokenises differently (" the the")
+    odd = [tok.token_to_id(c) for c in ("Ġ", "t", "h", "e")]  # " the" byte by byte, not as the policy would encode it
     assert tok.encode(tok.decode(odd), add_special_tokens=False).ids != odd
     rows = [{"prompt": "a", "chosen": tok.decode(odd), "rejected": "b", "prompt_ids": [7], "chosen_ids": odd,
              "rejected_ids": [9, eos]}]  # fmt: skip

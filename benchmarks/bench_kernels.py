@@ -27,11 +27,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import workload as W  # noqa: E402
+from bench_ours import prompts, setup  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import rlhf_ppo as rp  # noqa: E402
-import workload as W  # noqa: E402
-from bench_ours import prompts, setup  # noqa: E402
 from common import _next_token  # noqa: E402
 
 
@@ -75,28 +75,34 @@ def sample_no_cache(graphdef, params, prompt_tokens, prompt_mask, key, *, max_ne
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, mask))[0][:, P:]
 
 
-def sampler_speeds(ctx, params, q, qm, repeats):
+def sampler_speeds(args, models, params, q, qm, repeats):
     """tokens/s of the KV-cache sampler (rlhf_ppo.generate) and of the full-recompute one."""
     key = jax.random.key(0)
-    cached = best_of(lambda: rp.generate(ctx, params, q, qm, key).block_until_ready(), repeats)
-    no_cache = best_of(lambda: sample_no_cache(ctx["graphdefs"].policy, params["policy"], q, qm, key, max_new_tokens=W.RESPONSE_LEN,
-                                               temperature=W.TEMPERATURE).block_until_ready(), repeats)  # fmt: skip
+    cached = best_of(lambda: rp.generate(args, models, params, q, qm, key).block_until_ready(), repeats)
+    no_cache = best_of(
+        lambda: sample_no_cache(
+            models.policy, params["policy"], q, qm, key, max_new_tokens=W.RESPONSE_LEN, temperature=W.TEMPERATURE
+        ).block_until_ready(),
+        repeats,
+    )
     n = q.shape[0] * W.RESPONSE_LEN
     return n / cached, n / no_cache
 
 
-def train_step_flops(ctx, params, opt_state, batch, repeats):
+def train_step_flops(args, models, tx, rows, params, opt_state, batch, repeats):
     """-> (FLOP/s, FLOPs per ppo_update call, seconds per call) of rlhf_ppo.ppo_update."""
-    graphdefs, tx, hp = ctx["graphdefs"], ctx["tx"], ctx["update_hp"]
     grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
-    cost = grad.lower(params, graphdefs, hp.loss, batch).compile().cost_analysis()
+    cost = grad.lower(params, args, models, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one device's share of the partitioned program; each pass sees the whole batch once per epoch
-    flops = cost["flops"] * jax.device_count() * hp.ppo_epochs * hp.num_mini_batches
+    flops = cost["flops"] * jax.device_count() * args.ppo_epochs * args.num_mini_batches
     state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.tree.map(jnp.copy, opt_state)}  # donated below
 
     def step():
-        state["params"], state["opt_state"], stats = rp.ppo_update(graphdefs, tx, hp, state["params"], state["opt_state"], batch, jax.random.key(0))
+        p, o = state["params"], state["opt_state"]
+        state["params"], state["opt_state"], stats = rp.ppo_update(
+            args, models, tx, rows, p, o, batch, jax.random.key(0)
+        )
         jax.block_until_ready(stats)
 
     seconds = best_of(step, repeats)
@@ -104,21 +110,32 @@ def train_step_flops(ctx, params, opt_state, batch, repeats):
 
 
 def main(cli):
-    ctx, params, opt_state, ref_params, rm_params, mesh = setup(cli.num_devices)
+    (args, models, tx, rows, tok), state, frozen, mesh = setup(cli.num_devices)
+    params, opt_state = state["params"], state["opt_state"]
     q, qm = prompts(0, mesh)
-    roll, _ = rp.rollout(ctx, params, ref_params, rm_params, q, qm, jax.random.key(0))
-    advantages, returns, _ = rp.compute_advantages(ctx["adv_hp"], roll, roll["scores"], W.KL_COEF)
+    roll = rp.rollout(args, models, tok, params, frozen, q, qm, jax.random.key(0))
+    advantages, returns, _, _ = rp.compute_advantages(args, roll, W.KL_COEF)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": advantages, "returns": returns}
 
-    cached, no_cache = sampler_speeds(ctx, params, q, qm, cli.repeats)
-    step_flops, flops, seconds = train_step_flops(ctx, params, opt_state, batch, cli.repeats)
+    cached, no_cache = sampler_speeds(args, models, params, q, qm, cli.repeats)
+    step_flops, flops, seconds = train_step_flops(args, models, tx, rows, params, opt_state, batch, cli.repeats)
     peak = matmul_flops(cli.repeats)
-    result = {"num_devices": cli.num_devices, "kv_cache_tok_s": cached, "no_cache_tok_s": no_cache,
-              "train_step_flop_s": step_flops, "train_step_flops": flops, "train_step_s": seconds, "matmul_flop_s": peak}  # fmt: skip
-    print(f"sampler: KV cache {cached:,.0f} tok/s, no cache {no_cache:,.0f} tok/s ({cached / no_cache:.1f}x); train step "
-          f"{flops / 1e9:.1f} GFLOP in {seconds:.3f}s = {step_flops / 1e9:.1f} GFLOP/s, matmul {peak / 1e9:.1f} GFLOP/s "
-          f"({step_flops / peak:.0%})", file=sys.stderr)  # fmt: skip
+    result = {
+        "num_devices": cli.num_devices,
+        "kv_cache_tok_s": cached,
+        "no_cache_tok_s": no_cache,
+        "train_step_flop_s": step_flops,
+        "train_step_flops": flops,
+        "train_step_s": seconds,
+        "matmul_flop_s": peak,
+    }
+    print(
+        f"sampler: KV cache {cached:,.0f} tok/s, no cache {no_cache:,.0f} tok/s ({cached / no_cache:.1f}x); train step "
+        f"{flops / 1e9:.1f} GFLOP in {seconds:.3f}s = {step_flops / 1e9:.1f} GFLOP/s, matmul {peak / 1e9:.1f} GFLOP/s "
+        f"({step_flops / peak:.0%})",
+        file=sys.stderr,
+    )
     print("RESULT " + json.dumps(result))
 
 

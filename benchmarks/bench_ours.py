@@ -23,10 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import workload as W  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import rlhf_ppo as rp  # noqa: E402
-import workload as W  # noqa: E402
 
 COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -36,22 +36,44 @@ jax.monitoring.register_event_duration_secs_listener(
 
 def setup(num_devices: int = 1, dtype: str = "float32", num_iterations: int = 10):
     """rlhf_ppo.py's own set-up with the workload's settings, on `num_devices` (fake) CPU devices
-    -> ctx, params, opt_state, ref_params, rm_params, mesh."""
+    -> (args, models, tx, rows, tok), the training state, the frozen weights {"ref", "reward"}, mesh."""
     jax.config.update("jax_num_cpu_devices", num_devices)  # before the first use of the CPU backend
     models = W.WORK / "models"
-    args = rp.Args(sft_model=str(models / "policy"), reward_model=str(models / "reward"), value_model="reward",
-                   response_length=W.RESPONSE_LEN, temperature=W.TEMPERATURE, stop_token_id=-1,  # -1: never stops
-                   kl_coef=W.KL_COEF, cliprange=W.CLIPRANGE, cliprange_value=W.CLIPRANGE, vf_coef=W.VF_COEF,
-                   gamma=W.GAMMA, lam=W.LAM, batch_size=W.BATCH, num_mini_batches=W.NUM_MINI_BATCHES,
-                   ppo_epochs=W.PPO_EPOCHS, learning_rate=W.LR, total_episodes=W.BATCH * num_iterations,
-                   dtype=dtype, num_devices=num_devices, seed=W.SEED)  # fmt: skip
+    args = rp.Args(
+        sft_model=str(models / "policy"),
+        reward_model=str(models / "reward"),
+        value_model="reward",
+        response_length=W.RESPONSE_LEN,
+        temperature=W.TEMPERATURE,
+        stop_token_id=-1,  # -1: never stops
+        kl_coef=W.KL_COEF,
+        cliprange=W.CLIPRANGE,
+        cliprange_value=W.CLIPRANGE,
+        vf_coef=W.VF_COEF,
+        gamma=W.GAMMA,
+        lam=W.LAM,
+        batch_size=W.BATCH,
+        num_mini_batches=W.NUM_MINI_BATCHES,
+        ppo_epochs=W.PPO_EPOCHS,
+        learning_rate=W.LR,
+        total_episodes=W.BATCH * num_iterations,
+        dtype=dtype,
+        num_devices=num_devices,
+        seed=W.SEED,
+    )
     mesh = rp.make_mesh(args.num_devices)
     tok, eos_id, pad_id = rp.load_tokenizer(args.sft_model)
-    graphdefs, params, ref_params, rm_params = rp.load_models(args, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    args = rp.resolve_token_ids(args, eos_id, pad_id)
+    models, params, frozen = rp.load_models(args, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     tx, _ = rp.make_optimizer(args, num_iterations)
-    params, ref_params, rm_params = (rp.shard(p, mesh) for p in (params, ref_params, rm_params))
-    opt_state = rp.shard(jax.jit(tx.init)(params), mesh)
-    return rp.make_context(args, graphdefs, params, tok, eos_id, pad_id, tx, mesh), params, opt_state, ref_params, rm_params, mesh
+    params, frozen = rp.shard(params, mesh), rp.shard(frozen, mesh)
+    state = {
+        "params": params,
+        "opt_state": rp.shard(jax.jit(tx.init)(params), mesh),
+        "kl_coef": jnp.float32(args.kl_coef),
+    }
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    return (args, models, tx, rows, tok), state, frozen, mesh
 
 
 def prompts(i: int, mesh):
@@ -73,7 +95,7 @@ def timed(fn, seconds: list):
 
 
 def main(cli):
-    ctx, params, opt_state, ref_params, rm_params, mesh = setup(cli.num_devices, cli.dtype, cli.warmup + cli.iters)
+    static, state, frozen, mesh = setup(cli.num_devices, cli.dtype, cli.warmup + cli.iters)
     gen_s, iter_s = [], []
     rp.generate = timed(rp.generate, gen_s)
     for i in range(cli.warmup + cli.iters):
@@ -81,19 +103,27 @@ def main(cli):
             compiles_before = len(COMPILES)
         q, qm = prompts(i, mesh)
         t = time.perf_counter()
-        params, opt_state, stats = rp.ppo_iteration(ctx, params, opt_state, ref_params, rm_params, q, qm, W.KL_COEF,
-                                                    jax.random.fold_in(jax.random.key(W.SEED), i))  # fmt: skip
+        key = jax.random.fold_in(jax.random.key(W.SEED), i)
+        state, stats = rp.ppo_iteration(*static, state, frozen, q, qm, key)
         iter_s.append(time.perf_counter() - t)
-        print(f"iteration {i}: {iter_s[-1]:.3f}s (generation {gen_s[-1]:.3f}s) kl {stats['objective/kl']:.4f} "
-              f"score {stats['objective/scores']:.4f}", file=sys.stderr)  # fmt: skip
+        print(
+            f"iteration {i}: {iter_s[-1]:.3f}s (generation {gen_s[-1]:.3f}s) kl {stats['objective/kl']:.4f} "
+            f"score {stats['objective/scores']:.4f}",
+            file=sys.stderr,
+        )
     n, devices = cli.warmup, f"{cli.num_devices} device{'s' * (cli.num_devices > 1)}"
     result = {
         "name": f"ours: rlhf_ppo.py (JAX {jax.__version__} CPU, {devices}, {cli.dtype})",
-        "iter_s": iter_s[n:], "gen_s": gen_s[n:], "update_s": [a - b for a, b in zip(iter_s[n:], gen_s[n:])],
+        "iter_s": iter_s[n:],
+        "gen_s": gen_s[n:],
+        "update_s": [a - b for a, b in zip(iter_s[n:], gen_s[n:])],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "compiles_in_timed_iterations": len(COMPILES) - compiles_before, "differences": [],
-        "metrics": {k: stats[k] for k in ("objective/kl", "objective/scores", "policy/approxkl_avg", "loss/policy_avg")},
-    }  # fmt: skip
+        "compiles_in_timed_iterations": len(COMPILES) - compiles_before,
+        "differences": [],
+        "metrics": {
+            k: stats[k] for k in ("objective/kl", "objective/scores", "policy/approxkl_avg", "loss/policy_avg")
+        },
+    }
     print("RESULT " + json.dumps(result))
 
 

@@ -34,9 +34,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -59,8 +59,15 @@ with warnings.catch_warnings():
 
 NAME = "TRL 1.12.0 PPOTrainer (torch 2.13.0 CPU)"
 MODELS = W.WORK / "models"
-SANITY_METRICS = ("objective/kl", "objective/scores", "policy/approxkl_avg", "loss/policy_avg", "loss/value_avg",
-                  "objective/entropy", "val/num_eos_tokens")  # fmt: skip
+SANITY_METRICS = (
+    "objective/kl",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "objective/entropy",
+    "val/num_eos_tokens",
+)
 
 # What TRL does differently from the workload, or does in its own way (fixed by TRL 1.12.0's code, not by us).
 DIFFERENCES = [
@@ -180,8 +187,11 @@ class IterationTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.stamps.append(time.perf_counter())
         k = len(self.stamps) - 1
-        print(f"iteration {k}: {self.stamps[-1] - self.stamps[-2]:.3f} s (generation {self.generation.seconds[-1]:.3f} s)"
-              f", objective/kl {self.last_logs.get('objective/kl', float('nan')):.4f}", flush=True)  # fmt: skip
+        print(
+            f"iteration {k}: {self.stamps[-1] - self.stamps[-2]:.3f} s (generation {self.generation.seconds[-1]:.3f} s)"
+            f", objective/kl {self.last_logs.get('objective/kl', float('nan')):.4f}",
+            flush=True,
+        )
 
     @property
     def seconds(self):
@@ -202,8 +212,9 @@ def make_trainer(n_iters: int, callback: TrainerCallback) -> PPOTrainer:
 def result(iters, gens, generation: GenerationTimer, logs: dict) -> dict:
     differences = list(DIFFERENCES)
     if generation.pad_tokens:
-        differences.append(f"{generation.pad_tokens} pad token(s) sampled over all iterations: TRL ended those "
-                           "responses there")
+        differences.append(
+            f"{generation.pad_tokens} pad token(s) sampled over all iterations: TRL ended those responses there"
+        )
     metrics = {k: float(logs[k]) for k in SANITY_METRICS if k in logs}
     metrics["sampled_eos_tokens_all_iters"] = float(generation.eos_tokens)
     metrics["sampled_pad_tokens_all_iters"] = float(generation.pad_tokens)

@@ -33,14 +33,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-import workload as W  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import workload as W  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
+from flax import nnx  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from tunix.models import safetensors_loader  # noqa: E402
 from tunix.models.llama3 import model as llama_lib  # noqa: E402
 from tunix.models.llama3 import params as llama_params  # noqa: E402
@@ -49,7 +49,6 @@ from tunix.rl import common as rl_common  # noqa: E402
 from tunix.rl import rl_cluster as rl_cluster_lib  # noqa: E402
 from tunix.rl.ppo import ppo_learner  # noqa: E402
 from tunix.rl.rollout import base_rollout  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 NAME = "Tunix 0.1.7 PPO (JAX CPU)"
 MODELS = W.WORK / "models"
@@ -57,11 +56,17 @@ NO_STOP_TOKEN = W.MODEL["vocab_size"]  # an id the model can never sample: gener
 VALUE_LOSS = "ppo_times_vf_coef"
 
 CONFIG = llama_lib.ModelConfig(
-    num_layers=W.MODEL["num_hidden_layers"], vocab_size=W.MODEL["vocab_size"], embed_dim=W.MODEL["hidden_size"],
-    hidden_dim=W.MODEL["intermediate_size"], num_heads=W.MODEL["num_attention_heads"],
-    head_dim=W.MODEL["hidden_size"] // W.MODEL["num_attention_heads"], num_kv_heads=W.MODEL["num_key_value_heads"],
-    rope_theta=int(W.MODEL["rope_theta"]), norm_eps=W.MODEL["rms_norm_eps"], weight_tying=False,
-)  # fmt: skip
+    num_layers=W.MODEL["num_hidden_layers"],
+    vocab_size=W.MODEL["vocab_size"],
+    embed_dim=W.MODEL["hidden_size"],
+    hidden_dim=W.MODEL["intermediate_size"],
+    num_heads=W.MODEL["num_attention_heads"],
+    head_dim=W.MODEL["hidden_size"] // W.MODEL["num_attention_heads"],
+    num_kv_heads=W.MODEL["num_key_value_heads"],
+    rope_theta=int(W.MODEL["rope_theta"]),
+    norm_eps=W.MODEL["rms_norm_eps"],
+    weight_tying=False,
+)
 
 DIFFERENCES = [
     "Tunix's PPO builds the per-token reward tensor with jnp.zeros_like(completion_ids), i.e. int32, so the "
@@ -175,9 +180,14 @@ def load_models(mesh):
         llama_params.create_model_from_safe_tensors, config=CONFIG, mesh=mesh, dtype=jnp.float32
     )
     load_scorer = functools.partial(
-        safetensors_loader.load_and_create_model, file_dir=reward_dir, model_class=Llama3Scorer, config=CONFIG,
-        key_mapping=scorer_key_mapping, mesh=mesh, dtype=jnp.float32,
-    )  # fmt: skip
+        safetensors_loader.load_and_create_model,
+        file_dir=reward_dir,
+        model_class=Llama3Scorer,
+        config=CONFIG,
+        key_mapping=scorer_key_mapping,
+        mesh=mesh,
+        dtype=jnp.float32,
+    )
     return dict(actor=load_lm(policy_dir), reference=load_lm(policy_dir), critic=load_scorer(), reward=load_scorer())
 
 
@@ -193,26 +203,46 @@ def optimizer():
 def build_learner(num_iterations):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
     rollout_config = base_rollout.RolloutConfig(
-        max_tokens_to_generate=W.RESPONSE_LEN, temperature=W.TEMPERATURE, top_p=1.0, top_k=None,
-        max_prompt_length=W.PROMPT_LEN, kv_cache_size=W.PROMPT_LEN + W.RESPONSE_LEN, eos_tokens=[NO_STOP_TOKEN],
+        max_tokens_to_generate=W.RESPONSE_LEN,
+        temperature=W.TEMPERATURE,
+        top_p=1.0,
+        top_k=None,
+        max_prompt_length=W.PROMPT_LEN,
+        kv_cache_size=W.PROMPT_LEN + W.RESPONSE_LEN,
+        eos_tokens=[NO_STOP_TOKEN],
         data_type=jnp.float32,
-    )  # fmt: skip
+    )
     training_config = rl_cluster_lib.RLTrainingConfig(
-        actor_optimizer=optimizer(), critic_optimizer=optimizer(), eval_every_n_steps=10**9,
-        max_steps=W.PPO_EPOCHS * W.NUM_MINI_BATCHES * num_iterations, mini_batch_size=W.BATCH // W.NUM_MINI_BATCHES,
-        metrics_logging_options=None, checkpoint_root_directory=None, pbar_description=None,
-    )  # fmt: skip
+        actor_optimizer=optimizer(),
+        critic_optimizer=optimizer(),
+        eval_every_n_steps=10**9,
+        max_steps=W.PPO_EPOCHS * W.NUM_MINI_BATCHES * num_iterations,
+        mini_batch_size=W.BATCH // W.NUM_MINI_BATCHES,
+        metrics_logging_options=None,
+        checkpoint_root_directory=None,
+        pbar_description=None,
+    )
     cluster_config = rl_cluster_lib.ClusterConfig(
-        role_to_mesh={role: mesh for role in rl_cluster_lib.Role}, rollout_engine="vanilla", offload_to_cpu=False,
-        training_config=training_config, rollout_config=rollout_config,
-    )  # fmt: skip
+        role_to_mesh={role: mesh for role in rl_cluster_lib.Role},
+        rollout_engine="vanilla",
+        offload_to_cpu=False,
+        training_config=training_config,
+        rollout_config=rollout_config,
+    )
     cluster = rl_cluster_lib.RLCluster(
         **load_models(mesh), tokenizer=WordTokenizer(str(MODELS / "policy")), cluster_config=cluster_config
     )
     ppo_config = ppo_learner.PPOConfig(
-        num_iterations=W.PPO_EPOCHS, gamma=W.GAMMA, gae_lambda=W.LAM, beta=W.KL_COEF, epsilon=W.CLIPRANGE,
-        clip_range_value=W.CLIPRANGE, kl_method="kl", entropy_coef=None, value_loss_fn=VALUE_LOSS,
-    )  # fmt: skip
+        num_iterations=W.PPO_EPOCHS,
+        gamma=W.GAMMA,
+        gae_lambda=W.LAM,
+        beta=W.KL_COEF,
+        epsilon=W.CLIPRANGE,
+        clip_range_value=W.CLIPRANGE,
+        kl_method="kl",
+        entropy_coef=None,
+        value_loss_fn=VALUE_LOSS,
+    )
     return ppo_learner.PPOLearner(rl_cluster=cluster, ppo_config=ppo_config)
 
 
@@ -257,11 +287,15 @@ def last_metrics(cluster):
     """Values Tunix logged for the last iteration (in-memory metrics logger; no backends, nothing on disk)."""
     logger = cluster._rl_metrics_logger
     wanted = {
-        "score": ("rewards", "score/mean"), "reward": ("rewards", "reward/mean"),
-        "kl": ("rewards", "reward_kl_penalty"), "pg_loss": ("actor", "loss"), "pg_clipfrac": ("actor", "pg_clipfrac"),
-        "vf_loss": ("critic", "loss"), "vf_clipfrac": ("critic", "vf_clipfrac"),
+        "score": ("rewards", "score/mean"),
+        "reward": ("rewards", "reward/mean"),
+        "kl": ("rewards", "reward_kl_penalty"),
+        "pg_loss": ("actor", "loss"),
+        "pg_clipfrac": ("actor", "pg_clipfrac"),
+        "vf_loss": ("critic", "loss"),
+        "vf_clipfrac": ("critic", "vf_clipfrac"),
         "completion_len": ("generation", "completions/mean_length"),
-    }  # fmt: skip
+    }
     out = {}
     for key, (prefix, name) in wanted.items():
         if logger.metric_exists(prefix, name, "train"):

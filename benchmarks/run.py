@@ -43,14 +43,20 @@ def run(name: str, venv: str, script: str, args: list[str]) -> dict:
     (WORK / "logs" / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(f"{name} failed (exit {proc.returncode}); see {WORK / 'logs' / (name + '.log')}:\n{proc.stderr[-2000:]}")
+        sys.exit(
+            f"{name} failed (exit {proc.returncode}); see {WORK / 'logs' / (name + '.log')}:\n{proc.stderr[-2000:]}"
+        )
     print(f"  done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 def merge(a: dict, b: dict) -> dict:
     """Two rounds of one implementation: timings concatenated, the larger peak RSS, the later metrics."""
-    out = {**b, **{k: a[k] + b[k] for k in ("iter_s", "gen_s", "update_s")}, "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+    out = {
+        **b,
+        **{k: a[k] + b[k] for k in ("iter_s", "gen_s", "update_s")},
+        "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
+    }
     if "compiles_in_timed_iterations" in a:
         out["compiles_in_timed_iterations"] = a["compiles_in_timed_iterations"] + b["compiles_in_timed_iterations"]
     return out
@@ -58,23 +64,33 @@ def merge(a: dict, b: dict) -> dict:
 
 def ppo_table(results: dict) -> str:
     ours = statistics.median(results["ours"]["iter_s"])
-    rows = ["| implementation | s/iteration median (min–max) | episodes/s | generation s | rest (scoring + update) s "
-            "| peak RSS MB | time / ours |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| implementation | s/iteration median (min–max) | episodes/s | generation s | rest (scoring + update) s "
+        "| peak RSS MB | time / ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results.values():
         med = statistics.median(r["iter_s"])
-        rows.append(f"| {r['name']} | {med:.2f} ({min(r['iter_s']):.2f}–{max(r['iter_s']):.2f}) | {64 / med:.1f} "
-                    f"| {statistics.median(r['gen_s']):.2f} ({statistics.median(r['gen_s']) / med:.0%}) "
-                    f"| {statistics.median(r['update_s']):.2f} | {r['peak_rss_mb']:.0f} | {med / ours:.2f}× |")  # fmt: skip
+        rows.append(
+            f"| {r['name']} | {med:.2f} ({min(r['iter_s']):.2f}–{max(r['iter_s']):.2f}) | {64 / med:.1f} "
+            f"| {statistics.median(r['gen_s']):.2f} ({statistics.median(r['gen_s']) / med:.0%}) "
+            f"| {statistics.median(r['update_s']):.2f} | {r['peak_rss_mb']:.0f} | {med / ours:.2f}× |"
+        )
     return "\n".join(rows)
 
 
 def kernel_table(results: dict) -> str:
-    rows = ["| devices | KV-cache sampler tok/s | no-cache sampler tok/s | ratio | train step GFLOP/s | "
-            "matmul GFLOP/s | train step / matmul |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| devices | KV-cache sampler tok/s | no-cache sampler tok/s | ratio | train step GFLOP/s | "
+        "matmul GFLOP/s | train step / matmul |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results.values():
-        rows.append(f"| {r['num_devices']} | {r['kv_cache_tok_s']:,.0f} | {r['no_cache_tok_s']:,.0f} "
-                    f"| {r['kv_cache_tok_s'] / r['no_cache_tok_s']:.1f}× | {r['train_step_flop_s'] / 1e9:.1f} "
-                    f"| {r['matmul_flop_s'] / 1e9:.1f} | {r['train_step_flop_s'] / r['matmul_flop_s']:.0%} |")  # fmt: skip
+        rows.append(
+            f"| {r['num_devices']} | {r['kv_cache_tok_s']:,.0f} | {r['no_cache_tok_s']:,.0f} "
+            f"| {r['kv_cache_tok_s'] / r['no_cache_tok_s']:.1f}× | {r['train_step_flop_s'] / 1e9:.1f} "
+            f"| {r['matmul_flop_s'] / 1e9:.1f} | {r['train_step_flop_s'] / r['matmul_flop_s']:.0%} |"
+        )
     return "\n".join(rows)
 
 
@@ -82,7 +98,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed PPO iterations per implementation")
     parser.add_argument("--iters", type=int, default=10, help="timed PPO iterations per implementation")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of all PPO runs, one implementation after another")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of all PPO runs, one implementation after another"
+    )
     parser.add_argument("--only", nargs="*", default=[*PPO_RUNS, *KERNEL_RUNS], help="a subset of the runs")
     cli = parser.parse_args()
     if not (WORK / "models" / "reward" / "config.json").exists():  # the shared random models, made with transformers
@@ -99,8 +117,11 @@ def main():
     from workload import cpu_description
 
     machine = cpu_description()
-    print(f"\nPPO iteration on the workload of benchmarks/workload.py ({machine}; {cli.rounds} rounds x {cli.iters} timed "
-          f"iterations after {cli.warmup} warm-up; episodes/s = 64 / median s per iteration)\n")  # fmt: skip
+    print(
+        f"\nPPO iteration on the workload of benchmarks/workload.py ({machine}; "
+        f"{cli.rounds} rounds x {cli.iters} timed "
+        f"iterations after {cli.warmup} warm-up; episodes/s = 64 / median s per iteration)\n"
+    )
     if "ours" in ppo:
         print(ppo_table(ppo))
     for name, r in ppo.items():

@@ -17,9 +17,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from workload import cpu_description  # noqa: E402
 
 import sft  # noqa: E402
-from workload import cpu_description  # noqa: E402
 
 
 def main():
@@ -29,8 +29,15 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     a = parser.parse_args()
     args = sft.Args()
-    cfg = sft.ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=4, head_dim=32)  # fmt: skip
+    cfg = sft.ModelConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+    )
     graphdef, params = nnx.split(sft.Transformer(cfg, rngs=nnx.Rngs(0)))
     tx, _ = sft.make_optimizer(args)
     mesh = sft.make_mesh()
@@ -38,8 +45,11 @@ def main():
     opt_state = sft.shard(tx.init(params), mesh)
     rng = np.random.default_rng(0)
     shape = (1, a.batch_size, a.seq_len)
-    batch = {"tokens": rng.integers(0, 4096, shape).astype(np.int32), "attention_mask": np.ones(shape, bool),
-             "loss_mask": np.ones(shape, bool)}  # fmt: skip
+    batch = {
+        "tokens": rng.integers(0, 4096, shape).astype(np.int32),
+        "attention_mask": np.ones(shape, bool),
+        "loss_mask": np.ones(shape, bool),
+    }
     batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(None, "data")))
     for _ in range(2):  # compile + warm-up
         params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch)
@@ -49,8 +59,10 @@ def main():
         params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t) / a.steps
-    print(f"{jax.device_count()} device(s), batch {a.batch_size} x {a.seq_len}: {dt:.3f} s/step, "
-          f"{a.batch_size * a.seq_len / dt:,.0f} tokens/s ({cpu_description()})")
+    print(
+        f"{jax.device_count()} device(s), batch {a.batch_size} x {a.seq_len}: {dt:.3f} s/step, "
+        f"{a.batch_size * a.seq_len / dt:,.0f} tokens/s ({cpu_description()})"
+    )
 
 
 if __name__ == "__main__":

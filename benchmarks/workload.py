@@ -12,10 +12,20 @@ import numpy as np
 WORK = Path(__file__).resolve().parent / ".work"  # models and per-run results (git-ignored)
 
 MODEL = dict(  # Llama architecture, untied embeddings, random init with seed 0
-    vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
-    rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-)  # fmt: skip
+    vocab_size=4096,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
 SEED = 0
 BATCH = 64  # prompts (episodes) per PPO iteration
 PROMPT_LEN = 16  # random tokens per prompt
@@ -39,7 +49,10 @@ def cpu_description() -> str:
     import platform
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     isa = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
     return f"{model or platform.machine()}, {isa}, {len(os.sched_getaffinity(0))} cores"
@@ -65,8 +78,15 @@ def make_tokenizer(path: Path):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tok.save(str(path / "tokenizer.json"))
     special = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "</s>"}
-    (path / "tokenizer_config.json").write_text(json.dumps({**special, "tokenizer_class": "PreTrainedTokenizerFast",
-                                                            "model_max_length": MODEL["max_position_embeddings"]}))  # fmt: skip
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **special,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": MODEL["max_position_embeddings"],
+            }
+        )
+    )
     (path / "special_tokens_map.json").write_text(json.dumps(special))
 
 
@@ -76,7 +96,10 @@ def make_models(root: Path = WORK / "models"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    for name, cls, extra in (("policy", LlamaForCausalLM, {}), ("reward", LlamaForSequenceClassification, {"num_labels": 1})):
+    for name, cls, extra in (
+        ("policy", LlamaForCausalLM, {}),
+        ("reward", LlamaForSequenceClassification, {"num_labels": 1}),
+    ):
         torch.manual_seed(SEED)
         model = cls(LlamaConfig(**MODEL, **extra, torch_dtype="float32"))
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
-T_PPO, T_SFT, T_RM, T_MODEL = "tests/test_ppo.py::", "tests/test_sft.py::", "tests/test_reward_model.py::", "tests/test_model.py::"
+T_PPO, T_SFT, T_RM, T_MODEL = (
+    "tests/test_ppo.py::",
+    "tests/test_sft.py::",
+    "tests/test_reward_model.py::",
+    "tests/test_model.py::",
+)
 
 
 @dataclass(frozen=True)
@@ -41,21 +46,21 @@ MUTANTS = [
     Mutant("kl: sign of the penalty flipped", "rlhf_ppo.py",
            "    non_score_reward = -kl_coef * kl", "    non_score_reward = kl_coef * kl", (REF,)),
     Mutant("kl: not masked after the stop token", "rlhf_ppo.py",
-           'hp.kl_estimator) * mask\n', 'hp.kl_estimator)\n', (REF,)),
+           "args.kl_estimator) * mask\n", "args.kl_estimator)\n", (REF,)),
     Mutant("kl: arguments swapped (ref, policy)", "rlhf_ppo.py",
-           'kl_per_token(rollout["logprobs"], rollout["ref_logprobs"], hp.kl_estimator)',
-           'kl_per_token(rollout["ref_logprobs"], rollout["logprobs"], hp.kl_estimator)', (REF,)),
+           "kl_per_token(rollout[\"logprobs\"], rollout[\"ref_logprobs\"], args.kl_estimator)",
+           "kl_per_token(rollout[\"ref_logprobs\"], rollout[\"logprobs\"], args.kl_estimator)", (REF,)),
     Mutant("kl: k1 and k3 swapped", "rlhf_ppo.py",
            'return -log_ratio if estimator == "k1" else', 'return -log_ratio if estimator == "k3" else', (REF,)),
     # ---- temperature
     Mutant("temperature: training log-probs in the loss at T = 1", "rlhf_ppo.py",
-           "                                                      hp.temperature, hp.value_model)  # fmt: skip",
-           "                                                      1.0, hp.value_model)  # fmt: skip", (REF,)),
+           "policy_and_values(args, models, params, mb[\"tokens\"], mb[\"mask\"], mb[\"responses\"])",
+           "policy_and_values(dataclasses.replace(args, temperature=1.0), models, params, mb[\"tokens\"], mb[\"mask\"], mb[\"responses\"])", (REF,)),
     Mutant("temperature: sampler at T = 1", "rlhf_ppo.py",
-           "max_new_tokens=args.response_length, temperature=args.temperature,",
-           "max_new_tokens=args.response_length, temperature=1.0,", (T_PPO + "test_the_sampler_draws_at_the_rollout_temperature",)),
+           "        temperature=args.temperature,\n        stop_token_id",
+           "        temperature=1.0,\n        stop_token_id", (T_PPO + "test_the_sampler_draws_at_the_rollout_temperature",)),
     Mutant("temperature: reference log-probs at T = 1", "rlhf_ppo.py",
-           "ref_params, tokens, mask, responses, hp.temperature)", "ref_params, tokens, mask, responses, 1.0)", (REF,)),
+           "frozen[\"ref\"], tokens, mask, responses, args.temperature)", "frozen[\"ref\"], tokens, mask, responses, 1.0)", (REF,)),
     Mutant("temperature: fused head ignores T", "common.py",
            ".astype(jnp.float32) / temperature  # [B * c, V]", ".astype(jnp.float32)  # [B * c, V]", (REF,)),
     # ---- score placement and the reward model's input
@@ -83,16 +88,16 @@ MUTANTS = [
            "        advantages = masked_whiten(advantages, mask) * mask",
            "        advantages = masked_whiten(advantages, jnp.ones_like(mask)) * mask", (REF,)),
     Mutant("value clip: --cliprange instead of --cliprange-value", "rlhf_ppo.py",
-           "jnp.clip(values - mb[\"values\"], -hp.cliprange_value, hp.cliprange_value)",
-           "jnp.clip(values - mb[\"values\"], -hp.cliprange, hp.cliprange)", (REF,)),
+           "jnp.clip(values - mb[\"values\"], -args.cliprange_value, args.cliprange_value)",
+           "jnp.clip(values - mb[\"values\"], -args.cliprange, args.cliprange)", (REF,)),
     # ---- the PPO loss and update
     Mutant("policy loss: min instead of max (pessimistic bound lost)", "rlhf_ppo.py",
            "    pg_loss = token_mean(jnp.maximum(pg_losses, pg_losses2))", "    pg_loss = token_mean(jnp.minimum(pg_losses, pg_losses2))", (REF,)),
     Mutant("ratio: old / new", "rlhf_ppo.py",
            '    log_ratio = new_logprobs - mb["logprobs"]', '    log_ratio = mb["logprobs"] - new_logprobs', (REF,)),
     Mutant("PPO update: gradient ascent", "rlhf_ppo.py",
-           "carry = keep((optax.apply_updates(params, updates), new_opt_state)",
-           "carry = keep((jax.tree.map(jnp.subtract, params, updates), new_opt_state)",
+           "new = (optax.apply_updates(params, updates), new_opt_state)",
+           "new = (jax.tree.map(jnp.subtract, params, updates), new_opt_state)",
            (T_PPO + "test_the_update_lowers_its_own_loss",)),
     Mutant("PPO accumulation: micro-batch token count, not the minibatch's", "rlhf_ppo.py",
            '        num_tokens = batch["response_mask"][idx.reshape(-1)].sum()',
@@ -126,10 +131,10 @@ MUTANTS = [
            (T_MODEL + "test_greedy_sampling_equals_transformers_generate",)),
     # ---- PPO resume and export
     Mutant("PPO resume: the adaptive KL coefficient restarts", "rlhf_ppo.py",
-           'state["opt_state"], float(state["kl_coef"])', 'state["opt_state"], args.kl_coef',
+           "kl_coef = float(state[\"kl_coef\"])", "kl_coef = args.kl_coef",
            (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
     Mutant("PPO export: the reference weights are written", "rlhf_ppo.py",
-           'nnx.merge(graphdefs.policy, gather(params["policy"]))', "nnx.merge(graphdefs.policy, gather(ref_params))",
+           "nnx.merge(models.policy, gather(state[\"params\"][\"policy\"]))", "nnx.merge(models.policy, gather(frozen[\"ref\"]))",
            (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
     # ---- SFT
     Mutant("sft: loss on prompt tokens too", "sft.py",
@@ -151,14 +156,14 @@ MUTANTS = [
            "args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()", "args=ocp.args.StandardRestore(abstract)), 0",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("sft resume: optimizer state not restored", "sft.py",
-           '    params, opt_state = state["params"], state["opt_state"]',
-           '    params, opt_state = state["params"], shard(jax.jit(tx.init)(state["params"]), mesh, args.fsdp)',
+           "    state, start = restore_latest(ckpt, state, args.resume)\n",
+           "    state, start = restore_latest(ckpt, state, args.resume)\n    state[\"opt_state\"] = shard(jax.jit(tx.init)(state[\"params\"]), mesh, args.fsdp)\n",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("sft resume: a new run overwrites an unfinished one", "sft.py",
            '        if not (directory / "FINISHED").exists() and any(', "        if False and any(",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("sft export: the initial weights are written", "sft.py",
-           "        save_model(args.output_dir, nnx.merge(graphdef, gather(params)), tok_dir, overrides)",
+           "        save_model(args.output_dir, nnx.merge(graphdef, gather(state[\"params\"])), tok_dir, overrides)",
            "        save_model(args.output_dir, model, tok_dir, overrides)",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("export: non-finite weights written", "sft.py",
@@ -182,8 +187,8 @@ MUTANTS = [
            "    chosen, rejected = np.where(a_wins, b, a), np.where(a_wins, a, b)",
            (T_RM + "test_the_simulated_labeler_prefers_the_higher_gold_score",)),
     Mutant("pair tensors: rejected first", "reward_model.py",
-           'np.stack([widen(ct, pad_id), widen(rt, pad_id)]), "mask": np.stack([widen(cm, False), widen(rmask, False)])',
-           'np.stack([widen(rt, pad_id), widen(ct, pad_id)]), "mask": np.stack([widen(rmask, False), widen(cm, False)])',
+           "\"tokens\": np.stack([widen(ct, pad_id), widen(rt, pad_id)]),",
+           "\"tokens\": np.stack([widen(rt, pad_id), widen(ct, pad_id)]),",
            (T_RM + "test_pair_tensors_and_held_out_accuracy_keep_chosen_first",)),
     Mutant("held-out accuracy: margin rejected - chosen", "reward_model.py",
            "    margin, gold_margin = r[:N] - r[N:],", "    margin, gold_margin = r[N:] - r[:N],",
@@ -205,13 +210,13 @@ MUTANTS = [
            "    gain = 1.0 / float(raw.std() + 1e-8)", "    gain = 1.0 / float(raw.var() + 1e-8)",
            (T_RM + "test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature",)),
     Mutant("reward model resume: optimizer state not restored", "reward_model.py",
-           '    params, opt_state = state["params"], state["opt_state"]',
-           '    params, opt_state = state["params"], shard(jax.jit(tx.init)(state["params"]), mesh, args.fsdp)',
+           "    state, start = restore_latest(ckpt, state, args.resume)\n",
+           "    state, start = restore_latest(ckpt, state, args.resume)\n    state[\"opt_state\"] = shard(jax.jit(tx.init)(state[\"params\"]), mesh, args.fsdp)\n",
            (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
     # ---- data rules and the reward model's inputs (issue 10)
     Mutant("normalisation: sampled at the labeler's temperature, not PPO's", "reward_model.py",
-           "                                     args.norm_temperature, eos_id, pad_id)  # fmt: skip",
-           "                                     args.temperature, eos_id, pad_id)  # fmt: skip",
+           "        args.norm_temperature,\n        eos_id,",
+           "        args.temperature,\n        eos_id,",
            (T_RM + "test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature",)),
     Mutant("normalisation: the first prompts, not a random sample", "reward_model.py",
            "    prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]",
@@ -224,14 +229,14 @@ MUTANTS = [
            '    prefix = tok.encode("", add_special_tokens=True).ids', "    prefix = []",
            ("tests/test_data.py::test_every_stage_starts_its_sequences_with_the_tokenizers_bos",)),
     Mutant("BOS: PPO's prompts encoded without special tokens", "rlhf_ppo.py",
-           "    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)  # noqa: E731",
-           "    openings = lambda split: [e.ids[: args.prompt_tokens] for e in tok.encode_batch(movie_reviews(split), add_special_tokens=False)]  # noqa: E731",
+           "    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)\n",
+           "    openings = lambda split: [e.ids[: args.prompt_tokens] for e in tok.encode_batch(movie_reviews(split), add_special_tokens=False)]\n",
            ("tests/test_data.py::test_every_stage_starts_its_sequences_with_the_tokenizers_bos",)),
     Mutant("reward model: re-tokenises the text of sampled pairs", "reward_model.py",
            '    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]', "    texts = list(range(len(pairs)))",
            (T_RM + "test_pairs_with_token_ids_train_on_those_ids",)),
     Mutant("labeler: chosen and rejected ids swapped", "reward_model.py",
-           '"chosen_ids": responses[c], "rejected_ids": responses[r]}', '"chosen_ids": responses[r], "rejected_ids": responses[c]}',
+           "\"chosen_ids\": responses[c],\n                \"rejected_ids\": responses[r],", "\"chosen_ids\": responses[r],\n                \"rejected_ids\": responses[c],",
            (T_RM + "test_the_simulated_labeler_prefers_the_higher_gold_score",)),
     Mutant("reward model input: a second EOS after a sampled one", "reward_model.py",
            "        full = r if r and r[-1] == eos_id else r + [eos_id]", "        full = r + [eos_id]",
@@ -260,15 +265,16 @@ MUTANTS = [
            "        key = jax.random.fold_in(jax.random.key(1234), i)", "        key = jax.random.key(1234)",
            (T_PPO + "test_each_evaluation_set_has_its_own_fixed_key",)),
     Mutant("shared value head: random, not zero, initialisation", "rlhf_ppo.py",
-           "kernel_init=nnx.initializers.zeros, dtype=dtype", "kernel_init=nnx.initializers.normal(0.02), dtype=dtype",
+           "kernel_init=nnx.initializers.zeros,", "kernel_init=nnx.initializers.normal(0.02),",
            (T_PPO + "test_the_shared_value_head_starts_at_zero_and_scores_stay_float32_in_bfloat16",)),
 ]  # fmt: skip
 
 
 def repo_copy() -> Path:
     """A fresh copy of the files git knows (tracked, and untracked but not ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     dst = Path(tempfile.mkdtemp(prefix="mutant_"))
     for f in files:
         if (ROOT / f).is_file():
@@ -291,7 +297,9 @@ def run_tests(repo: Path, tests, timeout: int) -> tuple[int, float, str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", action="append", default=[], help="only the mutants whose name contains this (repeatable)")
+    parser.add_argument(
+        "-k", action="append", default=[], help="only the mutants whose name contains this (repeatable)"
+    )
     parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
     cli = parser.parse_args()
     mutants = [m for m in MUTANTS if not cli.k or any(k.lower() in m.name.lower() for k in cli.k)]
@@ -317,14 +325,21 @@ def main():
         shutil.rmtree(repo)
         result = {0: "SURVIVED", 1: "killed"}.get(code, f"error (exit {code})")
         rows.append((m, result, secs))
-        print(f"[{i}/{len(mutants)}] {result:8s} {secs:5.0f}s  {m.name}" + (f"\n    {tail}" if code not in (0, 1) else ""), flush=True)
+        print(
+            f"[{i}/{len(mutants)}] {result:8s} {secs:5.0f}s  {m.name}"
+            + (f"\n    {tail}" if code not in (0, 1) else ""),
+            flush=True,
+        )
 
     print("\n| # | mutant | file | tests | result |\n|---|---|---|---|---|")
     for i, (m, result, secs) in enumerate(rows, 1):
         tests = ", ".join(t.split("::")[-1] if "::" in t else Path(t).name for t in m.tests)
         print(f"| {i} | {m.name} | {m.file} | {tests} | {result} ({secs:.0f}s) |")
     killed = sum(r == "killed" for _, r, _ in rows)
-    print(f"\n{killed} of {len(rows)} mutants killed" + ("" if killed == len(rows) else f"; {len(rows) - killed} NOT killed"))
+    print(
+        f"\n{killed} of {len(rows)} mutants killed"
+        + ("" if killed == len(rows) else f"; {len(rows) - killed} NOT killed")
+    )
     sys.exit(0 if killed == len(rows) else 1)
 
 

@@ -4,7 +4,8 @@
 
 Reads the event files directly (tensorboardX's protobufs; no TensorFlow), prints a markdown table of held-out
 gold (VADER) and proxy (reward model) scores of the SFT policy (episode 0) and the final PPO policy, the final KL
-and the PPO wall time (from results/logs), mean ± sample standard deviation (ddof = 1) over seeds, and draws proxy score, gold score and KL
+and the PPO wall time (from results/logs), mean ± sample standard deviation (ddof = 1) over seeds, and draws
+proxy score, gold score and KL
 against episodes (mean over seeds, one line per --kl-coef). Needs matplotlib for the PNG.
 """
 
@@ -19,7 +20,8 @@ from tensorboardX.proto import event_pb2
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from the TFRecord event files of one run (8-byte length, 4-byte CRC, event, 4-byte CRC)."""
+    """tag -> [(step, value)] from the TFRecord event files of one run
+    (records of: 8-byte length, 4-byte CRC, event, 4-byte CRC)."""
     scalars = defaultdict(list)
     for path in sorted(run_dir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
@@ -45,7 +47,10 @@ def main():
         scalars = read_scalars(run_dir)
         if len(scalars.get("eval/gold_score", [])) >= 2:  # skip runs that have not finished an evaluation
             runs[kl][seed] = scalars
-    print("| `--kl-coef` | seeds | SFT gold | PPO gold | Δ gold | SFT proxy | PPO proxy | final KL (nats) | PPO wall time (s) |")
+    print(
+        "| `--kl-coef` | seeds | SFT gold | PPO gold | Δ gold | SFT proxy | PPO proxy "
+        "| final KL (nats) | PPO wall time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for kl in sorted(runs, key=float):
         rows = defaultdict(list)
@@ -59,9 +64,11 @@ def main():
             match = re.search(r"PPO \d+ updates in (\d+)s", log.read_text()) if log.exists() else None
             rows["time"].append(float(match.group(1)) if match else float("nan"))
         rows["delta"] = list(np.array(rows["ppo_gold"]) - np.array(rows["sft_gold"]))
-        f = lambda k, d=3: f"{np.mean(rows[k]):.{d}f} ± {np.std(rows[k], ddof=1):.{d}f}"  # noqa: E731  (sample std)
-        print(f"| {kl} | {len(runs[kl])} | {f('sft_gold')} | {f('ppo_gold')} | {f('delta')} | {f('sft_proxy')} | "
-              f"{f('ppo_proxy')} | {f('kl', 2)} | {f('time', 0)} |")  # fmt: skip
+        f = lambda k, d=3, rows=rows: f"{np.mean(rows[k]):.{d}f} ± {np.std(rows[k], ddof=1):.{d}f}"  # sample std
+        print(
+            f"| {kl} | {len(runs[kl])} | {f('sft_gold')} | {f('ppo_gold')} | {f('delta')} | {f('sft_proxy')} | "
+            f"{f('ppo_proxy')} | {f('kl', 2)} | {f('time', 0)} |"
+        )
 
     import matplotlib
 
@@ -69,8 +76,14 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (tag, title) in zip(axes, [("eval/proxy_score", "proxy score (reward model)"),
-                                       ("eval/gold_score", "gold score (VADER)"), ("eval/kl", "KL to SFT (nats)")]):  # fmt: skip
+    for ax, (tag, title) in zip(
+        axes,
+        [
+            ("eval/proxy_score", "proxy score (reward model)"),
+            ("eval/gold_score", "gold score (VADER)"),
+            ("eval/kl", "KL to SFT (nats)"),
+        ],
+    ):
         for kl in sorted(runs, key=float):
             curves = [np.array(s[tag]) for s in runs[kl].values()]
             n = min(len(c) for c in curves)

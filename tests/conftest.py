@@ -47,8 +47,18 @@ def make_hf_model(kind: str, path: Path, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, eos_token_id=3, pad_token_id=0, bos_token_id=1)
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=3,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     if kind == "llama":  # GQA, untied embeddings, Llama 3 rope theta
         config = LlamaConfig(**{**common, "rope_theta": 500000.0, "tie_word_embeddings": False, **overrides})
         model = LlamaForCausalLM(config)
@@ -71,15 +81,17 @@ def hf_model(request, tmp_path_factory):
 def tiny_sft(tmp_path_factory):
     """A tiny SFT checkpoint (its own BPE tokenizer) trained a few steps on random movie-review words."""
     import numpy as np
+    from test_sft import TINY, write_jsonl
 
     import sft
-    from test_sft import TINY, write_jsonl
 
     tmp = tmp_path_factory.mktemp("tiny_sft")
     rng = np.random.default_rng(0)
     words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
     data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
-    sft.main(sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}))
+    sft.main(
+        sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")})
+    )
     return tmp / "sft"
 
 
@@ -88,8 +100,9 @@ def tiny_pipeline(tmp_path_factory, tiny_sft):
     """The tiny SFT checkpoint, a reward model saved from its backbone, and a prompts file."""
     import shutil
 
-    import sft
     from test_sft import write_jsonl
+
+    import sft
 
     tmp = tmp_path_factory.mktemp("ppo")
     shutil.copytree(tiny_sft, tmp / "sft")
@@ -99,7 +112,9 @@ def tiny_pipeline(tmp_path_factory, tiny_sft):
     rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
     tok, eos, pad = sft.load_tokenizer(tmp / "sft")
     sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
-    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)])
+    prompts = write_jsonl(
+        tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)]
+    )
     return tmp, prompts
 
 
@@ -112,7 +127,9 @@ def read_checkpoint(directory):
     path = Path(directory).absolute() / str(max(steps)) / "default"
     ckptr = ocp.PyTreeCheckpointer()
     tree = ckptr.metadata(path).item_metadata.tree
-    return max(steps), ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    return max(steps), ckptr.restore(
+        path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    )
 
 
 def flat_params(tree):

@@ -4,18 +4,20 @@ import json
 
 import numpy as np
 import pytest
+from test_sft import write_jsonl
 from tokenizers import processors
 
 import reward_model as rm
 import rlhf_ppo as ppo
 import sft
-from test_sft import write_jsonl
 
 
 def test_the_imdb_splits_are_disjoint_cleaned_and_the_same_in_every_script():
     splits = {s: sft.movie_reviews(s) for s in ("train", "labeler", "eval", "rotten_tomatoes")}
     assert [len(splits[s]) for s in splits] == [22_412, 1_992, 499, 8_530]
-    assert not set(splits["train"]) & set(splits["labeler"]) and not set(splits["eval"]) & (set(splits["train"]) | set(splits["labeler"]))
+    assert not set(splits["train"]) & set(splits["labeler"]) and not set(splits["eval"]) & (
+        set(splits["train"]) | set(splits["labeler"])
+    )
     assert not any("<br" in t for texts in splits.values() for t in texts)
     for script in (rm, ppo):  # the copies in the appendix of each script
         assert script.movie_reviews("eval") == splits["eval"]
@@ -40,7 +42,9 @@ def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_
     """SFT trains on BOS + text; the labeler's, the normalisation's and PPO's prompts, and the reward model's pairs,
     start the same way (one rule: sft.encode_prompts)."""
     tok, bos, eos, pad = bos_tokenizer
-    data, _ = sft.tokenize(tok, [{"prompt": "", "completion": "the film"}, {"prompt": "a plot:", "completion": " good"}], eos, pad, 16)
+    data, _ = sft.tokenize(
+        tok, [{"prompt": "", "completion": "the film"}, {"prompt": "a plot:", "completion": " good"}], eos, pad, 16
+    )
     assert (data["tokens"][:, 0] == bos).all() and not data["loss_mask"][:, 0].any()
     labeler_prompts = sft.encode_prompts(tok, sft.movie_reviews("labeler")[:5], 8)
     assert all(p[0] == bos and len(p) == 9 for p in labeler_prompts)
@@ -49,7 +53,7 @@ def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_
     assert all(p[0] == bos for p in rm.ppo_prompts(rm.Args(), tok, [])[:5])
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the film"}, {"prompt": "a dull plot was"}])
     for dataset in (None, str(prompts)):
-        queries, mask, eval_sets = ppo.setup_data(ppo.Args(dataset=dataset, eval_prompts=4), tok, pad)
+        queries, mask, eval_sets = ppo.setup_data(ppo.Args(dataset=dataset, eval_prompts=4, pad_token_id=pad), tok)
         for q, m in [(queries, mask), *eval_sets.values()]:
             first_real = np.asarray(q)[np.arange(len(q)), np.argmax(np.asarray(m), axis=1)]
             assert (first_real == bos).all()

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import F32_UNIT_ROUNDOFF, assert_as_accurate
 from flax import nnx
 
 import sft
 from common import sample
-from conftest import F32_UNIT_ROUNDOFF, assert_as_accurate
 
 
 def torch_logits(model, tokens, mask=None):
@@ -61,13 +61,21 @@ def test_left_padding_gives_unpadded_logits(hf_model):
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     from conftest import make_hf_model
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     torch_model = make_hf_model("llama", tmp_path, rope_scaling=scaling)
     model, _ = sft.load_model(tmp_path)
     tokens = np.random.default_rng(2).integers(0, 96, (1, 60))  # well past the original context
-    assert_as_accurate(our_logits(model, tokens, np.ones_like(tokens, bool)), torch_logits(torch_model, tokens),
-                       torch_logits(torch_float64(torch_model), tokens))  # fmt: skip
+    assert_as_accurate(
+        our_logits(model, tokens, np.ones_like(tokens, bool)),
+        torch_logits(torch_model, tokens),
+        torch_logits(torch_float64(torch_model), tokens),
+    )
 
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path, hf_model):
@@ -138,11 +146,27 @@ def test_greedy_sampling_equals_transformers_generate(hf_model):
     tokens[1, :2] = 0
     mask = np.ones((2, 6), bool)
     mask[1, :2] = False
-    ours = sample(partial(sft.model_apply, graphdef), params, sft.init_cache(cfg, 2, 6 + 12), tokens, mask,
-                  jax.random.key(0), max_new_tokens=12, temperature=0.0, stop_token_id=3, pad_token_id=0)  # fmt: skip
+    ours = sample(
+        partial(sft.model_apply, graphdef),
+        params,
+        sft.init_cache(cfg, 2, 6 + 12),
+        tokens,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=12,
+        temperature=0.0,
+        stop_token_id=3,
+        pad_token_id=0,
+    )
     with torch.no_grad():
-        theirs = torch_model.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)),
-                                      max_new_tokens=12, do_sample=False, eos_token_id=3, pad_token_id=0)[:, 6:]  # fmt: skip
+        theirs = torch_model.generate(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(int)),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=3,
+            pad_token_id=0,
+        )[:, 6:]
     theirs = np.pad(theirs.numpy(), ((0, 0), (0, 12 - theirs.shape[1])))  # HF stops early once all rows ended
     np.testing.assert_array_equal(np.asarray(ours), theirs)
 
@@ -163,8 +187,20 @@ def test_sampler_stops_at_eos_pads_after_and_exits_early():
     prompts = np.array([[0, 5], [0, 8], [9, 2]])  # continue 6,7,8,.. / 9,10,.. / 3,4,..
     mask = np.array([[False, True], [False, True], [True, True]])
     cache = {"k": jnp.zeros((3, 2 + 50, 1))}
-    out = np.asarray(sample(step_fn, None, cache, prompts, mask, jax.random.key(0), max_new_tokens=50,
-                            temperature=1.0, stop_token_id=10, pad_token_id=15))  # fmt: skip
+    out = np.asarray(
+        sample(
+            step_fn,
+            None,
+            cache,
+            prompts,
+            mask,
+            jax.random.key(0),
+            max_new_tokens=50,
+            temperature=1.0,
+            stop_token_id=10,
+            pad_token_id=15,
+        )
+    )
     np.testing.assert_array_equal(out[0, :6], [6, 7, 8, 9, 10, 15])  # stop token kept, padding after it
     np.testing.assert_array_equal(out[1, :3], [9, 10, 15])
     np.testing.assert_array_equal(out[2, :8], [3, 4, 5, 6, 7, 8, 9, 10])
@@ -181,8 +217,18 @@ def test_every_sampler_step_draws_with_a_fresh_key():
         return jnp.zeros((*tokens.shape, 1000)), cache
 
     def draw(key):
-        out = sample(uniform, None, {"k": jnp.zeros((1, 41))}, np.array([[5]]), np.array([[True]]), key,
-                     max_new_tokens=40, temperature=1.0, stop_token_id=-1, pad_token_id=0)  # fmt: skip
+        out = sample(
+            uniform,
+            None,
+            {"k": jnp.zeros((1, 41))},
+            np.array([[5]]),
+            np.array([[True]]),
+            key,
+            max_new_tokens=40,
+            temperature=1.0,
+            stop_token_id=-1,
+            pad_token_id=0,
+        )
         return np.asarray(out)[0]
 
     a, b = draw(jax.random.key(0)), draw(jax.random.key(1))
@@ -198,9 +244,24 @@ def test_top_k_and_top_p_restrict_the_support():
     np.testing.assert_array_equal(kept[0], [True, True, False, False])  # 0.5 < 0.7 so the second token is needed
     kept = np.asarray(filter_logits(logits, top_p=0.5)) > -1e30
     np.testing.assert_array_equal(kept[0], [True, False, False, False])
-    draws = [int(sample(counting_step_fn(4, []), None, {"k": jnp.zeros((1, 3))}, np.array([[0]]), np.array([[True]]),
-                        jax.random.key(i), max_new_tokens=1, temperature=1.0, top_k=1, stop_token_id=3,
-                        pad_token_id=0)[0, 0]) for i in range(5)]  # fmt: skip
+    draws = [
+        int(
+            sample(
+                counting_step_fn(4, []),
+                None,
+                {"k": jnp.zeros((1, 3))},
+                np.array([[0]]),
+                np.array([[True]]),
+                jax.random.key(i),
+                max_new_tokens=1,
+                temperature=1.0,
+                top_k=1,
+                stop_token_id=3,
+                pad_token_id=0,
+            )[0, 0]
+        )
+        for i in range(5)
+    ]
     assert draws == [1] * 5
 
 
@@ -230,9 +291,18 @@ def test_sampler_compiles_once_per_model(tmp_path):
     sample._clear_cache()
     for i in range(3):
         params = jax.tree.map(lambda x: x * 1.01, params)  # new weights, as after each PPO update
-        sample(sft.step_function(graphdef), params, sft.init_cache(cfg, 2, 3 + 4), np.ones((2, 3), np.int32),
-               np.ones((2, 3), bool), jax.random.key(i), max_new_tokens=4, temperature=1.0, stop_token_id=3,
-               pad_token_id=0)  # fmt: skip
+        sample(
+            sft.step_function(graphdef),
+            params,
+            sft.init_cache(cfg, 2, 3 + 4),
+            np.ones((2, 3), np.int32),
+            np.ones((2, 3), bool),
+            jax.random.key(i),
+            max_new_tokens=4,
+            temperature=1.0,
+            stop_token_id=3,
+            pad_token_id=0,
+        )
     assert sample._cache_size() == 1
 
 
@@ -277,11 +347,12 @@ def test_fused_head_logprobs_are_as_accurate_as_the_unfused_ones_with_gradients(
 
 
 def test_model_copies_are_identical():
-    """The model section is duplicated in each script on purpose; the copies must not drift."""
+    """The appendix (model, Hugging Face I/O, devices, checkpoints, shared data) is duplicated in each script on
+    purpose, so that each file stands alone; the copies must not drift."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    start, end = "# ==== MODEL (copied verbatim", "# ==== END MODEL ===="
+    start, end = "# ==== APPENDIX", "# ==== END APPENDIX ===="
     copies = {}
     for script in ("sft.py", "reward_model.py", "rlhf_ppo.py"):
         if (root / script).exists():
@@ -290,4 +361,4 @@ def test_model_copies_are_identical():
             copies[script] = text[text.index(start) : text.index(end)]
     assert "sft.py" in copies
     for script, text in copies.items():
-        assert text == copies["sft.py"], f"the model section of {script} differs from sft.py's"
+        assert text == copies["sft.py"], f"the appendix of {script} differs from sft.py's"

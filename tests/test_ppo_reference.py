@@ -26,7 +26,6 @@ import pytest
 from flax import nnx
 
 import rlhf_ppo as ppo
-import sft
 
 R = 6  # response tokens
 
@@ -75,9 +74,17 @@ class Naive:
 
     def forward(self, params, episodes):
         """[(prompt ids, truncated response ids)] -> per row: logπ_t [L], V_t [L] (jnp, differentiable in params)."""
-        return [episode_logprobs_and_values(self.graphdefs, self.args.value_model, params,
-                                            jnp.asarray(np.concatenate([prompt, resp]), jnp.int32), len(prompt),
-                                            self.args.temperature) for prompt, resp in episodes]  # fmt: skip
+        return [
+            episode_logprobs_and_values(
+                self.graphdefs,
+                self.args.value_model,
+                params,
+                jnp.asarray(np.concatenate([prompt, resp]), jnp.int32),
+                len(prompt),
+                self.args.temperature,
+            )
+            for prompt, resp in episodes
+        ]
 
     def ref_logprobs(self, ref_params, episodes):
         out = []
@@ -139,8 +146,17 @@ class Naive:
                 vf_clipped += (clip > plain) / N
                 gv[t] = a.vf_coef * (v[t] - ret[t]) / N if plain >= clip else 0.0
             g_logp.append(gl), g_v.append(gv)
-        return pg + a.vf_coef * vf, {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/clipfrac_avg": pg_clipped,
-                                     "val/clipfrac_avg": vf_clipped}, g_logp, g_v  # fmt: skip
+        return (
+            pg + a.vf_coef * vf,
+            {
+                "loss/policy_avg": pg,
+                "loss/value_avg": vf,
+                "policy/clipfrac_avg": pg_clipped,
+                "val/clipfrac_avg": vf_clipped,
+            },
+            g_logp,
+            g_v,
+        )
 
 
 def planted_responses(sampled, stop):
@@ -157,27 +173,42 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     from test_ppo import tiny_args
 
     tmp, prompts = tiny_pipeline
-    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
+    tok, eos, pad = ppo.load_tokenizer(tmp / "sft")
     stop = tok.token_to_id("Ġthe") or tok.encode(" the").ids[0]
-    args = tiny_args(tmp, prompts, temperature=0.7, kl_coef=0.3, kl_estimator=kl_estimator, value_model=value_model,
-                     stop_token_id=stop, missing_eos_penalty=-1.5, response_length=R, gamma=0.9, lam=0.8,
-                     cliprange=0.1, cliprange_value=0.02, vf_coef=0.3)  # fmt: skip
-    graphdefs, params, ref_params, rm_params = ppo.load_models(args, jnp.float32)
+    args = tiny_args(
+        tmp,
+        prompts,
+        temperature=0.7,
+        kl_coef=0.3,
+        kl_estimator=kl_estimator,
+        value_model=value_model,
+        stop_token_id=stop,
+        missing_eos_penalty=-1.5,
+        response_length=R,
+        gamma=0.9,
+        lam=0.8,
+        cliprange=0.1,
+        cliprange_value=0.02,
+        vf_coef=0.3,
+    )
+    args = ppo.resolve_token_ids(args, eos, pad)
+    models, params, frozen = ppo.load_models(args, jnp.float32)
+    ref_params, rm_params = frozen["ref"], frozen["reward"]
     params = perturbed(params, jax.random.key(1), 0.05)  # policy != reference: KL != 0; values != RM scores
-    queries, qmask, _ = ppo.setup_data(args, tok, pad)
+    queries, qmask, _ = ppo.setup_data(args, tok)
     queries, qmask = jnp.asarray(queries[:8]), jnp.asarray(qmask[:8])
-    tx, _ = ppo.make_optimizer(args, 1)
-    ctx = ppo.make_context(args, graphdefs, params, tok, eos, pad, tx, sft.make_mesh(1))
 
-    sampled = np.asarray(ppo.generate(ctx, params, queries, qmask, jax.random.key(0)))
+    sampled = np.asarray(ppo.generate(args, models, params, queries, qmask, jax.random.key(0)))
     responses = jnp.asarray(planted_responses(sampled, stop))
     monkeypatch.setattr(ppo, "generate", lambda *a: responses)
-    roll, _ = ppo.rollout(ctx, params, ref_params, rm_params, queries, qmask, jax.random.key(0))
-    advantages, returns, rewards, roll_stats = ppo.compute_advantages(ctx["adv_hp"], roll, roll["scores"], args.kl_coef)
+    roll = ppo.rollout(args, models, tok, params, frozen, queries, qmask, jax.random.key(0))
+    advantages, returns, rewards, roll_stats = ppo.compute_advantages(args, roll, args.kl_coef)
 
-    naive = Naive(args, graphdefs, eos)
+    naive = Naive(args, models, eos)
     lengths = [list(r).index(stop) + 1 if stop in r else R for r in np.asarray(responses)]
-    episodes = [(np.asarray(q)[np.asarray(m)], np.asarray(r)[:n]) for q, m, r, n in zip(queries, qmask, responses, lengths)]
+    episodes = [
+        (np.asarray(q)[np.asarray(m)], np.asarray(r)[:n]) for q, m, r, n in zip(queries, qmask, responses, lengths)
+    ]
     fwd = naive.forward(params, episodes)
     logps, values = [np.asarray(lp, np.float64) for lp, _ in fwd], [np.asarray(v, np.float64) for _, v in fwd]
     refs = naive.ref_logprobs(ref_params, episodes)
@@ -194,11 +225,16 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
 
     close = dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(roll["response_mask"]).sum(1), lengths)
-    np.testing.assert_array_equal(roll["contains_stop"], [n < R or r[-1] == stop for r, n in zip(np.asarray(responses), lengths)])
+    np.testing.assert_array_equal(
+        roll["contains_stop"], [n < R or r[-1] == stop for r, n in zip(np.asarray(responses), lengths)]
+    )
     np.testing.assert_allclose(np.asarray(roll["scores"]), scores, **close)
     m = np.asarray(roll["response_mask"])
-    for name, real, ref in (("logprobs", roll["logprobs"], logps), ("ref_logprobs", roll["ref_logprobs"], refs),
-                            ("values", roll["values"], values)):  # fmt: skip
+    for name, real, ref in (
+        ("logprobs", roll["logprobs"], logps),
+        ("ref_logprobs", roll["ref_logprobs"], refs),
+        ("values", roll["values"], values),
+    ):
         np.testing.assert_allclose(np.asarray(real) * m, padded(ref), err_msg=name, **close)
     np.testing.assert_allclose(np.asarray(rewards), padded(n_rewards), err_msg="per-token rewards", **close)
     np.testing.assert_allclose(np.asarray(advantages), padded(n_advs), err_msg="advantages", **close)
@@ -212,11 +248,16 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     new_params = perturbed(params, jax.random.key(2), 0.03)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": advantages, "returns": returns}
-    (loss, stats), grads = jax.value_and_grad(ppo.ppo_loss, has_aux=True)(new_params, graphdefs, ctx["update_hp"].loss, batch)
+    (loss, stats), grads = jax.value_and_grad(ppo.ppo_loss, has_aux=True)(new_params, args, models, batch)
     new = naive.forward(new_params, episodes)
     n_loss, n_stats, g_logp, g_v = naive.loss_and_cotangents(
-        [np.asarray(lp, np.float64) for lp, _ in new], [np.asarray(v, np.float64) for _, v in new],
-        logps, values, n_advs, n_rets)  # fmt: skip
+        [np.asarray(lp, np.float64) for lp, _ in new],
+        [np.asarray(v, np.float64) for _, v in new],
+        logps,
+        values,
+        n_advs,
+        n_rets,
+    )
     assert n_stats["policy/clipfrac_avg"] > 0 and n_stats["val/clipfrac_avg"] > 0  # both clips engage
     for name, value in n_stats.items():
         assert float(stats[name]) == pytest.approx(value, rel=1e-4, abs=1e-5), name

@@ -9,25 +9,39 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
 from flax import nnx
+from test_sft import write_jsonl
 
 import reward_model as rm
 import sft
-from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
-from test_sft import write_jsonl
 
 
 def tiny_score_model(seed=0, **cfg_kw):
-    cfg = sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=8, architecture="LlamaForSequenceClassification", **cfg_kw)  # fmt: skip
+    cfg = sft.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        architecture="LlamaForSequenceClassification",
+        **cfg_kw,
+    )
     return sft.Transformer(cfg, rngs=nnx.Rngs(seed))
 
 
 def test_loss_and_accuracy_match_hand_computed_values(monkeypatch):
     margins = np.array([2.0, -1.0, 0.5], np.float32)
-    monkeypatch.setattr(rm, "rewards", lambda params, graphdef, tokens, mask: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)]))
-    batch = {"tokens": jnp.zeros((2, 3, 4), jnp.int32), "mask": jnp.ones((2, 3, 4), bool),
-             "gold": jnp.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.5]])}  # fmt: skip
+    monkeypatch.setattr(
+        rm, "rewards", lambda params, graphdef, tokens, mask: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)])
+    )
+    batch = {
+        "tokens": jnp.zeros((2, 3, 4), jnp.int32),
+        "mask": jnp.ones((2, 3, 4), bool),
+        "gold": jnp.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.5]]),
+    }
     loss, m = rm.preference_loss(None, None, batch)
     # -log sigmoid(2) = 0.126928, -log sigmoid(-1) = 1.313262, -log sigmoid(0.5) = 0.474077
     assert float(loss) == pytest.approx((0.126928 + 1.313262 + 0.474077) / 3, abs=1e-5)
@@ -55,7 +69,9 @@ def test_reward_is_read_at_last_real_token_whatever_the_padding():
         alone, _ = model(jnp.asarray(s[None]), jnp.arange(len(s))[None], jnp.ones((1, len(s)), bool))
         assert r_right[i] == pytest.approx(float(alone[0, -1]), abs=1e-5)
     right[0, 9:] = 7  # what sits in the pad slots does not matter
-    np.testing.assert_allclose(np.asarray(rm.rewards(params, graphdef, jnp.asarray(right), jnp.asarray(rmask))), r_right, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(rm.rewards(params, graphdef, jnp.asarray(right), jnp.asarray(rmask))), r_right, atol=1e-6
+    )
 
 
 def test_head_initialisation_scale():
@@ -97,7 +113,9 @@ def test_implicit_prompt_and_left_truncation(tmp_path):
     p_ids, r_ids = tok.encode(prompt).ids, tok.encode(" ten").ids
     tokens, mask, truncated = rm.tokenize([p_ids, [5], [5]], [r_ids, [7, 8], [7, eos]], eos, pad, 6)
     assert truncated.tolist() == [True, False, False]
-    assert tokens[0].tolist() == p_ids[-(5 - len(r_ids)) :] + r_ids + [eos]  # prompt cut on the left, response + EOS kept
+    assert tokens[0].tolist() == p_ids[-(5 - len(r_ids)) :] + r_ids + [
+        eos
+    ]  # prompt cut on the left, response + EOS kept
     assert tokens[1, :4].tolist() == [5, 7, 8, eos] and mask[1].sum() == 4
     assert tokens[2, :3].tolist() == [5, 7, eos] and mask[2].sum() == 3  # a sampled response ending with EOS: no second
 
@@ -114,8 +132,10 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
     graphdef, params = nnx.split(model)
     ours = np.asarray(rm.rewards(params, graphdef, jnp.asarray(tokens), jnp.asarray(mask)))
     with torch.no_grad():
-        theirs, exact = (m(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits[:, 0].numpy()
-                         for m in (hf, copy.deepcopy(hf).double()))  # fmt: skip
+        theirs, exact = (
+            m(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int))).logits[:, 0].numpy()
+            for m in (hf, copy.deepcopy(hf).double())
+        )
     assert_as_accurate(ours, theirs, exact, what="scores")
     # the normalisation lives in config.json: our loader applies it, transformers reads the raw score
     model.cfg = sft.ModelConfig(**{**vars(model.cfg), "reward_gain": 2.0, "reward_bias": -0.5})
@@ -130,19 +150,39 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
 def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     from transformers import AutoModelForSequenceClassification
 
-    args = rm.Args(sft_model=str(tiny_sft), output_dir=str(tmp_path / "rm"), checkpoint_dir=str(tmp_path / "ck"),
-                   pairs_file=str(tmp_path / "pairs.jsonl"), num_prompts=64, response_length=8, batch_size=16,
-                   num_epochs=2, eval_every=4, log_every=2, norm_prompts=48, max_seq_len=24, num_devices=2)  # fmt: skip
+    args = rm.Args(
+        sft_model=str(tiny_sft),
+        output_dir=str(tmp_path / "rm"),
+        checkpoint_dir=str(tmp_path / "ck"),
+        pairs_file=str(tmp_path / "pairs.jsonl"),
+        num_prompts=64,
+        response_length=8,
+        batch_size=16,
+        num_epochs=2,
+        eval_every=4,
+        log_every=2,
+        norm_prompts=48,
+        max_seq_len=24,
+        num_devices=2,
+    )
     ev = rm.main(args)
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
-    assert len(rows) == 64 * args.pairs_per_prompt and {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"} <= set(rows[0])
+    assert len(rows) == 64 * args.pairs_per_prompt and {
+        "prompt",
+        "chosen",
+        "rejected",
+        "chosen_gold",
+        "rejected_gold",
+    } <= set(rows[0])
     assert 0.0 <= ev["accuracy"] <= 1.0 and ev["gold_pairs"] >= 0
     model, cfg = sft.load_model(tmp_path / "rm")
     assert cfg.is_score_model and cfg.reward_gain > 0
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert hf.config.pad_token_id is not None  # transformers needs it to pool at the last real token
     # the labeler's file reused as --dataset gives the same held-out pairs; the finished checkpoint dir is reused
-    ev2 = rm.main(rm.Args(**{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")}))
+    ev2 = rm.main(
+        rm.Args(**{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")})
+    )
     assert ev2["gold_pairs"] == ev["gold_pairs"]
 
 
@@ -152,13 +192,19 @@ def test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature(tmp_path, tin
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
     score_model, _ = sft.load_model(tiny_sft, architecture="LlamaForSequenceClassification", seed=5)
     graphdef, params = nnx.split(score_model)
-    prompts = sft.encode_prompts(tok, [f"the film {w} {v}" for w in "was is had got made saw".split() for v in "a the".split()])
+    prompts = sft.encode_prompts(
+        tok, [f"the film {w} {v}" for w in "was is had got made saw".split() for v in "a the".split()]
+    )
     sharding = jax.sharding.NamedSharding(sft.make_mesh(1), jax.sharding.PartitionSpec())
     seen, real = [], rm.sample_continuations
     monkeypatch.setattr(rm, "sample_continuations", lambda *a, **k: seen.append(a) or real(*a, **k))
     for mode in ("gain_bias", "bias"):
-        args = rm.Args(normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6)
-        gain, bias, raw = rm.fit_normalization(args, graphdef, params, policy, eos, pad, prompts, sharding, jax.random.key(0))
+        args = rm.Args(
+            normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6
+        )
+        gain, bias, raw = rm.fit_normalization(
+            args, graphdef, params, policy, eos, pad, prompts, sharding, jax.random.key(0)
+        )
         normalised = gain * raw + bias
         assert abs(normalised.mean()) < 1e-5 and len(raw) == 8
         assert (abs(normalised.std() - 1) < 1e-4) if mode == "gain_bias" else (gain == 1.0)
@@ -172,7 +218,7 @@ def test_the_default_normalisation_prompts_are_ppos_default_prompts(tiny_sft):
 
     tok, _, pad = sft.load_tokenizer(tiny_sft)
     ours = rm.ppo_prompts(rm.Args(sft_model=str(tiny_sft)), tok, [])
-    queries, mask, _ = ppo.setup_data(ppo.Args(sft_model=str(tiny_sft)), tok, pad)
+    queries, mask, _ = ppo.setup_data(ppo.Args(sft_model=str(tiny_sft), pad_token_id=pad), tok)
     assert len(ours) == len(queries) == 22_412
     assert [q[m].tolist() for q, m in zip(queries[:50], mask[:50])] == ours[:50]
 
@@ -182,8 +228,16 @@ def test_pairs_with_token_ids_train_on_those_ids(tmp_path, tiny_sft):
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
     odd = [tok.token_to_id(c) for c in ("Ġ", "t", "h", "e")]  # " the" byte by byte, not as the policy would encode it
     assert tok.encode(tok.decode(odd), add_special_tokens=False).ids != odd
-    rows = [{"prompt": "a", "chosen": tok.decode(odd), "rejected": "b", "prompt_ids": [7], "chosen_ids": odd,
-             "rejected_ids": [9, eos]}]  # fmt: skip
+    rows = [
+        {
+            "prompt": "a",
+            "chosen": tok.decode(odd),
+            "rejected": "b",
+            "prompt_ids": [7],
+            "chosen_ids": odd,
+            "rejected_ids": [9, eos],
+        }
+    ]
     pairs = rm.read_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tok.get_vocab_size())
     data, _ = rm.tokenize_pairs(tok, pairs, eos, pad, 16)
     assert data["tokens"][0, 0][data["mask"][0, 0]].tolist() == [7, *odd, eos]
@@ -204,15 +258,33 @@ def rule_pairs(n, seed):
         good, bad = base.copy(), base.copy()
         i = int(rng.integers(0, 5))
         good.insert(i, "great"), bad.insert(i, "awful")
-        rows.append({"prompt": prompt, "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad),
-                     "chosen_gold": 1.0, "rejected_gold": 0.0})  # fmt: skip
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " " + " ".join(good),
+                "rejected": " " + " ".join(bad),
+                "chosen_gold": 1.0,
+                "rejected_gold": 0.0,
+            }
+        )
     return rows
 
 
 def rm_args(tmp_path, tiny_sft, **kw):
-    base = dict(sft_model=str(tiny_sft), output_dir=str(tmp_path / "rm"), checkpoint_dir=str(tmp_path / "ck"),
-                batch_size=16, num_epochs=2, eval_every=5, log_every=5, checkpoint_every=2, max_seq_len=24,
-                norm_prompts=16, response_length=6, learning_rate=3e-3)  # fmt: skip
+    base = dict(
+        sft_model=str(tiny_sft),
+        output_dir=str(tmp_path / "rm"),
+        checkpoint_dir=str(tmp_path / "ck"),
+        batch_size=16,
+        num_epochs=2,
+        eval_every=5,
+        log_every=5,
+        checkpoint_every=2,
+        max_seq_len=24,
+        norm_prompts=16,
+        response_length=6,
+        learning_rate=3e-3,
+    )
     return rm.Args(**{**base, **kw})
 
 
@@ -226,8 +298,10 @@ def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft):
 
 def test_pair_tensors_and_held_out_accuracy_keep_chosen_first(tmp_path, tiny_sft, monkeypatch):
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
-    pairs = [{"prompt": "the film", "chosen": " was great", "rejected": " was awful"},
-             {"prompt": "a plot", "chosen": " fun", "rejected": " dull dull", "chosen_gold": 0.9, "rejected_gold": 0.1}]  # fmt: skip
+    pairs = [
+        {"prompt": "the film", "chosen": " was great", "rejected": " was awful"},
+        {"prompt": "a plot", "chosen": " fun", "rejected": " dull dull", "chosen_gold": 0.9, "rejected_gold": 0.1},
+    ]
     data, _ = rm.tokenize_pairs(tok, pairs, eos, pad, 16)
     for side, name in enumerate(("chosen", "rejected")):
         for i, p in enumerate(pairs):
@@ -247,8 +321,14 @@ def test_the_simulated_labeler_prefers_the_higher_gold_score(tmp_path, tiny_sft,
     monkeypatch.setattr(rm, "vader_scores", lambda texts: np.array([len(t) for t in texts], np.float32))
     policy, _ = sft.load_model(tiny_sft)
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
-    args = rm_args(tmp_path, tiny_sft, labeler_tau=1e-6, num_prompts=32, pairs_per_prompt=2,
-                   pairs_file=str(tmp_path / "pairs.jsonl"))  # fmt: skip
+    args = rm_args(
+        tmp_path,
+        tiny_sft,
+        labeler_tau=1e-6,
+        num_prompts=32,
+        pairs_per_prompt=2,
+        pairs_file=str(tmp_path / "pairs.jsonl"),
+    )
     rm.simulate_labeler(args, policy, tok, eos, pad, jax.random.key(0))
     rows = [json.loads(line) for line in open(args.pairs_file)]
     gold = np.array([[r["chosen_gold"], r["rejected_gold"]] for r in rows])
@@ -261,8 +341,11 @@ def test_the_simulated_labeler_prefers_the_higher_gold_score(tmp_path, tiny_sft,
 def tiny_pair_batch(accum=1, rows=8, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.arange(12)[None, None] < rng.integers(3, 13, (2, rows, 1))
-    batch = {"tokens": rng.integers(1, 64, (2, rows, 12)).astype(np.int32), "mask": mask,
-             "gold": rng.normal(size=(2, rows)).astype(np.float32)}  # fmt: skip
+    batch = {
+        "tokens": rng.integers(1, 64, (2, rows, 12)).astype(np.int32),
+        "mask": mask,
+        "gold": rng.normal(size=(2, rows)).astype(np.float32),
+    }
     return {k: np.moveaxis(v.reshape(2, accum, rows // accum, *v.shape[2:]), 1, 0) for k, v in batch.items()}
 
 

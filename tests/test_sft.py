@@ -8,16 +8,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import sft
 from common import logprobs_from_logits
-from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
 
-TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-            max_seq_len=48, batch_size=8, max_steps=6, warmup_steps=2, eval_every=3, log_every=2,
-            checkpoint_every=2, eval_examples=16, num_samples=2)  # fmt: skip
+TINY = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=48,
+    batch_size=8,
+    max_steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    log_every=2,
+    checkpoint_every=2,
+    eval_examples=16,
+    num_samples=2,
+)
 
 
 def write_jsonl(path, rows):
@@ -29,8 +43,10 @@ def write_jsonl(path, rows):
 def pc_dataset(tmp_path):
     rng = np.random.default_rng(0)
     words = ["good", "bad", "film", "plot", "actor", "great", "boring", "the", "a", "was"]
-    rows = [{"prompt": " ".join(rng.choice(words, 5)) + ":", "completion": " " + " ".join(rng.choice(words, 8))}
-            for _ in range(80)]  # fmt: skip
+    rows = [
+        {"prompt": " ".join(rng.choice(words, 5)) + ":", "completion": " " + " ".join(rng.choice(words, 8))}
+        for _ in range(80)
+    ]
     return write_jsonl(tmp_path / "pc.jsonl", rows)
 
 
@@ -69,16 +85,29 @@ def test_loss_only_on_completion_tokens(tmp_path, pc_dataset):
     n_prompt = len(tok.encode("good film:").ids)
     n_completion = len(tok.encode(" great plot", add_special_tokens=False).ids)
     row = data["loss_mask"][0]
-    assert not row[:n_prompt].any() and row[n_prompt : n_prompt + n_completion + 1].all() and not row[n_prompt + n_completion + 1 :].any()
+    assert (
+        not row[:n_prompt].any()
+        and row[n_prompt : n_prompt + n_completion + 1].all()
+        and not row[n_prompt + n_completion + 1 :].any()
+    )
     assert data["tokens"][0, n_prompt + n_completion] == eos and truncated == 0
     assert data["loss_mask"][1].sum() == data["attention_mask"][1].sum()  # plain text: every token is a target
     # the loss equals the mean NLL of exactly the completion+EOS targets
-    cfg = sft.ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    cfg = sft.ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     graphdef, params = nnx.split(sft.Transformer(cfg, rngs=nnx.Rngs(0)))
     batch = {k: jnp.asarray(v) for k, v in data.items()}
     loss_sum, count = sft.nll(params, graphdef, batch)
-    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], sft.positions_from_mask(batch["attention_mask"]), batch["attention_mask"])
+    logits, _ = nnx.merge(graphdef, params)(
+        batch["tokens"], sft.positions_from_mask(batch["attention_mask"]), batch["attention_mask"]
+    )
     logp = np.asarray(logprobs_from_logits(logits[:, :-1], batch["tokens"][:, 1:]))
     targets = data["loss_mask"][:, 1:]
     np.testing.assert_allclose(float(loss_sum), -logp[targets].sum(), rtol=1e-5)
@@ -95,13 +124,26 @@ def test_truncation_is_reported(tmp_path, capsys, pc_dataset):
 
 def tiny_model_and_batch(seed=0, accum=1, rows=8, length=24, vocab=64):
     """A tiny random model and a batch [accum, rows / accum, length] with unequal token counts per row."""
-    cfg = sft.ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    cfg = sft.ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     rng = np.random.default_rng(seed)
     mask = np.arange(length)[None] < rng.integers(4, length + 1, (rows, 1))
     loss_mask = mask & (np.arange(length)[None] >= rng.integers(0, 3, (rows, 1)))  # a few prompt tokens masked
-    batch = {"tokens": rng.integers(0, vocab, (rows, length)).astype(np.int32), "attention_mask": mask, "loss_mask": loss_mask}
-    return sft.Transformer(cfg, rngs=nnx.Rngs(seed)), {k: v.reshape(accum, rows // accum, length) for k, v in batch.items()}
+    batch = {
+        "tokens": rng.integers(0, vocab, (rows, length)).astype(np.int32),
+        "attention_mask": mask,
+        "loss_mask": loss_mask,
+    }
+    return sft.Transformer(cfg, rngs=nnx.Rngs(seed)), {
+        k: v.reshape(accum, rows // accum, length) for k, v in batch.items()
+    }
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
@@ -191,8 +233,16 @@ def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset):
     mine = np.asarray(ours(jnp.asarray(ids), sft.positions_from_mask(jnp.ones_like(ids)), jnp.ones_like(ids))[0])
     assert_as_accurate(mine, theirs, exact, what="exported model's logits")
     # fine-tuning the exported checkpoint as a --base-model works too (with its own tokenizer)
-    again = sft.main(tiny_args(tmp_path, dataset=str(pc_dataset), base_model=str(out), max_steps=2,
-                               output_dir=str(tmp_path / "out2"), checkpoint_dir=str(tmp_path / "ck2")))  # fmt: skip
+    again = sft.main(
+        tiny_args(
+            tmp_path,
+            dataset=str(pc_dataset),
+            base_model=str(out),
+            max_steps=2,
+            output_dir=str(tmp_path / "out2"),
+            checkpoint_dir=str(tmp_path / "ck2"),
+        )
+    )
     assert np.isfinite(again) and (tmp_path / "out2" / "tokenizer.json").exists()
 
 

@@ -107,7 +107,7 @@ def main(cli):
     ctx, params, opt_state, ref_params, rm_params, mesh = setup(cli.num_devices)
     q, qm = prompts(0, mesh)
     roll, _ = rp.rollout(ctx, params, ref_params, rm_params, q, qm, jax.random.key(0))
-    advantages, returns, _ = rp.compute_advantages(ctx["adv_hp"], roll, roll["scores"], W.KL_COEF)
+    advantages, returns, _, _ = rp.compute_advantages(ctx["adv_hp"], roll, roll["scores"], W.KL_COEF)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": advantages, "returns": returns}
 

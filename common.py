@@ -81,33 +81,17 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
 
 
 # ---------------------------------------------------------------- sampling
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Sets to -inf the logits outside the top-k and outside the nucleus of mass top_p (Holtzman et al. 2020)."""
-    neg_inf = jnp.finfo(logits.dtype).min
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-        # the smallest logit still inside the nucleus; the most likely token is always kept
-        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, neg_inf, logits)
-    return logits
-
-
-def _next_token(logits, key, temperature, top_k, top_p):
+def _next_token(logits, key, temperature):
     """Draws one token per row from logits [B, V]; temperature 0 is greedy.
 
     Inverse-CDF sampling: one uniform number per row, u in (0, 1], picks the first token whose cumulative probability
     reaches u. The same distribution as jax.random.categorical (Gumbel-max), which draws V numbers per row and
-    reduces them with an argmax: on CPU that was ~80% of a decoding step (benchmarks/README.md). Tokens of
-    probability 0 (filtered out) are never drawn: the CDF does not rise at them.
+    reduces them with an argmax, much slower on CPU (benchmarks/README.md). Tokens of probability 0 are never
+    drawn: the CDF does not rise at them.
     """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p), axis=-1)
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)  # [B, V]
     u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # [B, 1], in (0, total mass]
     return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
@@ -115,7 +99,7 @@ def _next_token(logits, key, temperature, top_k, top_p):
 
 @partial(
     jax.jit,
-    static_argnames=("step_fn", "max_new_tokens", "temperature", "top_k", "top_p", "stop_token_id", "pad_token_id"),
+    static_argnames=("step_fn", "max_new_tokens", "temperature", "stop_token_id", "pad_token_id"),
 )
 def sample(
     step_fn,
@@ -127,8 +111,6 @@ def sample(
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     stop_token_id: int,
     pad_token_id: int,
 ):
@@ -148,7 +130,7 @@ def sample(
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]: 0 at the first real token
 
     logits, cache = step_fn(params, prompt_tokens, positions, kv_mask, cache, 0)  # prefill
-    token = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    token = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature)
     out = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     done = token == stop_token_id
     next_pos = positions[:, -1] + 1  # [B]
@@ -161,7 +143,7 @@ def sample(
         i, cache, token, done, out = carry
         kv = kv_mask | ((slot >= P) & (slot < P + i))[None]  # prompt slots + the i tokens generated so far
         logits, cache = step_fn(params, token[:, None], (next_pos + i - 1)[:, None], kv, cache, P + i - 1)
-        new = _next_token(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)
+        new = _next_token(logits[:, -1], jax.random.fold_in(key, i), temperature)
         new = jnp.where(done, pad_token_id, new)  # finished rows emit padding
         return i + 1, cache, new, done | (new == stop_token_id), out.at[:, i].set(new)
 

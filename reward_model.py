@@ -477,9 +477,10 @@ def main(args: Args):
             )
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
-                *new, metrics = train_step(graphdef, tx, *state.values(), jax.device_put(batch, batch_sharding))
+                sharded = jax.device_put(batch, batch_sharding)
+                params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
                 check_finite(metrics)
-            state = dict(zip(state, new))
+            state = {"params": params, "opt_state": opt_state}
             ckpt.save(step + 1, args=ocp.args.StandardSave(state))
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 m = {k: float(v) for k, v in metrics.items()}

@@ -345,9 +345,10 @@ def main(args: Args):
             idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
             batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
             with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
-                *new, metrics = train_step(graphdef, tx, *state.values(), jax.device_put(batch, batch_sharding))
+                sharded = jax.device_put(batch, batch_sharding)
+                params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
                 check_finite(metrics)
-            state = dict(zip(state, new))
+            state = {"params": params, "opt_state": opt_state}
             tokens_seen += int(batch["attention_mask"].sum())
             ckpt.save(step + 1, args=ocp.args.StandardSave(state))
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:

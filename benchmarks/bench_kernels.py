@@ -69,7 +69,7 @@ def sample_no_cache(graphdef, params, prompt_tokens, prompt_mask, key, *, max_ne
         tokens, mask = carry
         h, _ = model.hidden_states(tokens, rp.positions_from_mask(mask), mask)  # [B, P + R, D]: all positions again
         logits = model.head(h[:, P + i - 1][:, None])[:, 0]  # [B, V]: the LM head only where it is needed
-        new = _next_token(logits, jax.random.fold_in(key, i), temperature, 0, 1.0)
+        new = _next_token(logits, jax.random.fold_in(key, i), temperature)
         return tokens.at[:, P + i].set(new), mask.at[:, P + i].set(True)
 
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, mask))[0][:, P:]

@@ -114,7 +114,7 @@ MUTANTS = [
            (T_PPO + "test_settings_that_cannot_work_are_refused_naming_the_flag",)),
     # ---- PRNG
     Mutant("PRNG: one key for every sampler step", "common.py",
-           "jax.random.fold_in(key, i), temperature, top_k, top_p)", "jax.random.fold_in(key, 0), temperature, top_k, top_p)",
+           "jax.random.fold_in(key, i), temperature)", "jax.random.fold_in(key, 0), temperature)",
            (T_MODEL + "test_every_sampler_step_draws_with_a_fresh_key",)),
     Mutant("PRNG: one key for every PPO update", "rlhf_ppo.py",
            "            key = jax.random.fold_in(jax.random.key(args.seed), update)",

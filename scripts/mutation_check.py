@@ -267,6 +267,23 @@ MUTANTS = [
     Mutant("shared value head: random, not zero, initialisation", "rlhf_ppo.py",
            "kernel_init=nnx.initializers.zeros,", "kernel_init=nnx.initializers.normal(0.02),",
            (T_PPO + "test_the_shared_value_head_starts_at_zero_and_scores_stay_float32_in_bfloat16",)),
+    # ---- issue 11: the restructured orchestration
+    Mutant("token ids: the stop token defaults to PAD, not EOS", "rlhf_ppo.py",
+           "stop = args.stop_token_id if args.stop_token_id is not None else eos_id",
+           "stop = args.stop_token_id if args.stop_token_id is not None else pad_id",
+           (T_PPO + "test_unset_token_flags_take_the_tokenizers_ids",)),
+    Mutant("token ids: the reward model's EOS defaults to PAD", "rlhf_ppo.py",
+           "eos = args.eos_token_id if args.eos_token_id is not None else eos_id",
+           "eos = args.eos_token_id if args.eos_token_id is not None else pad_id", (REF,)),
+    Mutant("sft main: each step's new state is dropped", "sft.py",
+           '            state = {"params": params, "opt_state": opt_state}\n', "            state = dict(state)\n",
+           (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
+    Mutant("reward model main: each step's new state is dropped", "reward_model.py",
+           '            state = {"params": params, "opt_state": opt_state}\n', "            state = dict(state)\n",
+           (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
+    Mutant("PPO iteration: adaptive β not carried to the next update", "rlhf_ppo.py",
+           '"kl_coef": jnp.float32(kl_coef)}, stats', '"kl_coef": state["kl_coef"]}, stats',
+           (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
 ]  # fmt: skip
 
 

@@ -92,6 +92,16 @@ def test_missing_eos_penalty_and_float_scores():
     )  # gamma = lambda = 1, V = 0: the fractional score reaches t=0
 
 
+def test_unset_token_flags_take_the_tokenizers_ids(tiny_pipeline):
+    """--stop-token-id and --eos-token-id default to the tokenizer's EOS, --pad-token-id to its PAD; flags win."""
+    tmp, prompts = tiny_pipeline
+    _, eos, pad = ppo.load_tokenizer(tmp / "sft")
+    a = ppo.resolve_token_ids(tiny_args(tmp, prompts), eos, pad)
+    assert (a.stop_token_id, a.eos_token_id, a.pad_token_id) == (eos, eos, pad) and eos != pad
+    b = ppo.resolve_token_ids(tiny_args(tmp, prompts, stop_token_id=7, eos_token_id=8, pad_token_id=9), eos, pad)
+    assert (b.stop_token_id, b.eos_token_id, b.pad_token_id) == (7, 8, 9)
+
+
 def test_adaptive_kl_controller():
     # Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
     assert ppo.adaptive_kl_coef(0.1, 9.0, 64, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))

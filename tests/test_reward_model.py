@@ -404,6 +404,7 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model(
     rm.main(rm.Args(**{**vars(args), "resume": True}))
     (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
     assert step_a == step_b == 16
+    assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {16}  # 16 steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     exported, cfg = sft.load_model(tmp_path / "b" / "rm")

@@ -274,6 +274,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path,
     assert "resuming from" in (out := capsys.readouterr().out) and "at step 4" in out
     (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
     assert step_a == step_b == 6
+    assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {6}  # 6 steps taken
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # parameters and AdamW state
         np.testing.assert_array_equal(x, y)
     assert_same_params(sft.load_model(tmp_path / "out")[0], a["params"])  # the export is the trained state

@@ -3,7 +3,7 @@
 Each mutant below is a one-line change of the kind a careful reviewer worries about (a flipped sign, a swapped
 argument, a wrong temperature, an off-by-one slice, a key used twice, a guard removed). Each is applied alone to a
 fresh copy of the repository, and only the tests that should catch it are run there: the mutant is *killed* if they
-fail, *survived* if they pass. Every mutant must be killed. Not part of CI (~45 minutes on 2 CPU cores); run it after
+fail, *survived* if they pass. Every mutant must be killed. Not part of CI (~55 minutes on 2 CPU cores); run it after
 changing algorithm code, and add mutants of what you wrote.
 
     python scripts/mutation_check.py                 # every mutant, then a table
@@ -130,8 +130,11 @@ MUTANTS = [
            "(next_pos + i - 1)[:, None], kv, cache, P + i - 1)", "(next_pos + i)[:, None], kv, cache, P + i - 1)",
            (T_MODEL + "test_greedy_sampling_equals_transformers_generate",)),
     # ---- PPO resume and export
-    Mutant("PPO resume: the adaptive KL coefficient restarts", "rlhf_ppo.py",
+    Mutant("PPO iteration: β restarts from --kl-coef every update", "rlhf_ppo.py",
            "kl_coef = float(state[\"kl_coef\"])", "kl_coef = args.kl_coef",
+           (T_PPO + "test_the_adaptive_kl_coefficient_carries_from_update_to_update",)),
+    Mutant("PPO resume: the adaptive KL coefficient restarts", "rlhf_ppo.py",
+           'args.resume)\n    rows = NamedSharding', 'args.resume)\n    state["kl_coef"] = jnp.float32(args.kl_coef)\n    rows = NamedSharding',
            (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
     Mutant("PPO export: the reference weights are written", "rlhf_ppo.py",
            "nnx.merge(models.policy, gather(state[\"params\"][\"policy\"]))", "nnx.merge(models.policy, gather(frozen[\"ref\"]))",
@@ -283,7 +286,8 @@ MUTANTS = [
            (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
     Mutant("PPO iteration: adaptive β not carried to the next update", "rlhf_ppo.py",
            '"kl_coef": jnp.float32(kl_coef)}, stats', '"kl_coef": state["kl_coef"]}, stats',
-           (T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
+           (T_PPO + "test_the_adaptive_kl_coefficient_carries_from_update_to_update",
+            T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy")),
 ]  # fmt: skip
 
 

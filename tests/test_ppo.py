@@ -102,6 +102,32 @@ def test_unset_token_flags_take_the_tokenizers_ids(tiny_pipeline):
     assert (b.stop_token_id, b.eos_token_id, b.pad_token_id) == (7, 8, 9)
 
 
+def test_the_adaptive_kl_coefficient_carries_from_update_to_update(tiny_pipeline, monkeypatch):
+    """With --adaptive-kl, each update adapts the β that the previous update left in the state (and logs the β it
+    used), not --kl-coef again."""
+    tmp, prompts = tiny_pipeline
+    s = setup(tiny_args(tmp, prompts, adaptive_kl=True, kl_coef=0.1, kl_horizon=10))
+    seen, real = [], ppo.adaptive_kl_coef
+
+    def spy(kl_coef, *a):
+        seen.append((kl_coef, real(kl_coef, *a)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(ppo, "adaptive_kl_coef", spy)
+    params = jax.tree.map(jnp.copy, s.params)
+    state = {"params": params, "opt_state": s.tx.init(params), "kl_coef": jnp.float32(0.1)}
+    logged = []
+    for i in range(2):
+        state, stats = ppo.ppo_iteration(
+            s.args, s.models, s.tx, s.rows, s.tok, state, s.frozen, s.q, s.qm, jax.random.key(i)
+        )
+        logged.append(stats["objective/kl_coef"])
+    (b0, b1), (b1_in, b2) = seen
+    assert b0 == pytest.approx(0.1) and b1 != pytest.approx(0.1)  # the controller moved β
+    assert b1_in == pytest.approx(b1) and float(state["kl_coef"]) == pytest.approx(b2)
+    assert logged == [pytest.approx(b0), pytest.approx(b1)]
+
+
 def test_adaptive_kl_controller():
     # Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
     assert ppo.adaptive_kl_coef(0.1, 9.0, 64, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
@@ -408,7 +434,7 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy
     monkeypatch.setattr(ppo, "ppo_iteration", real)
     ppo.main(ppo.Args(**{**vars(args), "resume": True}))
     (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
-    assert step_a == step_b == 3 and float(a["kl_coef"]) != args.kl_coef  # the adaptive coefficient moved
+    assert step_a == step_b == 3 and float(a["kl_coef"]) != pytest.approx(args.kl_coef)  # β moved
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert_same_params(ppo.load_model(args.output_dir)[0], a["params"]["policy"])

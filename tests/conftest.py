@@ -118,6 +118,23 @@ def tiny_pipeline(tmp_path_factory, tiny_sft):
     return tmp, prompts
 
 
+def kill_during_call(monkeypatch, module, name: str, n: int, run):
+    """run() with module.<name> raising KeyboardInterrupt at its n-th call (a run killed in the middle of a step);
+    module.<name> is the real function again afterwards."""
+    real, calls = getattr(module, name), []
+
+    def crashing(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, name, real)
+
+
 def read_checkpoint(directory):
     """(latest step, training state as numpy arrays) of an orbax checkpoint directory, whatever its devices."""
     import jax

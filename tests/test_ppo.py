@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_params, read_checkpoint, tree_digest
+from conftest import assert_same_params, kill_during_call, read_checkpoint, tree_digest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import rlhf_ppo as ppo
@@ -420,18 +420,7 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy
     args = tiny_args(
         tmp, prompts, output_dir=str(tmp / f"r_{value_model}"), checkpoint_dir=str(tmp / f"cr_{value_model}"), **kw
     )
-    real, calls = ppo.ppo_iteration, []
-
-    def crashing(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ppo, "ppo_iteration", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        ppo.main(args)
-    monkeypatch.setattr(ppo, "ppo_iteration", real)
+    kill_during_call(monkeypatch, ppo, "ppo_iteration", 3, lambda: ppo.main(args))
     ppo.main(ppo.Args(**{**vars(args), "resume": True}))
     (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
     assert step_a == step_b == 3 and float(a["kl_coef"]) != pytest.approx(args.kl_coef)  # β moved

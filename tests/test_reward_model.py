@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
+from conftest import assert_as_accurate, assert_same_params, kill_during_call, read_checkpoint, tree_digest
 from flax import nnx
 from test_sft import write_jsonl
 
@@ -387,18 +387,7 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model(
     straight = rm_args(tmp_path / "a", tiny_sft, dataset=str(data))
     rm.main(straight)
     args = rm_args(tmp_path / "b", tiny_sft, dataset=str(data))
-    real_step, calls = rm.train_step, []
-
-    def crashing_step(*a, **kw):
-        calls.append(1)
-        if len(calls) == 12:  # of 16 steps; state saved every 2
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(rm, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        rm.main(args)
-    monkeypatch.setattr(rm, "train_step", real_step)
+    kill_during_call(monkeypatch, rm, "train_step", 12, lambda: rm.main(args))  # of 16 steps; state saved every 2
     with pytest.raises(FileExistsError, match="unfinished run"):
         rm.main(args)
     rm.main(rm.Args(**{**vars(args), "resume": True}))

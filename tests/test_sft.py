@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_as_accurate, assert_same_params, read_checkpoint, tree_digest
+from conftest import assert_as_accurate, assert_same_params, kill_during_call, read_checkpoint, tree_digest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -253,19 +253,8 @@ def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path,
     straight = tiny_args(tmp_path / "straight", dataset=str(pc_dataset), max_steps=6, checkpoint_every=2)
     sft.main(straight)
     args = tiny_args(tmp_path, dataset=str(pc_dataset), max_steps=6, checkpoint_every=2)
-
-    real_step, calls = sft.train_step, []
-
-    def crashing_step(*a, **kw):
-        calls.append(1)
-        if len(calls) == 6:  # dies during step 6: steps 2 and 4 were checkpointed, step 5 was not
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(sft, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        sft.main(args)
-    monkeypatch.setattr(sft, "train_step", real_step)
+    # dies during step 6: steps 2 and 4 were checkpointed, step 5 was not
+    kill_during_call(monkeypatch, sft, "train_step", 6, lambda: sft.main(args))
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileExistsError, match="unfinished run"):
         sft.main(args)

@@ -129,14 +129,19 @@ class Args:
 
 
 # ---------------------------------------------------------------- data: preference pairs
-def read_pairs(path, vocab_size: int | None = None):
+def read_pairs(path, vocab_size: int | None = None, chat=None):
     """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
     Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
     response (the policy stopped at once) is allowed. Rows may carry their token ids ("prompt_ids", "chosen_ids",
     "rejected_ids", all three: lists of ids below vocab_size), as the simulated labeler writes them; the reward model
-    then trains on those ids. Errors name file:line:field."""
+    then trains on those ids. Conversational rows (lists of messages; they need the chat template `chat`) are kept as
+    {"prompt": [messages], "chosen": [assistant message, ...], "rejected": [...]}: without a "prompt", it is the
+    messages chosen and rejected share before their last one (TRL's implicit prompt). Errors name file:line:field."""
     pairs = []
     for lineno, row in jsonl_rows(path):
+        if isinstance(row.get("chosen"), list):
+            pairs.append(read_chat_pair(row, f"{path}:{lineno}", chat))
+            continue
         for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
             if field not in row:
                 raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
@@ -154,6 +159,25 @@ def read_pairs(path, vocab_size: int | None = None):
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs
+
+
+def read_chat_pair(row, where: str, chat):
+    """A conversational preference row -> {"prompt": [messages], "chosen": [...], "rejected": [...]}, each side
+    starting with the assistant's reply to the prompt."""
+    for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+        check_messages(row.get(field), f"{where}: field {field!r}", chat)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" not in row:  # implicit prompt
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise ValueError(
+                f"{where}: without a 'prompt', 'chosen' and 'rejected' must be the same conversation up to their last "
+                "message (the implicit prompt)"
+            )
+        row = {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    for field in ("chosen", "rejected"):
+        if row[field][0]["role"] != "assistant":
+            raise ValueError(f"{where}: field {field!r} must start with the assistant's reply to the prompt")
+    return {k: v for k, v in row.items() if not k.endswith("_ids")}
 
 
 def bradley_terry_labels(gold_a, gold_b, tau: float, rng):
@@ -253,10 +277,11 @@ def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
     return tokens, mask, truncated
 
 
-def pair_token_ids(tok, pairs):
+def pair_token_ids(tok, pairs, eos_id: int | None = None, chat=None):
     """-> prompt, chosen and rejected token id lists: the stored sampled ids where a pair has them, else the texts
-    encoded by the rule of every stage (encode_prompts; responses without special tokens)."""
-    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
+    encoded by the rule of every stage (encode_prompts; responses without special tokens), or the conversations by
+    chat_pair_ids."""
+    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p and isinstance(p["prompt"], str)]
     responses = lambda side: tok.encode_batch([pairs[i][side] for i in texts], add_special_tokens=False)
     encoded = {"prompt": encode_prompts(tok, [pairs[i]["prompt"] for i in texts])}
     encoded |= {side: [e.ids for e in responses(side)] for side in ("chosen", "rejected")}
@@ -264,12 +289,31 @@ def pair_token_ids(tok, pairs):
     for j, i in enumerate(texts):
         for s in out:
             out[s][i] = encoded[s][j]
+    for i, p in enumerate(pairs):
+        if isinstance(p["prompt"], list):  # a conversation
+            out["prompt"][i], out["chosen"][i] = chat_pair_ids(tok, chat, p["prompt"], p["chosen"], eos_id)
+            out["rejected"][i] = chat_pair_ids(tok, chat, p["prompt"], p["rejected"], eos_id)[1]
     return out["prompt"], out["chosen"], out["rejected"]
 
 
-def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
+def chat_pair_ids(tok, chat, prompt, response, eos_id: int):
+    """A conversation -> (prompt ids, response ids) as rlhf_ppo.py sees them: the prompt rendered with the generation
+    prompt (as PPO's conversational prompts are), the response the rest of the rendered conversation, through its
+    last EOS (the template's end of turn; what follows it, e.g. a newline, PPO never samples)."""
+    p = encode_chat(tok, chat, prompt, add_generation_prompt=True)[0]
+    full = encode_chat(tok, chat, prompt + response)[0]
+    if full[: len(p)] != p:
+        raise ValueError(
+            f"{chat.where}: the prompt {prompt[-1]['content'][:40]!r}... rendered with the generation prompt is not "
+            "where the rendered conversation's tokens start"
+        )
+    r = full[len(p) :]
+    return p, (r[: len(r) - r[::-1].index(eos_id)] if eos_id in r else r)
+
+
+def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None):
     """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
-    prompts, *sides = pair_token_ids(tok, pairs)
+    prompts, *sides = pair_token_ids(tok, pairs, eos_id, chat)
     (ct, cm, c_trunc), (rt, rmask, r_trunc) = (tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides)
     L = max(ct.shape[1], rt.shape[1])
     widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
@@ -283,14 +327,15 @@ def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int):
 
 def split_by_prompt(pairs, val_fraction: float):
     """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
-    prompts = sorted({p["prompt"] for p in pairs})
+    key = lambda pair: json.dumps(pair["prompt"])  # noqa: E731 (a string, or a conversation)
+    prompts = sorted({key(p) for p in pairs})
     val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
     if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
         val_idx = set(
             np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist()
         )
         return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
-    return [p for p in pairs if p["prompt"] not in val], [p for p in pairs if p["prompt"] in val]
+    return [p for p in pairs if key(p) not in val], [p for p in pairs if key(p) in val]
 
 
 # ---------------------------------------------------------------- reward model: loss and steps
@@ -371,14 +416,14 @@ def evaluate(graphdef, params, data, sharding, batch_size: int):
     }
 
 
-def ppo_prompts(args: Args, tok, train_pairs):
+def ppo_prompts(args: Args, tok, train_pairs, eos_id: int | None = None, chat=None):
     """The prompts PPO trains on, as token ids: --norm-dataset, or rlhf_ppo.py's default prompts (the first
     --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts."""
     if args.norm_dataset:
-        return read_prompts(args.norm_dataset, tok)
+        return read_prompts(args.norm_dataset, tok, chat)
     if args.dataset is None:
         return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
-    return pair_token_ids(tok, train_pairs)[0]
+    return pair_token_ids(tok, train_pairs, eos_id, chat)[0]
 
 
 def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prompts, sharding, key):
@@ -430,13 +475,13 @@ def make_optimizer(args: Args, total_steps: int):
     return tx, schedule
 
 
-def load_pairs(args: Args, tok, eos_id, pad_id):
+def load_pairs(args: Args, tok, eos_id, pad_id, chat=None):
     """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
-    pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size())
+    pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size(), chat)
     train_pairs, val_pairs = split_by_prompt(pairs, args.val_fraction)
     out = []
     for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
-        data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len)
+        data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len, chat)
         print(f"{name}: {len(pairs)} pairs; {truncated} truncated from the left of their prompt to --max-seq-len")
         out.append(data)
     return train_pairs, *out
@@ -454,7 +499,8 @@ def main(args: Args):
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
     if args.dataset is None and not (args.resume and Path(args.pairs_file).exists()):
         simulate_labeler(args, policy, tok, eos_id, pad_id, label_key)  # step 1
-    train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id)
+    chat = ChatTemplate.load(args.sft_model)
+    train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id, chat)
     arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")  # step 2
     graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
     pairs_per_step = args.batch_size * args.grad_accum_steps
@@ -499,7 +545,7 @@ def main(args: Args):
         if ckpt.latest_step() != total_steps:
             ckpt.save(total_steps, args=ocp.args.StandardSave(state), force=True)
     ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
-    prompts = ppo_prompts(args, tok, train_pairs)  # step 4
+    prompts = ppo_prompts(args, tok, train_pairs, eos_id, chat)  # step 4
     gain, bias, raw = fit_normalization(
         args, graphdef, state["params"], policy, eos_id, pad_id, prompts, rows, norm_key
     )
@@ -906,7 +952,8 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    for f in (*tokenizer_files, "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if path.exists():
@@ -938,6 +985,93 @@ def load_tokenizer(path):
     pad = token_id("pad_token")
     pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
+
+
+# ---------------------------------------------------------------- chat templates (TRL's conversational formats)
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Hugging Face chat template (chat_template.jinja, or "chat_template" in tokenizer_config.json),
+    rendered as transformers' apply_chat_template renders it: a jinja2 sandbox with trim_blocks and lstrip_blocks,
+    the special tokens (bos_token, eos_token, ...) as variables, and its tojson, raise_exception and strftime_now."""
+
+    source: str
+    special_tokens: tuple  # sorted (name, token) items of tokenizer_config.json
+    where: str  # the file it came from, for errors
+
+    @classmethod
+    def load(cls, path):
+        """-> the template of the checkpoint or tokenizer directory `path`, or None if it has none."""
+        path = Path(path)
+        tc_file = path / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+        source, where = tc.get("chat_template"), tc_file
+        if isinstance(source, list):  # named templates: the default one
+            source = {t.get("name"): t.get("template") for t in source}.get("default")
+        if (path / "chat_template.jinja").exists():
+            source, where = (path / "chat_template.jinja").read_text(), path / "chat_template.jinja"
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k.endswith("_token")}
+        special = tuple(sorted((k, v) for k, v in special.items() if isinstance(v, str)))
+        return cls(source, special, str(where)) if source else None
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        template = _compile_chat_template(self.source)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
+        )
+
+
+@cache
+def _compile_chat_template(source: str):
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # not jinja's HTML-escaping one
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+    return env.from_string(source)
+
+
+def check_messages(messages, where: str, chat):
+    """A conversation is a non-empty list of {"role": str, "content": str}; it needs the checkpoint's chat template."""
+    ok = isinstance(messages, list) and messages
+    ok = ok and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    if not (ok and all(isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f'{where}: must be a non-empty list of {{"role": str, "content": str}} messages')
+    if chat is None:
+        raise ValueError(
+            f"{where}: conversational data needs the model's chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json), and this model has none (a model trained from scratch has none)"
+        )
+    return messages
+
+
+def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, first_trained=None):
+    """-> (ids, trained): the conversation rendered by its chat template and encoded as apply_chat_template(
+    tokenize=True) encodes it (no special tokens added: the template writes them), and True on the tokens of the
+    assistant turns from message `first_trained` on (None: no tokens): each turn's text after the template's generation
+    prompt, up to where the next turn starts (its end-of-turn tokens included), found by rendering the conversation
+    up to it."""
+    text = chat.render(messages, add_generation_prompt)
+    spans = []
+    for i in range(len(messages) if first_trained is None else first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, through = chat.render(messages[:i], True), chat.render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                f"{chat.where}: the chat template does not render message {i} after the generation prompt of the "
+                "messages before it, so the assistant's tokens cannot be found"
+            )
+        spans.append((len(before), len(through)))
+    enc = tok.encode(text, add_special_tokens=False)
+    trained = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
+    return enc.ids, trained
 
 
 # ---------------------------------------------------------------- devices, checkpoints, guards
@@ -1097,18 +1231,24 @@ def encode_prompts(tok, texts, max_tokens=None):
     return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def read_prompts(path, tok):
-    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
+def read_prompts(path, tok, chat=None):
+    """{"prompt": str} or conversational {"prompt": [messages]} JSONL -> prompt token ids: a string by encode_prompts,
+    messages rendered by the checkpoint's chat template with the generation prompt (encode_chat). Errors name
+    file:line:field."""
     prompts = []
     for lineno, row in jsonl_rows(path):
         if "prompt" not in row:
             raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if isinstance(row["prompt"], list):
+            messages = check_messages(row["prompt"], f"{path}:{lineno}: field 'prompt'", chat)
+            prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=True)[0])
+            continue
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
-        prompts.append(row["prompt"])
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string or a list of messages")
+        prompts.append(encode_prompts(tok, [row["prompt"]])[0])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return encode_prompts(tok, prompts)
+    return prompts
 
 
 def left_pad(prompts, pad_id: int, max_len: int | None = None):

@@ -159,6 +159,12 @@ class Args:
     """updates between gold evaluations on held-out prompts"""
     eval_prompts: int = 256
     """held-out prompts per source (IMDB reviews no stage trains on, Rotten Tomatoes) per evaluation"""
+    eval_dataset: str | None = None
+    """JSONL of held-out {"prompt": ...} (the first --eval-prompts) evaluated instead of the IMDB and Rotten Tomatoes
+    openings"""
+    gold_fn: str | None = None
+    """the gold judge of evaluations, "module:function" with --reward-fn's signature; None: VADER sentiment (the
+    embedded task's judge)"""
     num_sample_rows: int = 2
     """rows per evaluation set in the sample table logged as text at each evaluation"""
     num_devices: int | None = None
@@ -176,13 +182,16 @@ def setup_data(args: Args, tok):
     """Training prompts and the evaluation sets (openings of the IMDB reviews no stage trains on, movie_reviews
     ("eval"), and of the Rotten Tomatoes snippets), left-padded: tokens, mask [N, P]."""
     openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)
-    prompts = read_prompts(args.dataset, tok) if args.dataset else openings("train")
+    prompts = read_prompts(args.dataset, tok, ChatTemplate.load(args.sft_model)) if args.dataset else openings("train")
     queries, query_mask = left_pad(prompts, args.pad_token_id)
-    sets = (("heldout", "eval"), ("rotten_tomatoes", "rotten_tomatoes"))
-    eval_sets = {name: left_pad(openings(split)[: args.eval_prompts], args.pad_token_id) for name, split in sets}
+    sets = {"heldout": lambda: openings("eval"), "rotten_tomatoes": lambda: openings("rotten_tomatoes")}
+    if args.eval_dataset:
+        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, ChatTemplate.load(args.sft_model))}
+    eval_sets = {name: left_pad(read()[: args.eval_prompts], args.pad_token_id) for name, read in sets.items()}
     print(
-        f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on {args.eval_prompts} "
-        f"held-out IMDB and {args.eval_prompts} Rotten Tomatoes openings"
+        f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on "
+        + " and ".join(f"{len(q)} {name}" for name, (q, _) in eval_sets.items())
+        + " prompts"
     )
     return queries, query_mask, eval_sets
 
@@ -469,16 +478,17 @@ def ppo_iteration(args: Args, models: Models, tx, rows, tok, state, frozen, quer
 
 # ---------------------------------------------------------------- evaluation, set-up, main
 def evaluate(args: Args, models: Models, tok, params, frozen, eval_sets):
-    """Proxy (reward model) and gold (VADER) scores and the KL to the reference on the held-out prompts, with fixed
-    keys (one per evaluation set, the same at every evaluation). -> metrics, a markdown table of samples."""
+    """Proxy (reward model) and gold (--gold-fn, VADER by default) scores and the KL to the reference on the held-out
+    prompts, with fixed keys (one per evaluation set, the same at every evaluation). -> metrics, a markdown table of
+    samples."""
     out, rows = {}, []
     for i, (name, (queries, query_mask)) in enumerate(eval_sets.items()):
         key = jax.random.fold_in(jax.random.key(1234), i)
         roll = rollout(args, models, tok, params, frozen, queries, query_mask, key)
-        texts = decode(tok, roll["responses"], roll["response_mask"])
+        texts, prompts = decode(tok, roll["responses"], roll["response_mask"]), decode(tok, queries, query_mask)
         kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
-        out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": vader_scores(texts), "kl": kl}
-        prompts = tok.decode_batch([q[m].tolist() for q, m in zip(np.asarray(queries), np.asarray(query_mask))])
+        gold = call_reward_fn(args.gold_fn, prompts, texts) if args.gold_fn else vader_scores(texts)
+        out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": gold, "kl": kl}
         rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: args.num_sample_rows]
     metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
     for k in ("proxy_score", "gold_score", "kl"):
@@ -995,7 +1005,8 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    for f in (*tokenizer_files, "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if path.exists():
@@ -1027,6 +1038,93 @@ def load_tokenizer(path):
     pad = token_id("pad_token")
     pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
+
+
+# ---------------------------------------------------------------- chat templates (TRL's conversational formats)
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Hugging Face chat template (chat_template.jinja, or "chat_template" in tokenizer_config.json),
+    rendered as transformers' apply_chat_template renders it: a jinja2 sandbox with trim_blocks and lstrip_blocks,
+    the special tokens (bos_token, eos_token, ...) as variables, and its tojson, raise_exception and strftime_now."""
+
+    source: str
+    special_tokens: tuple  # sorted (name, token) items of tokenizer_config.json
+    where: str  # the file it came from, for errors
+
+    @classmethod
+    def load(cls, path):
+        """-> the template of the checkpoint or tokenizer directory `path`, or None if it has none."""
+        path = Path(path)
+        tc_file = path / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+        source, where = tc.get("chat_template"), tc_file
+        if isinstance(source, list):  # named templates: the default one
+            source = {t.get("name"): t.get("template") for t in source}.get("default")
+        if (path / "chat_template.jinja").exists():
+            source, where = (path / "chat_template.jinja").read_text(), path / "chat_template.jinja"
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k.endswith("_token")}
+        special = tuple(sorted((k, v) for k, v in special.items() if isinstance(v, str)))
+        return cls(source, special, str(where)) if source else None
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        template = _compile_chat_template(self.source)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
+        )
+
+
+@cache
+def _compile_chat_template(source: str):
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # not jinja's HTML-escaping one
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+    return env.from_string(source)
+
+
+def check_messages(messages, where: str, chat):
+    """A conversation is a non-empty list of {"role": str, "content": str}; it needs the checkpoint's chat template."""
+    ok = isinstance(messages, list) and messages
+    ok = ok and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    if not (ok and all(isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f'{where}: must be a non-empty list of {{"role": str, "content": str}} messages')
+    if chat is None:
+        raise ValueError(
+            f"{where}: conversational data needs the model's chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json), and this model has none (a model trained from scratch has none)"
+        )
+    return messages
+
+
+def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, first_trained=None):
+    """-> (ids, trained): the conversation rendered by its chat template and encoded as apply_chat_template(
+    tokenize=True) encodes it (no special tokens added: the template writes them), and True on the tokens of the
+    assistant turns from message `first_trained` on (None: no tokens): each turn's text after the template's generation
+    prompt, up to where the next turn starts (its end-of-turn tokens included), found by rendering the conversation
+    up to it."""
+    text = chat.render(messages, add_generation_prompt)
+    spans = []
+    for i in range(len(messages) if first_trained is None else first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, through = chat.render(messages[:i], True), chat.render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                f"{chat.where}: the chat template does not render message {i} after the generation prompt of the "
+                "messages before it, so the assistant's tokens cannot be found"
+            )
+        spans.append((len(before), len(through)))
+    enc = tok.encode(text, add_special_tokens=False)
+    trained = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
+    return enc.ids, trained
 
 
 # ---------------------------------------------------------------- devices, checkpoints, guards
@@ -1186,18 +1284,24 @@ def encode_prompts(tok, texts, max_tokens=None):
     return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def read_prompts(path, tok):
-    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
+def read_prompts(path, tok, chat=None):
+    """{"prompt": str} or conversational {"prompt": [messages]} JSONL -> prompt token ids: a string by encode_prompts,
+    messages rendered by the checkpoint's chat template with the generation prompt (encode_chat). Errors name
+    file:line:field."""
     prompts = []
     for lineno, row in jsonl_rows(path):
         if "prompt" not in row:
             raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if isinstance(row["prompt"], list):
+            messages = check_messages(row["prompt"], f"{path}:{lineno}: field 'prompt'", chat)
+            prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=True)[0])
+            continue
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
-        prompts.append(row["prompt"])
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string or a list of messages")
+        prompts.append(encode_prompts(tok, [row["prompt"]])[0])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return encode_prompts(tok, prompts)
+    return prompts
 
 
 def left_pad(prompts, pad_id: int, max_len: int | None = None):

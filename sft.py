@@ -119,16 +119,30 @@ class Args:
 
 
 # ---------------------------------------------------------------- data
-def read_jsonl(path):
-    """-> [{"prompt": str, "completion": str}] (prompt "" for {"text": ...} lines). Errors name file:line:field."""
+def read_jsonl(path, chat=None):
+    """-> examples: {"prompt": str, "completion": str} (prompt "" for a {"text": ...} line), or, for TRL's
+    conversational formats, {"messages": [...], "first_trained": k}: a {"messages": [...]} line is trained on all its
+    assistant turns (k = 0), a {"prompt": [...], "completion": [...]} line on those of its completion (k = the number
+    of prompt messages). Conversations need the checkpoint's chat template `chat`. Errors name file:line:field."""
     examples = []
     for lineno, row in jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        if "messages" in row or isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+            fields = ("messages",) if "messages" in row else ("prompt", "completion")
+            for field in fields:
+                check_messages(row.get(field), f"{where}: field {field!r}", chat)
+            messages = row.get("messages") or row["prompt"] + row["completion"]
+            first = 0 if "messages" in row else len(row["prompt"])
+            if not any(m["role"] == "assistant" for m in messages[first:]):
+                raise ValueError(f"{where}: no assistant message to train on")
+            examples.append({"messages": messages, "first_trained": first})
+            continue
         fields = ("text",) if "text" in row else ("prompt", "completion")
         for field in fields:
             if field not in row:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'text' or 'prompt'+'completion')")
+                raise ValueError(f"{where}: missing field {field!r} (need 'text', 'prompt'+'completion' or 'messages')")
             if not isinstance(row[field], str) or not row[field].strip():
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+                raise ValueError(f"{where}: field {field!r} must be a non-empty string")
         examples.append({"prompt": row.get("prompt", ""), "completion": row.get("text", row.get("completion"))})
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -158,42 +172,56 @@ def train_tokenizer(texts, vocab_size: int, out_dir: Path):
     return tok
 
 
-def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int):
+def tokenize(tok, examples, eos_id: int, pad_id: int, max_len: int, chat=None):
     """-> {"tokens", "attention_mask", "loss_mask"} [N, L] right-padded, and the number truncated.
-    The prompt is encoded by encode_prompts (BOS first for Llama-style tokenizers), the completion without special
-    tokens, then EOS. The loss is on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5)."""
-    prompts = encode_prompts(tok, [e["prompt"] for e in examples])
-    completions = [e.ids for e in tok.encode_batch([e["completion"] for e in examples], add_special_tokens=False)]
+    Text: the prompt encoded by encode_prompts (BOS first for Llama-style tokenizers), the completion without special
+    tokens, then EOS; the loss on completion + EOS tokens only (prompt tokens masked, Ouyang et al. 2022 §3.5).
+    Conversations: rendered by the chat template (its end-of-turn tokens, no EOS added, as TRL's SFTTrainer), the
+    loss on the assistant turns' tokens (encode_chat)."""
+    text = [i for i, e in enumerate(examples) if "messages" not in e]
+    prompts = encode_prompts(tok, [examples[i]["prompt"] for i in text])
+    completions = [e.ids for e in tok.encode_batch([examples[i]["completion"] for i in text], add_special_tokens=False)]
+    prompts, completions = dict(zip(text, prompts)), dict(zip(text, completions))
+    rows = []  # (ids, trained) per example
+    for i, e in enumerate(examples):
+        if "messages" in e:
+            rows.append(encode_chat(tok, chat, e["messages"], first_trained=e["first_trained"]))
+        else:
+            p, c = prompts[i], completions[i]
+            rows.append((p + c + [eos_id], [False] * len(p) + [True] * (len(c) + 1)))
     tokens = np.full((len(examples), max_len), pad_id, np.int32)
     attention_mask = np.zeros((len(examples), max_len), bool)
     loss_mask = np.zeros((len(examples), max_len), bool)
-    truncated = 0
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = (p + c + [eos_id])[:max_len]
-        truncated += len(p) + len(c) + 1 > max_len
-        tokens[i, : len(ids)], attention_mask[i, : len(ids)] = ids, True
-        loss_mask[i, len(p) : len(ids)] = True
+    for i, (ids, trained) in enumerate(rows):
+        n = min(len(ids), max_len)
+        tokens[i, :n], attention_mask[i, :n], loss_mask[i, :n] = ids[:n], True, trained[:n]
+    truncated = sum(len(ids) > max_len for ids, _ in rows)
     return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}, truncated
 
 
-def load_data(args: Args, tok, eos_id, pad_id):
-    """-> (train, val) dicts of numpy arrays {"tokens", "loss_mask"}; reports truncation."""
+def load_data(args: Args, tok, eos_id, pad_id, chat=None):
+    """-> (train, val) dicts of numpy arrays {"tokens", "attention_mask", "loss_mask"}; reports truncation."""
     if args.dataset is None:
         train_ex = [{"prompt": "", "completion": t} for t in movie_reviews("train")]
         val_ex = [{"prompt": "", "completion": t} for t in movie_reviews("eval")]
     else:
-        examples = read_jsonl(args.dataset)
+        examples = read_jsonl(args.dataset, chat)
         order = np.random.default_rng(0).permutation(len(examples))
         n_val = max(1, int(len(examples) * args.val_fraction))
         train_ex, val_ex = [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
     out = []
     for name, ex in (("train", train_ex), ("val", val_ex)):
-        data, truncated = tokenize(tok, ex, eos_id, pad_id, args.max_seq_len)
+        data, truncated = tokenize(tok, ex, eos_id, pad_id, args.max_seq_len, chat)
         empty = int((data["loss_mask"].sum(1) == 0).sum())
+        is_chat = np.array(["messages" in e for e in ex])
+        no_eos = int((is_chat & ~((data["tokens"] == eos_id) & data["loss_mask"]).any(1)).sum())
         print(
             f"{name}: {len(ex)} examples, {int(data['loss_mask'].sum())} loss tokens; {truncated} truncated to "
             f"{args.max_seq_len} tokens" + (f", {empty} with no completion token left (no loss)" if empty else "")
         )
+        if no_eos > 0:
+            print(f"warning: {no_eos} {name} conversations train on no EOS token (truncated, or the chat template does "
+                  "not end turns with the tokenizer's EOS): the model may not learn to stop")  # fmt: skip
         out.append(data)
     return out
 
@@ -317,7 +345,7 @@ def main(args: Args):
     writer, t0 = summary_writer(args), time.time()
     ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
     model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    train, val = load_data(args, tok, eos_id, pad_id)
+    train, val = load_data(args, tok, eos_id, pad_id, ChatTemplate.load(tok_dir))
     check_data(args, model.cfg, len(train["tokens"]))
     print(
         f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,} parameters, {mesh.size} device(s), "
@@ -333,7 +361,9 @@ def main(args: Args):
 
     def evaluate_and_sample(params, step, key):
         loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))
-        texts = sample_texts(step_function(graphdef), params, model.cfg, tok, eos_id, pad_id, sample_prompts, key)
+        texts = sample_prompts and sample_texts(
+            step_function(graphdef), params, model.cfg, tok, eos_id, pad_id, sample_prompts, key
+        )
         writer.add_scalar("eval/loss", loss, step)
         writer.add_text("samples", "\n\n".join(f"**{p}**{t}" for p, t in zip(sample_prompts, texts)), step)
         return loss, texts
@@ -765,7 +795,8 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    for f in (*tokenizer_files, "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if path.exists():
@@ -797,6 +828,93 @@ def load_tokenizer(path):
     pad = token_id("pad_token")
     pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
+
+
+# ---------------------------------------------------------------- chat templates (TRL's conversational formats)
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Hugging Face chat template (chat_template.jinja, or "chat_template" in tokenizer_config.json),
+    rendered as transformers' apply_chat_template renders it: a jinja2 sandbox with trim_blocks and lstrip_blocks,
+    the special tokens (bos_token, eos_token, ...) as variables, and its tojson, raise_exception and strftime_now."""
+
+    source: str
+    special_tokens: tuple  # sorted (name, token) items of tokenizer_config.json
+    where: str  # the file it came from, for errors
+
+    @classmethod
+    def load(cls, path):
+        """-> the template of the checkpoint or tokenizer directory `path`, or None if it has none."""
+        path = Path(path)
+        tc_file = path / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+        source, where = tc.get("chat_template"), tc_file
+        if isinstance(source, list):  # named templates: the default one
+            source = {t.get("name"): t.get("template") for t in source}.get("default")
+        if (path / "chat_template.jinja").exists():
+            source, where = (path / "chat_template.jinja").read_text(), path / "chat_template.jinja"
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k.endswith("_token")}
+        special = tuple(sorted((k, v) for k, v in special.items() if isinstance(v, str)))
+        return cls(source, special, str(where)) if source else None
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        template = _compile_chat_template(self.source)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
+        )
+
+
+@cache
+def _compile_chat_template(source: str):
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # not jinja's HTML-escaping one
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+    return env.from_string(source)
+
+
+def check_messages(messages, where: str, chat):
+    """A conversation is a non-empty list of {"role": str, "content": str}; it needs the checkpoint's chat template."""
+    ok = isinstance(messages, list) and messages
+    ok = ok and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    if not (ok and all(isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f'{where}: must be a non-empty list of {{"role": str, "content": str}} messages')
+    if chat is None:
+        raise ValueError(
+            f"{where}: conversational data needs the model's chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json), and this model has none (a model trained from scratch has none)"
+        )
+    return messages
+
+
+def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, first_trained=None):
+    """-> (ids, trained): the conversation rendered by its chat template and encoded as apply_chat_template(
+    tokenize=True) encodes it (no special tokens added: the template writes them), and True on the tokens of the
+    assistant turns from message `first_trained` on (None: no tokens): each turn's text after the template's generation
+    prompt, up to where the next turn starts (its end-of-turn tokens included), found by rendering the conversation
+    up to it."""
+    text = chat.render(messages, add_generation_prompt)
+    spans = []
+    for i in range(len(messages) if first_trained is None else first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, through = chat.render(messages[:i], True), chat.render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                f"{chat.where}: the chat template does not render message {i} after the generation prompt of the "
+                "messages before it, so the assistant's tokens cannot be found"
+            )
+        spans.append((len(before), len(through)))
+    enc = tok.encode(text, add_special_tokens=False)
+    trained = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
+    return enc.ids, trained
 
 
 # ---------------------------------------------------------------- devices, checkpoints, guards
@@ -956,18 +1074,24 @@ def encode_prompts(tok, texts, max_tokens=None):
     return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def read_prompts(path, tok):
-    """{"prompt": ...} JSONL -> prompt token ids (encode_prompts). Errors name file:line:field."""
+def read_prompts(path, tok, chat=None):
+    """{"prompt": str} or conversational {"prompt": [messages]} JSONL -> prompt token ids: a string by encode_prompts,
+    messages rendered by the checkpoint's chat template with the generation prompt (encode_chat). Errors name
+    file:line:field."""
     prompts = []
     for lineno, row in jsonl_rows(path):
         if "prompt" not in row:
             raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if isinstance(row["prompt"], list):
+            messages = check_messages(row["prompt"], f"{path}:{lineno}: field 'prompt'", chat)
+            prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=True)[0])
+            continue
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
-        prompts.append(row["prompt"])
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string or a list of messages")
+        prompts.append(encode_prompts(tok, [row["prompt"]])[0])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return encode_prompts(tok, prompts)
+    return prompts
 
 
 def left_pad(prompts, pad_id: int, max_len: int | None = None):

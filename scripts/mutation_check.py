@@ -24,11 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
-T_PPO, T_SFT, T_RM, T_MODEL = (
+T_PPO, T_SFT, T_RM, T_MODEL, T_REAL = (
     "tests/test_ppo.py::",
     "tests/test_sft.py::",
     "tests/test_reward_model.py::",
     "tests/test_model.py::",
+    "tests/test_real_model.py::",
 )
 
 
@@ -236,7 +237,7 @@ MUTANTS = [
            "    openings = lambda split: [e.ids[: args.prompt_tokens] for e in tok.encode_batch(movie_reviews(split), add_special_tokens=False)]\n",
            ("tests/test_data.py::test_every_stage_starts_its_sequences_with_the_tokenizers_bos",)),
     Mutant("reward model: re-tokenises the text of sampled pairs", "reward_model.py",
-           '    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]', "    texts = list(range(len(pairs)))",
+           '    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p and isinstance(p["prompt"], str)]', "    texts = list(range(len(pairs)))",
            (T_RM + "test_pairs_with_token_ids_train_on_those_ids",)),
     Mutant("labeler: chosen and rejected ids swapped", "reward_model.py",
            "\"chosen_ids\": responses[c],\n                \"rejected_ids\": responses[r],", "\"chosen_ids\": responses[r],\n                \"rejected_ids\": responses[c],",
@@ -288,6 +289,37 @@ MUTANTS = [
            '"kl_coef": jnp.float32(kl_coef)}, stats', '"kl_coef": state["kl_coef"]}, stats',
            (T_PPO + "test_the_adaptive_kl_coefficient_carries_from_update_to_update",
             T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy")),
+    # ---- chat templates and the conversational formats (the real model's tests)
+    Mutant("chat: the generation prompt trained with the assistant's turn", "sft.py",
+           "before, through = chat.render(messages[:i], True), chat.render(messages[: i + 1])",
+           "before, through = chat.render(messages[:i], False), chat.render(messages[: i + 1])",
+           (T_REAL + "test_conversational_sft_trains_on_the_assistant_turns_only",)),
+    Mutant("chat: a completion's prompt turns trained too", "sft.py",
+           'first = 0 if "messages" in row else len(row["prompt"])', "first = 0",
+           (T_REAL + "test_conversational_sft_trains_on_the_assistant_turns_only",)),
+    Mutant("chat: EOS appended to conversations", "sft.py",
+           'rows.append(encode_chat(tok, chat, e["messages"], first_trained=e["first_trained"]))',
+           'rows.append(tuple(x + y for x, y in zip(encode_chat(tok, chat, e["messages"], first_trained=e["first_trained"]), ([eos_id], [True]))))',
+           (T_REAL + "test_conversational_sft_trains_on_the_assistant_turns_only",)),
+    Mutant("chat: the special-token variables not passed to the template", "sft.py",
+           "add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)\n",
+           "add_generation_prompt=add_generation_prompt\n",
+           (T_REAL + "test_chat_template_renders_and_encodes_as_transformers_does",)),
+    Mutant("chat: the tokenizer's special tokens added to the rendered text", "sft.py",
+           "enc = tok.encode(text, add_special_tokens=False)", "enc = tok.encode(text, add_special_tokens=True)",
+           (T_REAL + "test_chat_template_renders_and_encodes_as_transformers_does",)),
+    Mutant("chat pairs: response not cut after the EOS ending its turn", "reward_model.py",
+           "return p, (r[: len(r) - r[::-1].index(eos_id)] if eos_id in r else r)", "return p, r",
+           (T_REAL + "test_conversational_pairs_and_prompts_are_scored_as_ppo_samples_them",)),
+    Mutant("chat prompts: PPO's rendered without the generation prompt", "rlhf_ppo.py",
+           "prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=True)[0])",
+           "prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=False)[0])",
+           (T_REAL + "test_conversational_pairs_and_prompts_are_scored_as_ppo_samples_them",)),
+    Mutant("PPO evaluation: VADER even with --gold-fn", "rlhf_ppo.py",
+           "gold = call_reward_fn(args.gold_fn, prompts, texts) if args.gold_fn else vader_scores(texts)",
+           "gold = vader_scores(texts)", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),
+    Mutant("PPO evaluation: --eval-dataset ignored", "rlhf_ppo.py",
+           "    if args.eval_dataset:\n", "    if False:\n", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),
 ]  # fmt: skip
 
 

@@ -1,0 +1,56 @@
+"""A small conversational task for the real-model demo (README "A real model on a 2-core CPU"): two-digit addition.
+
+    python scripts/arithmetic.py data/arithmetic          # writes sft.jsonl (TRL "messages") and prompts.jsonl
+    python rlhf_ppo.py ... --dataset data/arithmetic/prompts.jsonl --reward-fn scripts.arithmetic:reward
+
+SmolLM2-135M-Instruct gets many of these wrong ("What is 12 + 35?" -> "12 + 35 = 50"), so SFT on worked answers and PPO
+with an exact-answer reward each have something to learn, and the gold check is exact.
+"""
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """1.0 if the first number after the last "=" of the completion (or its first number, without "=") is the sum
+    asked for in the prompt's last question, else 0.0 (the --reward-fn signature of rlhf_ppo.py)."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        a, b = map(int, QUESTION.findall(prompt)[-1])
+        numbers = re.findall(r"-?\d+", completion.rsplit("=", 1)[-1])
+        out.append(float(bool(numbers) and int(numbers[0]) == a + b))
+    return out
+
+
+def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int):
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    rng.shuffle(pairs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "sft.jsonl", "w") as f:
+        for a, b in pairs[:n_sft]:
+            user = {"role": "user", "content": question(a, b)}
+            f.write(json.dumps({"messages": [user, {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
+    with open(out_dir / "prompts.jsonl", "w") as f:  # questions SFT never saw
+        for a, b in pairs[n_sft : n_sft + n_prompts]:
+            f.write(json.dumps({"prompt": [{"role": "user", "content": question(a, b)}]}) + "\n")
+    print(f"wrote {out_dir}/sft.jsonl ({n_sft} conversations) and prompts.jsonl ({n_prompts} prompts)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--n-sft", type=int, default=2000)
+    parser.add_argument("--n-prompts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(args.out_dir, args.n_sft, args.n_prompts, args.seed)

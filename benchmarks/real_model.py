@@ -9,11 +9,8 @@ is reported. Peak memory is the process's maximum resident set size (compilation
 """
 
 import argparse
-import platform
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,30 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from bench_kernels import best_of  # noqa: E402
+from workload import cpu_description  # noqa: E402
+
 import sft  # noqa: E402
 from common import sample  # noqa: E402
-
-
-def cpu_description():
-    """CPU model and the vector ISA extensions XLA:CPU can use."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{model}, {jax.local_device_count()} XLA device(s) on {len(jax.devices())}, {platform.machine()}; " + (
-        " ".join(isa) or "no AVX2"
-    )
-
-
-def timed(fn, iters):
-    fn()  # compile + warm-up
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(cli):
@@ -60,7 +40,7 @@ def main(cli):
                      max_new_tokens=N, temperature=1.0, stop_token_id=-1, pad_token_id=0)  # fmt: skip
         jax.block_until_ready(out)
 
-    t_sample = timed(run_sampler, cli.iters)
+    t_sample = best_of(run_sampler, cli.iters)
     print(f"sampling: batch {B}, prompt {P}, {N} new tokens: {t_sample:.2f} s -> {B * N / t_sample:,.0f} tokens/s")
 
     args = sft.Args(batch_size=cli.train_batch, max_seq_len=cli.seq_len, learning_rate=1e-5, warmup_steps=0)
@@ -76,7 +56,7 @@ def main(cli):
         )
         jax.block_until_ready(metrics["loss"])
 
-    t_step = timed(run_step, cli.iters)
+    t_step = best_of(run_step, cli.iters)
     n = cli.train_batch * L
     print(f"SFT train step: {cli.train_batch} x {L} tokens: {t_step:.2f} s -> {n / t_step:,.0f} tokens/s")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

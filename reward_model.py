@@ -64,7 +64,8 @@ class Args:
 
     # data
     dataset: str | None = None
-    """JSONL of {"prompt", "chosen", "rejected"} (or implicit-prompt {"chosen", "rejected"}); None: simulated labeler"""
+    """JSONL of {"prompt", "chosen", "rejected"} (or implicit-prompt {"chosen", "rejected"}), texts or TRL's
+    conversational lists of messages; None: simulated labeler"""
     pairs_file: str = "data/imdb_pairs.jsonl"
     """where the simulated labeler writes its pairs (prompt, chosen, rejected, chosen_gold, rejected_gold)"""
     prompt_tokens: int = 8

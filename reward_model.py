@@ -328,7 +328,7 @@ def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None
 
 def split_by_prompt(pairs, val_fraction: float):
     """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
-    key = lambda pair: json.dumps(pair["prompt"])  # noqa: E731 (a string, or a conversation)
+    key = lambda pair: pair["prompt"] if isinstance(pair["prompt"], str) else json.dumps(pair["prompt"])  # noqa: E731
     prompts = sorted({key(p) for p in pairs})
     val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
     if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves

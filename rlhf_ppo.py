@@ -294,16 +294,17 @@ def score_rollout(args: Args, models: Models, params, frozen, queries, query_mas
     }  # fmt: skip
 
 
-def call_reward_fn(spec: str, prompts: list[str], completions: list[str]):
-    """Step 4: a programmatic reward "module:function" (TRL / Tunix convention) -> float32 [B], checked finite."""
+def call_reward_fn(spec: str, prompts: list[str], completions: list[str], flag: str = "--reward-fn"):
+    """Step 4: a programmatic reward "module:function" (TRL / Tunix convention) -> float32 [B], checked finite;
+    errors name `flag` (--reward-fn, or --gold-fn in evaluations)."""
     module, _, name = spec.partition(":")
     out = np.asarray(getattr(importlib.import_module(module), name)(prompts, completions), np.float32)
     if out.shape != (len(prompts),):
-        raise ValueError(f"--reward-fn {spec}: returned shape {out.shape}, expected ({len(prompts)},)")
+        raise ValueError(f"{flag} {spec}: returned shape {out.shape}, expected ({len(prompts)},)")
     if not np.isfinite(out).all():
         bad = np.flatnonzero(~np.isfinite(out))
         raise FloatingPointError(
-            f"--reward-fn {spec} returned {out[bad[0]]} for {len(bad)} of {len(out)} completions "
+            f"{flag} {spec} returned {out[bad[0]]} for {len(bad)} of {len(out)} completions "
             f"(the first: {completions[bad[0]]!r})"
         )
     return out
@@ -491,7 +492,7 @@ def evaluate(args: Args, models: Models, tok, params, frozen, eval_sets):
         roll = rollout(args, models, tok, params, frozen, queries, query_mask, key)
         texts, prompts = decode(tok, roll["responses"], roll["response_mask"]), decode(tok, queries, query_mask)
         kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
-        gold = call_reward_fn(args.gold_fn, prompts, texts) if args.gold_fn else vader_scores(texts)
+        gold = call_reward_fn(args.gold_fn, prompts, texts, "--gold-fn") if args.gold_fn else vader_scores(texts)
         out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": gold, "kl": kl}
         rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: args.num_sample_rows]
     metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}

@@ -316,7 +316,7 @@ MUTANTS = [
            "prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=False)[0])",
            (T_REAL + "test_conversational_pairs_and_prompts_are_scored_as_ppo_samples_them",)),
     Mutant("PPO evaluation: VADER even with --gold-fn", "rlhf_ppo.py",
-           "gold = call_reward_fn(args.gold_fn, prompts, texts) if args.gold_fn else vader_scores(texts)",
+           "gold = call_reward_fn(args.gold_fn, prompts, texts, \"--gold-fn\") if args.gold_fn else vader_scores(texts)",
            "gold = vader_scores(texts)", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),
     Mutant("PPO evaluation: --eval-dataset ignored", "rlhf_ppo.py",
            "    if args.eval_dataset:\n", "    if False:\n", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),

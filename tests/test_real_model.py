@@ -33,6 +33,23 @@ CHATS = [
 ]
 
 
+def hf_chat_ids(hf_tok, messages, **kw):
+    """transformers' apply_chat_template token ids as a list (it returns a BatchEncoding or a list)."""
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def our_logits(model, ids):
+    """Our model's logits [T, V] of one unpadded sequence."""
+    tokens = jnp.array([ids])
+    return np.asarray(model(tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens, bool))[0][0])
+
+
+def assert_weights_moved(base_dir, out_dir):
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not np.array_equal(sft.read_safetensors(Path(base_dir))[name], sft.read_safetensors(Path(out_dir))[name])
+
+
 @pytest.fixture(scope="module", autouse=True)
 def free_memory():
     """The 135 M-parameter model's compiled programs and buffers are not kept for the tests after these."""
@@ -69,8 +86,7 @@ def test_logits_match_transformers_reading_the_gguf(smollm2):
         theirs = theirs_model(torch.tensor([ids])).logits[0].numpy()
     model, cfg = sft.load_model(ckpt)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (30, 576, 3, 1)
-    tokens = jnp.array([ids])
-    ours = np.asarray(model(tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens, bool))[0][0])
+    ours = our_logits(model, ids)
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max(), np.abs(ours - theirs).max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.95
 
@@ -96,9 +112,7 @@ def test_chat_template_renders_and_encodes_as_transformers_does(smollm2, hf_toke
                 assert ours_chat.render(messages, gen) == hf_tokenizer.apply_chat_template(
                     messages, tokenize=False, **kw
                 )
-                theirs = hf_tokenizer.apply_chat_template(messages, tokenize=True, **kw)
-                theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
-                assert sft.encode_chat(tok, ours_chat, messages, gen)[0] == list(theirs)
+                assert sft.encode_chat(tok, ours_chat, messages, gen)[0] == hf_chat_ids(hf_tokenizer, messages, **kw)
     # a tokenizer that adds a BOS (as Llama 3's does): the template writes its own, none is added (no double BOS)
     bos_dir = tmp_path / "bos"
     shutil.copytree(smollm2[0], bos_dir, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
@@ -110,9 +124,8 @@ def test_chat_template_renders_and_encodes_as_transformers_does(smollm2, hf_toke
     (bos_dir / "tokenizer.json").write_text(json.dumps(spec))
     bos_tok, _, _ = sft.load_tokenizer(bos_dir)
     assert bos_tok.encode("hi").ids[0] == 0
-    theirs = AutoTokenizer.from_pretrained(bos_dir).apply_chat_template(CHATS[0], tokenize=True)
-    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
-    assert sft.encode_chat(bos_tok, chat, CHATS[0])[0] == list(theirs) and theirs[0] != 0
+    theirs = hf_chat_ids(AutoTokenizer.from_pretrained(bos_dir), CHATS[0])
+    assert sft.encode_chat(bos_tok, chat, CHATS[0])[0] == theirs and theirs[0] != 0
     with pytest.raises(Exception, match="bad role"):
         sft.ChatTemplate(other, chat.special_tokens, "test").render([{"role": "tool", "content": "x"}])
 
@@ -178,16 +191,12 @@ def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2, tmp
     sft.main(args)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
-    ids = hf_tok.apply_chat_template(CHATS[0], tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = hf_chat_ids(hf_tok, CHATS[0])
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
-    ours_model, _ = sft.load_model(out)
-    tokens = jnp.array([ids])
-    ours = np.asarray(ours_model(tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens, bool))[0][0])
+    ours = our_logits(sft.load_model(out)[0], ids)
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
-    base, trained = sft.read_safetensors(smollm2[0]), sft.read_safetensors(out)
-    assert not np.array_equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+    assert_weights_moved(smollm2[0], out)
     assert (out / "chat_template.jinja").read_text() == (smollm2[0] / "chat_template.jinja").read_text()
 
 
@@ -224,6 +233,5 @@ def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypat
     prompts, completions = calls[0]
     assert all(p.rstrip().endswith("assistant") and "What is" in p for p in prompts), prompts
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
-    base, trained = sft.read_safetensors(smollm2[0]), sft.read_safetensors(tmp_path / "out")
-    assert not np.array_equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+    assert_weights_moved(smollm2[0], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 30

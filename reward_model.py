@@ -120,7 +120,14 @@ class Args:
     fsdp: bool = False
     """shard parameters and optimizer state over the devices"""
     distributed: bool = False
-    """multi-host: call jax.distributed.initialize()"""
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
     log_every: int = 10
     """steps between train/rm/* logs"""
     eval_every: int = 50
@@ -489,8 +496,7 @@ def load_pairs(args: Args, tok, eos_id, pad_id, chat=None):
 
 
 def main(args: Args):
-    if args.distributed:
-        jax.distributed.initialize()
+    init_distributed(args)
     mesh = make_mesh(args.num_devices)
     check_args(args, mesh.size)
     writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -1081,6 +1087,22 @@ def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, 
 
 
 # ---------------------------------------------------------------- devices, checkpoints, guards
+def init_distributed(args):
+    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
+    collectives of CPU devices go through gloo."""
+    if args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def sync(name: str):
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(num_devices=None):
     """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -1107,10 +1129,15 @@ def shard(tree, mesh, fsdp=False):
 
 
 def gather(tree):
-    """Host copy of (possibly sharded, possibly multi-host) arrays."""
+    """Host (numpy) copies of arrays, also of those sharded over several processes (each process gets the whole)."""
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(tree) if jax.process_count() > 1 else jax.device_get(tree)
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
 
 
 def restore_latest(ckpt, state, resume: bool):
@@ -1126,19 +1153,29 @@ def checkpoint_manager(directory, every: int, resume: bool):
     """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
     A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
     directory = Path(directory).absolute()
-    if directory.exists() and not resume:
+    if directory.exists() and not resume and jax.process_index() == 0:
         if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
             raise FileExistsError(
                 f"{directory}: holds the state of an unfinished run; continue it with --resume, "
                 "or remove it / choose another --checkpoint-dir"
             )
         shutil.rmtree(directory)
+    sync("checkpoint directory")
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
 
+class NoWriter:
+    """The summary writer of processes other than 0: logs are written once."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def summary_writer(args):
-    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table."""
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    if jax.process_index() != 0:
+        return NoWriter()
     writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())

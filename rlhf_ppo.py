@@ -173,7 +173,14 @@ class Args:
     fsdp: bool = False
     """shard parameters and optimizer state over the devices"""
     distributed: bool = False
-    """multi-host: call jax.distributed.initialize()"""
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
     checkpoint_every: int = 25
     """updates between resumable training-state checkpoints"""
 
@@ -319,7 +326,7 @@ def apply_missing_eos_penalty(scores, contains_stop, penalty: float | None, mode
 
 def decode(tok, tokens, mask):
     """Texts of the real tokens of each row (only where text is needed: --reward-fn, evaluation, logs)."""
-    return tok.decode_batch([t[m].tolist() for t, m in zip(np.asarray(tokens), np.asarray(mask))])
+    return tok.decode_batch([t[m].tolist() for t, m in zip(gather(tokens), gather(mask))])
 
 
 def rollout(args: Args, models: Models, tok, params, frozen, queries, query_mask, key):
@@ -328,11 +335,12 @@ def rollout(args: Args, models: Models, tok, params, frozen, queries, query_mask
     roll = score_rollout(args, models, params, frozen, queries, query_mask, responses)  # 2, 3, 4
     if args.reward_fn:  # 4: a programmatic reward reads text
         prompts, completions = decode(tok, queries, query_mask), decode(tok, responses, roll["response_mask"])
-        roll["scores"] = roll["scores"] + jnp.asarray(call_reward_fn(args.reward_fn, prompts, completions))
+        scores = call_reward_fn(args.reward_fn, prompts, completions)  # the whole batch, on every process
+        roll["scores"] = roll["scores"] + jax.device_put(scores, roll["scores"].sharding)
     roll["scores"] = apply_missing_eos_penalty(
         roll["scores"], roll["contains_stop"], args.missing_eos_penalty, args.missing_eos_mode
     )  # 5
-    if not np.isfinite(np.asarray(roll["scores"])).all():
+    if not np.isfinite(gather(roll["scores"])).all():
         raise FloatingPointError(f"the reward model ({args.reward_model}) gave non-finite scores")
     return roll
 
@@ -478,7 +486,8 @@ def ppo_iteration(args: Args, models: Models, tx, rows, tok, state, frozen, quer
     stats = {k: float(v) for k, v in (stats | ppo_stats).items()} | {"objective/kl_coef": kl_coef}
     if args.adaptive_kl:  # 10
         kl_coef = adaptive_kl_coef(kl_coef, stats["objective/kl"], args.batch_size, args.kl_target, args.kl_horizon)
-    return {"params": params, "opt_state": opt_state, "kl_coef": jnp.float32(kl_coef)}, stats
+    kl_coef = jax.device_put(np.float32(kl_coef), NamedSharding(rows.mesh, PartitionSpec()))  # on every device
+    return {"params": params, "opt_state": opt_state, "kl_coef": kl_coef}, stats
 
 
 # ---------------------------------------------------------------- evaluation, set-up, main
@@ -491,9 +500,9 @@ def evaluate(args: Args, models: Models, tok, params, frozen, eval_sets):
         key = jax.random.fold_in(jax.random.key(1234), i)
         roll = rollout(args, models, tok, params, frozen, queries, query_mask, key)
         texts, prompts = decode(tok, roll["responses"], roll["response_mask"]), decode(tok, queries, query_mask)
-        kl = np.asarray((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
+        kl = gather((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)
         gold = call_reward_fn(args.gold_fn, prompts, texts, "--gold-fn") if args.gold_fn else vader_scores(texts)
-        out[name] = {"proxy_score": np.asarray(roll["scores"]), "gold_score": gold, "kl": kl}
+        out[name] = {"proxy_score": gather(roll["scores"]), "gold_score": gold, "kl": kl}
         rows += list(zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"]))[: args.num_sample_rows]
     metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
     for k in ("proxy_score", "gold_score", "kl"):
@@ -549,8 +558,7 @@ def resolve_token_ids(args: Args, eos_id: int, pad_id: int) -> Args:
 
 
 def main(args: Args):
-    if args.distributed:
-        jax.distributed.initialize()
+    init_distributed(args)
     mesh = make_mesh(args.num_devices)
     check_args(args, mesh.size)
     writer, t0 = summary_writer(args), time.time()
@@ -564,7 +572,7 @@ def main(args: Args):
     tx, schedule = make_optimizer(args, num_updates)
     params, frozen = shard(params, mesh, args.fsdp), shard(frozen, mesh, args.fsdp)
     state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
-    state, start = restore_latest(ckpt, state | {"kl_coef": jnp.float32(args.kl_coef)}, args.resume)
+    state, start = restore_latest(ckpt, state | {"kl_coef": shard(np.float32(args.kl_coef), mesh)}, args.resume)
     rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
 
     def evaluate_and_log(update):
@@ -1138,6 +1146,22 @@ def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, 
 
 
 # ---------------------------------------------------------------- devices, checkpoints, guards
+def init_distributed(args):
+    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
+    collectives of CPU devices go through gloo."""
+    if args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def sync(name: str):
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(num_devices=None):
     """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
     devices = jax.devices()[: num_devices or len(jax.devices())]
@@ -1164,10 +1188,15 @@ def shard(tree, mesh, fsdp=False):
 
 
 def gather(tree):
-    """Host copy of (possibly sharded, possibly multi-host) arrays."""
+    """Host (numpy) copies of arrays, also of those sharded over several processes (each process gets the whole)."""
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(tree) if jax.process_count() > 1 else jax.device_get(tree)
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
 
 
 def restore_latest(ckpt, state, resume: bool):
@@ -1183,19 +1212,29 @@ def checkpoint_manager(directory, every: int, resume: bool):
     """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
     A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
     directory = Path(directory).absolute()
-    if directory.exists() and not resume:
+    if directory.exists() and not resume and jax.process_index() == 0:
         if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
             raise FileExistsError(
                 f"{directory}: holds the state of an unfinished run; continue it with --resume, "
                 "or remove it / choose another --checkpoint-dir"
             )
         shutil.rmtree(directory)
+    sync("checkpoint directory")
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
 
+class NoWriter:
+    """The summary writer of processes other than 0: logs are written once."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def summary_writer(args):
-    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table."""
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    if jax.process_index() != 0:
+        return NoWriter()
     writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     writer.add_text(
         "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())

@@ -608,9 +608,7 @@ def main(args: Args):
             progress.advance(0)
         if ckpt.latest_step() != num_updates:
             ckpt.save(num_updates, args=ocp.args.StandardSave(state), force=True)
-    if jax.process_index() == 0:
-        save_model(args.output_dir, nnx.merge(models.policy, gather(state["params"]["policy"])), args.sft_model)
-        (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+    on_process_0("exporting", export, args, nnx.merge(models.policy, gather(state["params"]["policy"])), args.sft_model)
     for label, ev in (("start", first), ("final", final)):
         print(f"{label}: " + summary(ev, full=True))
     print(f"PPO {num_updates - start} updates in {time.time() - t_train:.0f}s; total {time.time() - t0:.0f}s")
@@ -1032,6 +1030,12 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     os.replace(tmp, path)
 
 
+def export(args, model, tokenizer_dir=None, config_overrides=None):
+    """The finished model to --output-dir, then FINISHED in --checkpoint-dir (a new run may replace that state)."""
+    save_model(args.output_dir, model, tokenizer_dir, config_overrides)
+    (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+
+
 def load_tokenizer(path):
     """-> (tokenizers.Tokenizer, eos_id, pad_id) from tokenizer.json + tokenizer_config.json / config.json."""
     from tokenizers import Tokenizer
@@ -1154,12 +1158,25 @@ def init_distributed(args):
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
-def sync(name: str):
-    """Every process waits here until all have arrived (a no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def on_process_0(what: str, fn, *args):
+    """fn(*args) run once, by process 0 (it writes files every process then reads: a shared filesystem, as orbax
+    needs), while the others wait; if it raises, every process raises rather than wait forever. Plain call with one
+    process."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn(*args)
+        except Exception as e:  # re-raised below, after the others have heard of it
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))  # also the barrier
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"process 0 failed in {what}; its error is in its output")
 
 
 def make_mesh(num_devices=None):
@@ -1212,14 +1229,17 @@ def checkpoint_manager(directory, every: int, resume: bool):
     """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
     A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
     directory = Path(directory).absolute()
-    if directory.exists() and not resume and jax.process_index() == 0:
-        if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-            raise FileExistsError(
-                f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                "or remove it / choose another --checkpoint-dir"
-            )
-        shutil.rmtree(directory)
-    sync("checkpoint directory")
+
+    def prepare():
+        if directory.exists() and not resume:
+            if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+                raise FileExistsError(
+                    f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                    "or remove it / choose another --checkpoint-dir"
+                )
+            shutil.rmtree(directory)
+
+    on_process_0("preparing --checkpoint-dir", prepare)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
     return ocp.CheckpointManager(directory, options=options)
 
@@ -1243,7 +1263,7 @@ def summary_writer(args):
 
 
 def progress_bar(name: str, total: int, completed: int):
-    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics."""
+    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics (process 0's only)."""
     columns = (
         TextColumn(name),
         BarColumn(),
@@ -1251,7 +1271,7 @@ def progress_bar(name: str, total: int, completed: int):
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
     )
-    progress = Progress(*columns)
+    progress = Progress(*columns, disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
 

@@ -24,12 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
-T_PPO, T_SFT, T_RM, T_MODEL, T_REAL = (
+T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH = (
     "tests/test_ppo.py::",
     "tests/test_sft.py::",
     "tests/test_reward_model.py::",
     "tests/test_model.py::",
     "tests/test_real_model.py::",
+    "tests/test_multihost.py::",
 )
 
 
@@ -167,8 +168,8 @@ MUTANTS = [
            '        if not (directory / "FINISHED").exists() and any(', "        if False and any(",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("sft export: the initial weights are written", "sft.py",
-           "        save_model(args.output_dir, nnx.merge(graphdef, gather(state[\"params\"])), tok_dir, overrides)",
-           "        save_model(args.output_dir, model, tok_dir, overrides)",
+           "export, args, nnx.merge(graphdef, gather(state[\"params\"])), tok_dir, overrides)",
+           "export, args, model, tok_dir, overrides)",
            (T_SFT + "test_resume_after_interruption_gives_the_uninterrupted_run_exactly",)),
     Mutant("export: non-finite weights written", "sft.py",
            "        if not np.isfinite(w).all():  # a NaN never", "        if False:  # a NaN never",
@@ -286,7 +287,7 @@ MUTANTS = [
            '            state = {"params": params, "opt_state": opt_state}\n', "            state = dict(state)\n",
            (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
     Mutant("PPO iteration: adaptive β not carried to the next update", "rlhf_ppo.py",
-           '"kl_coef": jnp.float32(kl_coef)}, stats', '"kl_coef": state["kl_coef"]}, stats',
+           '"kl_coef": kl_coef}, stats', '"kl_coef": state["kl_coef"]}, stats',
            (T_PPO + "test_the_adaptive_kl_coefficient_carries_from_update_to_update",
             T_PPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy")),
     # ---- chat templates and the conversational formats (the real model's tests)
@@ -320,6 +321,26 @@ MUTANTS = [
            "gold = vader_scores(texts)", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),
     Mutant("PPO evaluation: --eval-dataset ignored", "rlhf_ppo.py",
            "    if args.eval_dataset:\n", "    if False:\n", (T_REAL + "test_one_ppo_update_on_smollm2_with_a_reward_fn",)),
+    # ---- several processes (--distributed)
+    Mutant("multi-host: every process writes tensorboard logs", "sft.py",
+           "    if jax.process_index() != 0:\n        return NoWriter()", "    if False:\n        return NoWriter()",
+           (T_MH + "test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly",)),
+    Mutant("multi-host: process 0's error not told to the others", "sft.py",
+           "broadcast_one_to_all(np.int32(error is not None))", "broadcast_one_to_all(np.int32(0))",
+           (T_MH + "test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly",)),
+    Mutant("multi-host: arrays of several processes gathered untiled", "sft.py",
+           "process_allgather(x, tiled=True)", "process_allgather(x)",
+           (T_MH + "test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly",)),
+    Mutant("multi-host: the simulated labeler samples on every process", "reward_model.py",
+           'on_process_0("the simulated labeler", simulate_labeler, args,', "simulate_labeler(args,",
+           (T_MH + "test_reward_model_two_processes_label_once_and_train_as_one_over_two_devices",)),
+    Mutant("multi-host: --reward-fn reads only this process's rows", "rlhf_ppo.py",
+           "zip(gather(tokens), gather(mask))", "zip(np.asarray(tokens.addressable_data(0)), np.asarray(mask.addressable_data(0)))",
+           (T_MH + "test_ppo_two_processes_train_as_one_over_two_devices",)),
+    Mutant("multi-host: β left on one device", "rlhf_ppo.py",
+           "    kl_coef = jax.device_put(np.float32(kl_coef), NamedSharding(rows.mesh, PartitionSpec()))",
+           "    kl_coef = jnp.float32(kl_coef)",
+           (T_MH + "test_ppo_two_processes_train_as_one_over_two_devices",)),
 ]  # fmt: skip
 
 

@@ -269,20 +269,22 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
 
 
 def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
-    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N]. Each row is prompt +
-    response + EOS (unless the response ends with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the
-    reward being read at that EOS; a row over max_len loses tokens from the left of its prompt."""
-    rows, truncated = [], np.zeros(len(prompt_ids), bool)
+    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N], response_mask [N, L]
+    (the response's tokens and EOS: what dpo.py scores). Each row is prompt + response + EOS (unless the response ends
+    with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the reward being read at that EOS; a row over
+    max_len loses tokens from the left of its prompt."""
+    rows, starts, truncated = [], [], np.zeros(len(prompt_ids), bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         full = r if r and r[-1] == eos_id else r + [eos_id]
         response = full[:max_len]
         prompt = p[max(0, len(p) + len(response) - max_len) :]
         truncated[i] = len(prompt) + len(response) < len(p) + len(full)
         rows.append(prompt + response)
+        starts.append(len(prompt))
     L = max(map(len, rows))
     tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
     mask = np.arange(L)[None] < np.array([len(row) for row in rows])[:, None]
-    return tokens, mask, truncated
+    return tokens, mask, truncated, mask & (np.arange(L)[None] >= np.array(starts)[:, None])
 
 
 def pair_token_ids(tok, pairs, eos_id: int | None = None, chat=None):
@@ -319,10 +321,13 @@ def chat_pair_ids(tok, chat, prompt, response, eos_id: int):
     return p, (r[: len(r) - r[::-1].index(eos_id)] if eos_id in r else r)
 
 
-def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None):
-    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected), {"gold"} [2, N] (NaN where absent), pairs truncated."""
+def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None, with_response_mask=False):
+    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected) (and "response_mask"), {"gold"} [2, N] (NaN where absent),
+    the number of pairs truncated."""
     prompts, *sides = pair_token_ids(tok, pairs, eos_id, chat)
-    (ct, cm, c_trunc), (rt, rmask, r_trunc) = (tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides)
+    (ct, cm, c_trunc, c_resp), (rt, rmask, r_trunc, r_resp) = (
+        tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides
+    )
     L = max(ct.shape[1], rt.shape[1])
     widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
     gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
@@ -330,6 +335,8 @@ def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None
         "tokens": np.stack([widen(ct, pad_id), widen(rt, pad_id)]),
         "mask": np.stack([widen(cm, False), widen(rmask, False)]),
     }
+    if with_response_mask:
+        data["response_mask"] = np.stack([widen(c_resp, False), widen(r_resp, False)])
     return data | {"gold": gold}, int((c_trunc | r_trunc).sum())
 
 
@@ -455,7 +462,7 @@ def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prom
         eos_id,
         pad_id,
     )
-    tokens, mask, _ = tokenize(prompts, responses, eos_id, pad_id, args.max_seq_len)
+    tokens, mask, *_ = tokenize(prompts, responses, eos_id, pad_id, args.max_seq_len)
     raw = score_all(graphdef, params, tokens, mask, sharding, args.batch_size)
     if not np.isfinite(raw).all() or (args.normalize == "gain_bias" and raw.std() < 1e-6):
         raise FloatingPointError(

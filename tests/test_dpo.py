@@ -73,6 +73,18 @@ def rule_data(tiny_sft, tmp_path_factory):
     return path, train, val
 
 
+def naive_logps(model, tokens, mask, response_mask):
+    """log π(y|x) by a loop over the model's full logits (float64 log-softmax): [N, L] -> [N]."""
+    logits, _ = model(jnp.asarray(tokens), dpo.positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return np.array(
+        [
+            sum(logp[i, t - 1, tokens[i, t]] for t in np.flatnonzero(response_mask[i]) if t > 0)
+            for i in range(len(tokens))
+        ]
+    )
+
+
 def test_sequence_logps_sum_exactly_the_response_tokens(tiny_sft, rule_data):
     """Against a naive loop over the full logits: log π(y_t | x, y_<t) summed over the response and its EOS only."""
     _, train, _ = rule_data
@@ -80,14 +92,11 @@ def test_sequence_logps_sum_exactly_the_response_tokens(tiny_sft, rule_data):
     graphdef, params = nnx.split(model)
     tokens, mask, resp = (train[k][:, :4].reshape(8, -1) for k in ("tokens", "mask", "response_mask"))
     ours, lengths = dpo.sequence_logps(graphdef, params, tokens, mask, resp)
-    logits, _ = model(jnp.asarray(tokens), dpo.positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
-    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
     for i in range(len(tokens)):
         start, end = np.flatnonzero(resp[i])[[0, -1]]
         assert resp[i].sum() == end - start + 1 and tokens[i, end] == dpo.load_tokenizer(tiny_sft)[1]  # ends at EOS
-        naive = sum(logp[i, t - 1, tokens[i, t]] for t in range(start, end + 1))
-        assert float(ours[i]) == pytest.approx(float(naive), abs=1e-4)
-        assert lengths[i] == end - start + 1
+        assert start > 0 and lengths[i] == end - start + 1
+    np.testing.assert_allclose(ours, naive_logps(model, tokens, mask, resp), rtol=0, atol=1e-4)
 
 
 def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen_side(tiny_sft, rule_data):
@@ -161,6 +170,16 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     )
     for k in ("eval/gold_score", "eval/proxy_score"):
         assert first[k] == pytest.approx(expected[k], abs=1e-5), k
+    # measured without dpo.py's own log-prob code: the exported policy moved toward the chosen side of held-out pairs
+    _, _, val = rule_data
+    trained, sft_model = dpo.load_model(args.output_dir)[0], dpo.load_model(args.sft_model)[0]
+
+    def margins(model):  # log π(y_w|x) − log π(y_l|x) of each held-out pair
+        return np.subtract(
+            *(naive_logps(model, *(val[k][side] for k in ("tokens", "mask", "response_mask"))) for side in (0, 1))
+        )
+
+    assert np.mean(margins(trained) > margins(sft_model) + 1.0) >= 0.9
 
 
 def test_the_reference_stays_frozen_precomputed_or_on_the_fly(tmp_path, tiny_pipeline, rule_data):

@@ -254,24 +254,6 @@ def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
     return params, opt_state, metrics
 
 
-def make_optimizer(args: Args, total_steps: int):
-    """Step 4: AdamW (weight decay on matrices only), clipped, with warm-up over 10% of the steps and linear decay."""
-    warmup = max(1, total_steps // 10)
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, args.learning_rate, warmup),
-            optax.linear_schedule(args.learning_rate, 0.0, max(1, total_steps - warmup)),
-        ],
-        [warmup],
-    )
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    tx = optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
-        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
-
-
 # ---------------------------------------------------------------- step 5: evaluation
 def in_batches(fn, data, sharding, batch_size: int):
     """fn(batch [2, b, ...]) -> [2, b] over all N pairs of data [2, N, ...] in fixed-size batches (the last one padded
@@ -302,7 +284,7 @@ def preference_accuracy(args: Args, graphdef, params, data, sharding):
     }
 
 
-def ppo_evaluation(args: Args, tok, mesh):
+def ppo_evaluation(args: Args, tok, eos_id: int, pad_id: int, dtype, mesh):
     """rlhf_ppo.py's evaluation, set up as it sets it up: -> (its Args, models, value params, frozen params, evaluation
     sets). The policy's params are DPO's; PPO's value head is unused (a zero head, as PPO starts from)."""
     pargs = ppo.Args(
@@ -318,8 +300,8 @@ def ppo_evaluation(args: Args, tok, mesh):
         num_sample_rows=args.num_sample_rows,
         dtype=args.dtype,
     )
-    pargs = ppo.resolve_token_ids(pargs, *load_tokenizer(args.sft_model)[1:])
-    models, params, frozen = ppo.load_models(pargs, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    pargs = ppo.resolve_token_ids(pargs, eos_id, pad_id)
+    models, params, frozen = ppo.load_models(pargs, dtype)
     _, _, eval_sets = ppo.setup_data(pargs, tok)
     return pargs, models, shard(params["value"], mesh), shard(frozen, mesh, args.fsdp), eval_sets
 
@@ -339,14 +321,14 @@ def main(args: Args):
     check_data(args, policy.cfg, num_train, max(train["tokens"].shape[2], val["tokens"].shape[2]))
     graphdef, params = nnx.split(policy)
     ref_params = shard(jax.tree.map(jnp.copy, params), mesh, args.fsdp)  # π_ref: the frozen SFT model
-    tx, schedule = make_optimizer(args, total_steps)
+    tx, schedule = rm.make_optimizer(args, total_steps)  # step 4: the reward model's AdamW, warm-up and decay
     params = shard(params, mesh, args.fsdp)
     state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
     state, start = restore_latest(ckpt, state, args.resume)
     pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
     for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
         data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_params), data, pairs, args.batch_size)
-    pargs, models, value, frozen, eval_sets = ppo_evaluation(args, tok, mesh)
+    pargs, models, value, frozen, eval_sets = ppo_evaluation(args, tok, eos_id, pad_id, dtype, mesh)
 
     def evaluate_and_log(step):  # step 5
         metrics = preference_accuracy(args, graphdef, state["params"], val, pairs)

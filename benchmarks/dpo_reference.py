@@ -24,6 +24,7 @@ from bench_kernels import best_of  # noqa: E402
 from workload import cpu_description  # noqa: E402
 
 import dpo  # noqa: E402
+import reward_model as rm  # noqa: E402
 
 
 def step(args, graphdef, tx, params, ref_params, batch):
@@ -48,7 +49,7 @@ def main(cli):
     precompute_pass = time.perf_counter() - t  # includes its one compilation
     N, steps = train["tokens"].shape[1], train["tokens"].shape[1] // args.batch_size
     batch = jax.tree.map(lambda x: x[None], {k: v[:, : args.batch_size] for k, v in train.items()})  # [1, 2, B, ...]
-    tx, _ = dpo.make_optimizer(args, 100)
+    tx, _ = rm.make_optimizer(args, 100)
     times = {}
     for mode in ("precompute", "on-the-fly"):
         times[mode] = best_of(

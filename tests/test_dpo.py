@@ -161,13 +161,10 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     assert first["eval/rewards/accuracies"] == first["eval/rewards/gold_accuracies"] == 0.0
     assert final["eval/rewards/accuracies"] >= 0.9 and 0.5 < final["eval/rewards/gold_accuracies"] < 1.0
     assert final["eval/rewards/margins"] > 0 and final["eval/kl"] > 0
-    pargs, models, value, frozen, eval_sets = dpo.ppo_evaluation(
-        args, dpo.load_tokenizer(args.sft_model)[0], dpo.make_mesh(1)
-    )
+    tok, eos, pad = dpo.load_tokenizer(args.sft_model)
+    pargs, models, value, frozen, eval_sets = dpo.ppo_evaluation(args, tok, eos, pad, jnp.float32, dpo.make_mesh(1))
     sft_params = nnx.split(dpo.load_model(args.sft_model)[0])[1]
-    expected, _ = ppo.evaluate(
-        pargs, models, dpo.load_tokenizer(args.sft_model)[0], {"policy": sft_params, "value": value}, frozen, eval_sets
-    )
+    expected, _ = ppo.evaluate(pargs, models, tok, {"policy": sft_params, "value": value}, frozen, eval_sets)
     for k in ("eval/gold_score", "eval/proxy_score"):
         assert first[k] == pytest.approx(expected[k], abs=1e-5), k
     # measured without dpo.py's own log-prob code: the exported policy moved toward the chosen side of held-out pairs

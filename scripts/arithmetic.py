@@ -3,9 +3,12 @@
     python scripts/arithmetic.py data/arithmetic    # sft.jsonl (TRL "messages"), prompts.jsonl and eval.jsonl
     python rlhf_ppo.py ... --dataset data/arithmetic/prompts.jsonl --reward-fn scripts.arithmetic:reward \
         --eval-dataset data/arithmetic/eval.jsonl --gold-fn scripts.arithmetic:reward
+    python grpo.py ... --dataset data/arithmetic/prompts.jsonl --reward-fn scripts.arithmetic:final_number \
+        --eval-dataset data/arithmetic/eval.jsonl         # the prompts carry an "answer" column
 
 SmolLM2-135M-Instruct gets many of these wrong ("What is 12 + 35?" -> "12 + 35 = 50"), so SFT on worked answers and PPO
-with an exact-answer reward each have something to learn, and the gold check is exact.
+with an exact-answer reward each have something to learn, and the gold check is exact. The prompt files carry each
+question's sum as an "answer" column, which grpo.py hands to its reward functions.
 """
 
 import argparse
@@ -32,6 +35,16 @@ def reward(prompts: list[str], completions: list[str]) -> list[float]:
     return out
 
 
+def final_number(prompts: list[str], completions: list[str], answer: list[int], **columns) -> list[float]:
+    """1.0 if the last number in the completion is the row's `answer` column, else 0.0 (grpo.py's --reward-fn
+    signature, TRL's: the dataset's other fields arrive as keyword arguments)."""
+    out = []
+    for completion, expected in zip(completions, answer):
+        numbers = re.findall(r"-?\d+", completion.replace(",", ""))
+        out.append(float(bool(numbers) and int(numbers[-1]) == int(expected)))
+    return out
+
+
 def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int, n_eval: int = 200):
     """Distinct questions: n_sft worked conversations for SFT, then n_prompts for PPO, then n_eval held out."""
     rng = random.Random(seed)
@@ -48,7 +61,8 @@ def main(out_dir: Path, n_sft: int, n_prompts: int, seed: int, n_eval: int = 200
     ):
         with open(out_dir / f"{name}.jsonl", "w") as f:
             for a, b in questions:
-                f.write(json.dumps({"prompt": [{"role": "user", "content": question(a, b)}]}) + "\n")
+                prompt = [{"role": "user", "content": question(a, b)}]
+                f.write(json.dumps({"prompt": prompt, "answer": a + b}) + "\n")
     print(f"wrote {out_dir}: sft.jsonl ({n_sft} conversations), prompts.jsonl ({n_prompts}), eval.jsonl ({n_eval})")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = "tests/test_ppo_reference.py"  # the naive reference of one PPO iteration
-T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH, T_DPO = (
+T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH, T_DPO, T_GRPO = (
     "tests/test_ppo.py::",
     "tests/test_sft.py::",
     "tests/test_reward_model.py::",
@@ -32,7 +32,15 @@ T_PPO, T_SFT, T_RM, T_MODEL, T_REAL, T_MH, T_DPO = (
     "tests/test_real_model.py::",
     "tests/test_multihost.py::",
     "tests/test_dpo.py::",
+    "tests/test_grpo.py::",
 )
+G_ADV = T_GRPO + "test_grpo_and_rloo_advantages_equal_their_formulas"
+G_LOSS = T_GRPO + "test_each_loss_type_equals_its_formula_computed_by_hand"
+G_NAIVE = T_GRPO + "test_the_loss_and_its_gradient_equal_a_naive_full_logits_reference"
+G_ASYNC = T_GRPO + "test_staleness_0_is_the_synchronous_loop_and_1_samples_with_the_previous_weights"
+G_LEARN = T_GRPO + "test_grpo_learns_a_reward_function_and_the_evaluation_starts_at_the_sft_policy"
+G_REWARDS = T_GRPO + "test_reward_functions_get_their_columns_and_none_adds_nothing"
+G_ITER = T_GRPO + "test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_weights"
 
 
 @dataclass(frozen=True)
@@ -392,6 +400,81 @@ MUTANTS = [
     Mutant("dpo evaluation: a tie counts as agreeing with a gold-worse chosen side", "dpo.py",
            "np.sign(margin[untied]) == np.sign(gold_margin[untied])", "(margin[untied] > 0) == (gold_margin[untied] > 0)",
            (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
+    # ---- GRPO (grpo.py): advantages, loss, rewards, staleness
+    Mutant("grpo advantage: the batch's mean as the baseline, not the group's", "grpo.py",
+           "        baseline = grouped.mean(1, keepdims=True)", "        baseline = grouped.mean()", (G_ADV,)),
+    Mutant("grpo advantage: RLOO's baseline divides by G", "grpo.py",
+           "(grouped.sum(1, keepdims=True) - grouped) / (G - 1)", "(grouped.sum(1, keepdims=True) - grouped) / G",
+           (G_ADV,)),
+    Mutant("grpo advantage: --advantage rloo and grpo swapped", "grpo.py",
+           '    if args.advantage == "grpo":', '    if args.advantage == "rloo":', (G_ADV,)),
+    Mutant("grpo advantage: the group std without Bessel's correction", "grpo.py",
+           "jnp.repeat(grouped.std(1, ddof=1), G)", "jnp.repeat(grouped.std(1), G)", (G_ADV,)),
+    Mutant("grpo advantage: group stds tiled, not repeated (another group's std)", "grpo.py",
+           "jnp.repeat(grouped.std(1, ddof=1), G)", "jnp.tile(grouped.std(1, ddof=1), G)", (G_ADV,)),
+    Mutant("grpo advantage: --scale-rewards batch does not scale", "grpo.py",
+           "        return advantages / (rewards.std(ddof=1) + 1e-4)", "        return advantages", (G_ADV,)),
+    Mutant("grpo loss: ratio inverted (π_old / π_θ)", "grpo.py",
+           'ratio = jnp.exp(logprobs - batch["old_logprobs"])', 'ratio = jnp.exp(batch["old_logprobs"] - logprobs)',
+           (G_LOSS,)),
+    Mutant("grpo loss: ratio to the current policy, not the sampler (TRL's on-policy shortcut)", "grpo.py",
+           'ratio = jnp.exp(logprobs - batch["old_logprobs"])', "ratio = jnp.exp(logprobs - jax.lax.stop_gradient(logprobs))",
+           (G_NAIVE,)),
+    Mutant("grpo loss: max of the surrogates, not min", "grpo.py",
+           "per_token = -jnp.minimum(ratio * A,", "per_token = -jnp.maximum(ratio * A,", (G_LOSS,)),
+    Mutant("grpo loss: --epsilon-high ignored", "grpo.py",
+           "jnp.clip(ratio, 1 - args.epsilon, 1 + eps_high) * A)", "jnp.clip(ratio, 1 - args.epsilon, 1 + args.epsilon) * A)",
+           (G_LOSS,)),
+    Mutant("grpo loss: k3 of the inverse ratio (π_θ / π_ref)", "grpo.py",
+           '    log_ref_ratio = batch["ref_logprobs"] - logprobs', '    log_ref_ratio = logprobs - batch["ref_logprobs"]',
+           (G_LOSS,)),
+    Mutant("grpo loss: β·KL not added", "grpo.py",
+           "        per_token = per_token + args.beta * kl", "        per_token = per_token", (G_LOSS,)),
+    Mutant("grpo loss: tokens after the stop token counted", "grpo.py",
+           '    m = batch["completion_mask"]\n    logprobs, entropy', '    m = jnp.ones_like(batch["completion_mask"])\n    logprobs, entropy',
+           (G_LOSS,)),
+    Mutant("grpo loss: --loss-type grpo without the per-sequence length", "grpo.py",
+           "loss = ((per_token * m).sum(1) / jnp.maximum(m.sum(1), 1)).mean()", "loss = (per_token * m).sum(1).mean()",
+           (G_LOSS,)),
+    Mutant("grpo loss: --loss-type bnpo over every slot, not the real tokens", "grpo.py",
+           "loss = (per_token * m).sum() / jnp.maximum(m.sum(), 1)", "loss = (per_token * m).sum() / m.size", (G_LOSS,)),
+    Mutant("grpo loss: --loss-type dr_grpo without R", "grpo.py",
+           "(per_token * m).sum() / (m.shape[0] * args.response_length)", "(per_token * m).sum() / m.shape[0]", (G_LOSS,)),
+    Mutant("grpo loss: training log-probs at T = 1", "grpo.py",
+           'batch["completions"], args.temperature\n    )\n    ratio',
+           'batch["completions"], 1.0\n    )\n    ratio', (G_NAIVE,)),
+    Mutant("grpo sampling: the sampler at T = 1", "grpo.py",
+           "        temperature=args.temperature,\n        stop_token_id=args.stop_token_id,\n        pad_token_id=args.pad_token_id,\n    )  # 2",
+           "        temperature=1.0,\n        stop_token_id=args.stop_token_id,\n        pad_token_id=args.pad_token_id,\n    )  # 2",
+           (T_GRPO + "test_the_sampler_draws_at_the_training_temperature",)),
+    Mutant("grpo sampling: completions drawn from the frozen reference", "grpo.py",
+           "        step_function(graphdef),\n        params,", '        step_function(graphdef),\n        frozen["ref"],',
+           (G_LEARN,)),
+    Mutant("grpo sampling: π_old from the reference's weights", "grpo.py",
+           "old_logprobs = completion_logprobs(graphdef, params, tokens", 'old_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens',
+           (G_NAIVE,)),
+    Mutant("grpo sampling: the reference's log-probs skipped with β > 0", "grpo.py",
+           "args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key, args.beta > 0",
+           "args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key, False", (G_NAIVE,)),
+    Mutant("grpo step 1: prompts tiled, not repeated (a group of different prompts)", "grpo.py",
+           "idx = np.repeat(batch_indices(", "idx = np.tile(batch_indices(", (G_NAIVE,)),
+    Mutant("grpo step 1: the columns not repeated with their prompts", "grpo.py",
+           "{k: [v[i] for i in idx] for k, v in columns.items()}", "{k: v[: len(idx)] for k, v in columns.items()}",
+           (G_ASYNC,)),
+    Mutant("grpo rewards: --reward-weights ignored", "grpo.py",
+           "np.nansum(per_function * weights, axis=1)", "np.nansum(per_function, axis=1)", (G_REWARDS,)),
+    Mutant("grpo rewards: None counted as 0 in the function's statistics", "grpo.py",
+           "out[i, j] = np.nan if v is None else v", "out[i, j] = 0.0 if v is None else v", (G_REWARDS,)),
+    Mutant("grpo update: --num-iterations ignored (one step per batch)", "grpo.py",
+           "length=args.num_iterations)", "length=1)", (G_ITER,)),
+    Mutant("grpo update: a non-finite step applied", "grpo.py",
+           "        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))",
+           "        finite = jnp.isfinite(optax.tree.norm(params))", (G_ITER,)),
+    Mutant("grpo staleness: batches sampled with the newest weights whatever k", "grpo.py",
+           "                version = max(step - self.k, first)", "                version = step", (G_ASYNC,)),
+    Mutant("grpo staleness: the same sampling key at every step", "grpo.py",
+           "        key = jax.random.fold_in(jax.random.key(args.seed), step)\n        return rollout",
+           "        key = jax.random.key(args.seed)\n        return rollout", (G_ASYNC,)),
 ]  # fmt: skip
 
 

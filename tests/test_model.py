@@ -324,7 +324,7 @@ def test_model_copies_are_identical():
     root = Path(__file__).resolve().parents[1]
     start, end = "# ==== APPENDIX", "# ==== END APPENDIX ===="
     copies = {}
-    for script in ("sft.py", "reward_model.py", "rlhf_ppo.py", "dpo.py"):
+    for script in ("sft.py", "reward_model.py", "rlhf_ppo.py", "dpo.py", "grpo.py"):
         if (root / script).exists():
             text = (root / script).read_text()
             assert text.count(start) == 1 and text.count(end) == 1, script

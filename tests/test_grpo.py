@@ -1,0 +1,415 @@
+"""grpo.py: advantages and losses against hand-computed values, the loss and its gradient against a naive full-logits
+reference, reward functions' columns and None, bounded staleness against plain loops, learning, resume, refusals."""
+
+import statistics
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_same_params, kill_during_call, read_checkpoint
+from flax import nnx
+from test_sft import write_jsonl
+
+import grpo
+
+REWARDS = [1.0, 2.0, 4.0, 0.0, 0.0, 3.0]  # two groups of G = 3
+
+
+def by_hand(advantage, scale):
+    """Step 5 written out with Python's statistics module (stdev: the sample std, as torch.std)."""
+    out = []
+    groups = [REWARDS[:3], REWARDS[3:]]
+    for group in groups:
+        for i, r in enumerate(group):
+            others = group[:i] + group[i + 1 :]
+            a = r - (statistics.mean(group) if advantage == "grpo" else statistics.mean(others))
+            std = {"group": statistics.stdev(group), "batch": statistics.stdev(REWARDS), "none": None}[scale]
+            out.append(a if std is None else a / (std + 1e-4))
+    return out
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_and_rloo_advantages_equal_their_formulas(advantage, scale):
+    args = grpo.Args(group_size=3, advantage=advantage, scale_rewards=scale)
+    ours = grpo.group_advantages(args, jnp.asarray(REWARDS))
+    np.testing.assert_allclose(ours, by_hand(advantage, scale), rtol=1e-5, atol=1e-6)
+    # pinned: the first completion of [1, 2, 4]: mean 7/3, std √(7/3); RLOO's baseline (2 + 4) / 2
+    pinned = {("grpo", "none"): -4 / 3, ("rloo", "none"): -2.0, ("grpo", "group"): -4 / 3 / (7 / 3) ** 0.5}
+    if (advantage, scale) in pinned:
+        assert float(ours[0]) == pytest.approx(pinned[advantage, scale], rel=1e-4)
+
+
+LOGP = np.array([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0]])  # [B, R]: log π_θ
+OLD = np.array([[-1.5, -1.9, -0.5], [-0.2, -1.3, -2.0]])  # log π_old: ratios e^0.5, e^-0.1, 1; e^-0.5, e^0.1, e^-1
+REF = np.array([[-1.2, -2.5, -0.1], [-0.7, -1.0, -2.5]])
+MASK = np.array([[1, 1, 0], [1, 1, 1]], bool)  # the first completion stopped after 2 tokens
+ADV = np.array([0.8, -1.5])
+
+
+def loss_by_hand(loss_type, beta, eps, eps_high):
+    terms, lengths = [], MASK.sum(1)
+    for i in range(2):
+        row = []
+        for t in range(3):
+            rho = np.exp(LOGP[i, t] - OLD[i, t])
+            surrogate = -min(rho * ADV[i], np.clip(rho, 1 - eps, 1 + eps_high) * ADV[i])
+            kl = np.exp(REF[i, t] - LOGP[i, t]) - (REF[i, t] - LOGP[i, t]) - 1
+            row.append((surrogate + beta * kl) * MASK[i, t])
+        terms.append(row)
+    terms = np.array(terms)
+    return {
+        "grpo": np.mean(terms.sum(1) / lengths),
+        "bnpo": terms.sum() / lengths.sum(),
+        "dr_grpo": terms.sum() / (2 * 3),
+    }[loss_type]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("beta, eps_high", [(0.0, None), (0.1, 0.28)])
+def test_each_loss_type_equals_its_formula_computed_by_hand(loss_type, beta, eps_high, monkeypatch):
+    """The clipped surrogate (clip-higher included), β·k3 and the three normalisations, with log π given directly."""
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda graphdef, params, *a: (params, jnp.zeros_like(params)))
+    args = grpo.Args(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=eps_high, response_length=3)
+    batch = {"tokens": None, "mask": None, "completions": None, "completion_mask": jnp.asarray(MASK)}
+    batch |= {"old_logprobs": jnp.asarray(OLD), "ref_logprobs": jnp.asarray(REF), "advantages": jnp.asarray(ADV)}
+    loss, stats = grpo.grpo_loss(jnp.asarray(LOGP), args, None, batch)
+    assert float(loss) == pytest.approx(loss_by_hand(loss_type, beta, 0.2, eps_high or 0.2), rel=1e-5)
+    # TRL's clip ratios over the 5 real tokens: ratio e^0.5 with A > 0 is above 1.2 (and 1.28); e^-0.5, e^-1 with
+    # A < 0 are below 0.8
+    assert float(stats["clip_ratio/high_mean"]) == pytest.approx(1 / 5)
+    assert float(stats["clip_ratio/low_mean"]) == pytest.approx(2 / 5)
+    assert float(stats["clip_ratio/region_mean"]) == pytest.approx(3 / 5)
+    if loss_type == "grpo" and beta == 0.0:  # pinned by hand: ratios e^0.5 and e^-0.5, e^-1 clipped to 1.2 and 0.8
+        row1 = -0.8 * (1.2 + np.exp(-0.1)) / 2
+        row2 = 1.5 * (0.8 + np.exp(0.1) + 0.8) / 3
+        assert float(loss) == pytest.approx((row1 + row2) / 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------- on the tiny SFT checkpoint
+WORDS = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+
+
+@pytest.fixture(scope="module")
+def prompts_with_answers(tmp_path_factory):
+    """40 prompts, each with an "answer" column equal to its text (so a reward function can check the alignment)."""
+    rng = np.random.default_rng(0)
+    rows = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(2, 6, 40)]
+    path = tmp_path_factory.mktemp("grpo") / "prompts.jsonl"
+    return write_jsonl(path, [{"prompt": r, "answer": r, "index": i} for i, r in enumerate(rows)])
+
+
+@pytest.fixture
+def rewards_module(monkeypatch):
+    """Reward functions in TRL's signature, importable as grpo_test_rewards:..."""
+    module = types.ModuleType("grpo_test_rewards")
+
+    def aligned_good(prompts, completions, answer, index, **columns):  # the columns belong to their prompts
+        assert [" ".join(p.split()) for p in prompts] == answer, "columns not aligned with the prompts"
+        return [float(c.count("good")) for c in completions]
+
+    def only_long(prompts, completions, **columns):  # does not apply to short completions
+        return [None if len(c.split()) < 3 else float(len(c.split())) / 10 for c in completions]
+
+    module.aligned_good, module.only_long = aligned_good, only_long
+    module.good = lambda prompts, completions, **columns: [float(c.count("good")) for c in completions]
+    monkeypatch.setitem(sys.modules, "grpo_test_rewards", module)
+    return module
+
+
+def tiny_args(tiny_sft, tmp, prompts, **kw):
+    base = dict(
+        sft_model=str(tiny_sft),
+        dataset=str(prompts),
+        eval_dataset=str(prompts),
+        reward_fn=("grpo_test_rewards:aligned_good", "grpo_test_rewards:only_long"),
+        reward_weights=(1.0, 0.5),
+        response_length=6,
+        group_size=4,
+        batch_size=8,
+        max_steps=3,
+        beta=0.1,
+        num_iterations=2,
+        learning_rate=1e-2,
+        temperature=1.0,
+        eval_every=3,
+        eval_prompts=8,
+        num_devices=1,
+        output_dir=str(tmp / "out"),
+        checkpoint_dir=str(tmp / "ckpt"),
+    )
+    return grpo.Args(**{**base, **kw})
+
+
+def test_reward_functions_get_their_columns_and_none_adds_nothing(rewards_module):
+    args = grpo.Args(reward_fn=("grpo_test_rewards:aligned_good", "grpo_test_rewards:only_long"), reward_weights=(2, 1))
+    prompts, completions = ["a b", "c"], ["good good", "good x y z"]
+    per_function = grpo.call_reward_fns(args, prompts, completions, {"answer": ["a b", "c"], "index": [0, 1]})
+    np.testing.assert_allclose(per_function, [[2.0, np.nan], [1.0, 0.4]], rtol=1e-6)
+    np.testing.assert_allclose(grpo.total_reward(args, per_function), [4.0, 2.4])  # the None adds 0
+    with pytest.raises(AssertionError, match="not aligned"):
+        grpo.call_reward_fns(args, prompts, completions, {"answer": ["c", "a b"], "index": [0, 1]})
+    rewards_module.good = lambda p, c, **k: [1.0]
+    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
+        grpo.call_reward_fns(grpo.Args(reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
+    rewards_module.good = lambda p, c, **k: [1.0, float("nan")]
+    with pytest.raises(FloatingPointError, match="grpo_test_rewards:good returned nan for the completion 'good x y z'"):
+        grpo.call_reward_fns(grpo.Args(reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
+
+
+def perturbed(tree, seed: int, scale: float = 0.05):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def naive_logprobs(args, graphdef, params, batch):
+    """log π(y_t | x, y_<t) from the model's full logits / T at the position before each completion token. [B, R]"""
+    tokens, mask, R = batch["tokens"], batch["mask"], batch["completion_mask"].shape[1]
+    logits, _ = nnx.merge(graphdef, params)(tokens, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), mask)
+    logp_all = jax.nn.log_softmax(logits[:, -R - 1 : -1].astype(jnp.float32) / args.temperature, axis=-1)
+    return jnp.take_along_axis(logp_all, tokens[:, -R:, None], axis=-1)[..., 0]
+
+
+def naive_loss(args, graphdef, params, batch):
+    """Step 6 written plainly, as in the module docstring."""
+    m = batch["completion_mask"]
+    logp = naive_logprobs(args, graphdef, params, batch)
+    ratio = jnp.exp(logp - batch["old_logprobs"])
+    A = batch["advantages"][:, None]
+    eps_high = args.epsilon_high or args.epsilon
+    d = batch["ref_logprobs"] - logp
+    terms = -jnp.minimum(ratio * A, jnp.clip(ratio, 1 - args.epsilon, 1 + eps_high) * A) + args.beta * (
+        jnp.exp(d) - d - 1
+    )
+    terms = terms * m
+    if args.loss_type == "grpo":
+        return jnp.mean(terms.sum(1) / m.sum(1))
+    if args.loss_type == "bnpo":
+        return terms.sum() / m.sum()
+    return terms.sum() / (m.shape[0] * args.response_length)
+
+
+def tiny_setup(tiny_sft, tmp_path, prompts, **kw):
+    args = tiny_args(tiny_sft, tmp_path, prompts, **kw)
+    tok, eos, pad = grpo.load_tokenizer(args.sft_model)
+    args = grpo.with_defaults(args, eos, pad)
+    graphdef, _, params, frozen = grpo.load_models(args, jnp.float32, grpo.make_mesh(1))
+    train = grpo.load_prompts(args, tok, None, args.dataset, "train")
+    return args, tok, graphdef, params, frozen, train
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_the_loss_and_its_gradient_equal_a_naive_full_logits_reference(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module, loss_type
+):
+    """A real rollout of the tiny policy, then the policy moved (ratio ≠ 1) and a different reference (KL ≠ 0): the
+    loss and its gradient equal the naive computation's."""
+    args, tok, graphdef, params, frozen, train = tiny_setup(
+        tiny_sft, tmp_path, prompts_with_answers, loss_type=loss_type, epsilon_high=0.28, temperature=0.7
+    )
+    frozen = {"ref": perturbed(frozen["ref"], 1), "reward": None}
+    q, qm, columns = grpo.prompt_batch(args, train, 0)
+    G, P = args.group_size, q.shape[1]
+    groups = q.reshape(-1, G, P)  # step 1: G consecutive copies of each prompt, different prompts
+    assert (groups == groups[:, :1]).all() and (groups[0, 0] != groups[1, 0]).any()
+    batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
+    m = batch["completion_mask"]  # step 3: the sampler's and the reference's log-probs, by the naive loop
+    np.testing.assert_allclose(batch["old_logprobs"] * m, naive_logprobs(args, graphdef, params, batch) * m, atol=1e-4)
+    np.testing.assert_allclose(
+        batch["ref_logprobs"] * m, naive_logprobs(args, graphdef, frozen["ref"], batch) * m, atol=1e-4
+    )
+    assert float(jnp.abs(batch["ref_logprobs"] - batch["old_logprobs"]).max()) > 0.01
+    assert float(jnp.abs(batch["advantages"]).max()) > 0.1  # the rewards differ within a group
+    moved = perturbed(params, 2)
+    (loss, _), grads = jax.value_and_grad(grpo.grpo_loss, has_aux=True)(moved, args, graphdef, batch)
+    naive, naive_grads = jax.value_and_grad(lambda p: naive_loss(args, graphdef, p, batch))(moved)
+    assert abs(float(loss)) > 1e-3 and float(loss) == pytest.approx(float(naive), rel=1e-4, abs=1e-6)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(naive_grads)):
+        np.testing.assert_allclose(g, h, rtol=1e-3, atol=1e-5)
+
+
+def test_the_sampler_draws_at_the_training_temperature(tiny_sft, tmp_path, prompts_with_answers, rewards_module):
+    """At T = 1e-3 the G completions of a prompt are nearly all the greedy one (the tiny model has near-ties); at
+    T = 1 most differ from their group's first."""
+    alike = {}
+    for temperature in (1e-3, 1.0):
+        args, tok, graphdef, params, frozen, train = tiny_setup(
+            tiny_sft, tmp_path, prompts_with_answers, temperature=temperature, batch_size=32
+        )
+        q, qm, columns = grpo.prompt_batch(args, train, 0)
+        batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
+        groups = np.asarray(batch["completions"]).reshape(-1, args.group_size, args.response_length)
+        alike[temperature] = (groups == groups[:, :1]).all(2).mean()  # rows equal to their group's first
+    assert alike[1e-3] >= 0.9 and alike[1.0] <= 0.5, alike
+
+
+def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_weights(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module
+):
+    """μ = 3 equals three μ = 1 updates on the batch (the ratio to the same sampler); a NaN advantage leaves the
+    weights and the optimizer state as they were, and grpo_step stops the run."""
+    args, tok, graphdef, params, frozen, train = tiny_setup(tiny_sft, tmp_path, prompts_with_answers, num_iterations=3)
+    q, qm, columns = grpo.prompt_batch(args, train, 0)
+    batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
+    tx = optax.sgd(0.5)
+    three, _, _ = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch)
+    one, args1 = params, grpo.Args(**{**vars(args), "num_iterations": 1})
+    for _ in range(3):
+        one, _, _ = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch)
+    assert_same_params(nnx.to_pure_dict(three), nnx.to_pure_dict(one), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(one)[0], jax.tree.leaves(params)[0])
+    bad = batch | {"advantages": batch["advantages"].at[0].set(jnp.nan)}
+    state = {"params": params, "opt_state": tx.init(params)}
+    same, _, stats = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), bad)
+    assert_same_params(nnx.to_pure_dict(same), nnx.to_pure_dict(params))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        grpo.grpo_step(args, graphdef, tx, state, bad, 0, 0)
+
+
+def plain_loop(args, lag: int):
+    """Steps 1-6 written as one sequential loop, the batch of step s sampled by the weights after max(s − lag, 0)
+    steps: what --max-staleness lag must compute, without threads."""
+    tok, eos, pad = grpo.load_tokenizer(args.sft_model)
+    args = grpo.with_defaults(args, eos, pad)
+    graphdef, reward_graphdef, params, frozen = grpo.load_models(args, jnp.float32, grpo.make_mesh(1))
+    train = grpo.load_prompts(args, tok, None, args.dataset, "train")
+    tx = grpo.make_optimizer(args)
+    opt_state, history = tx.init(params), [params]
+    for step in range(args.max_steps):
+        q, qm, columns = grpo.prompt_batch(args, train, step)
+        key = jax.random.fold_in(jax.random.key(args.seed), step)
+        sampler = history[max(step - lag, 0)]
+        batch, _ = grpo.rollout(args, graphdef, reward_graphdef, tok, sampler, frozen, q, qm, columns, key)
+        params, opt_state, _ = grpo.grpo_update(args, graphdef, tx, params, opt_state, batch)
+        history.append(params)
+    return nnx.to_pure_dict(params)
+
+
+def test_staleness_0_is_the_synchronous_loop_and_1_samples_with_the_previous_weights(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module
+):
+    """main with --max-staleness 0 ends at the plain loop's weights; with 1, at those of the plain loop whose batch s
+    is sampled by the weights of step s − 1 (the ratio then to those weights); the two differ."""
+    finals = {}
+    for k in (0, 1):
+        args = tiny_args(
+            tiny_sft, tmp_path, prompts_with_answers, max_staleness=k, checkpoint_dir=str(tmp_path / f"ck{k}")
+        )
+        grpo.main(args)
+        step, state = read_checkpoint(args.checkpoint_dir)
+        assert step == 3
+        assert_same_params(state["params"], plain_loop(args, lag=k), rtol=0, atol=1e-6)
+        finals[k] = state["params"]
+    diff = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])))
+    assert diff > 1e-4
+
+
+def test_grpo_learns_a_reward_function_and_the_evaluation_starts_at_the_sft_policy(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module
+):
+    """Rewarding "good": 16 steps raise the held-out reward from ~0 to > 1; step 0's KL to the SFT policy is 0."""
+    args = tiny_args(
+        tiny_sft,
+        tmp_path,
+        prompts_with_answers,
+        reward_fn=("grpo_test_rewards:good",),
+        reward_weights=(),
+        response_length=8,
+        batch_size=32,
+        max_steps=16,
+        eval_every=16,
+        eval_prompts=32,
+        learning_rate=2e-2,
+        beta=0.01,
+    )
+    first, final = grpo.main(args)
+    assert first["eval/kl"] == 0.0 and first["eval/rewards/good/mean"] == first["eval/reward"]
+    assert first["eval/reward"] < 0.3 and final["eval/reward"] > 1.0, (first, final)
+    assert final["eval/kl"] > 0.1
+
+
+def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module, monkeypatch
+):
+    """Killed during step 3 and resumed, a run ends with the uninterrupted run's weights and AdamW state, bit for bit
+    (two devices); the exported policy is that state's."""
+    kw = dict(max_steps=4, checkpoint_every=1, num_devices=2, eval_every=2)
+    straight = tiny_args(tiny_sft, tmp_path / "a", prompts_with_answers, **kw)
+    grpo.main(straight)
+    args = tiny_args(tiny_sft, tmp_path / "b", prompts_with_answers, **kw)
+    kill_during_call(monkeypatch, grpo, "grpo_step", 3, lambda: grpo.main(args))
+    assert read_checkpoint(args.checkpoint_dir)[0] == 2
+    grpo.main(grpo.Args(**{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert step_a == step_b == 4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert_same_params(grpo.load_model(args.output_dir)[0], a["params"])
+
+
+def test_an_error_in_the_rollout_thread_stops_the_run(tiny_sft, tmp_path, prompts_with_answers, rewards_module):
+    """A reward function failing in the background thread is raised by main (no hang); a non-finite reward names the
+    function; the output dir is not written."""
+    calls = []
+
+    def failing(prompts, completions, **columns):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the reward server is down")
+        return [0.0] * len(completions)
+
+    rewards_module.failing = failing
+    args = tiny_args(
+        tiny_sft, tmp_path, prompts_with_answers, reward_fn=("grpo_test_rewards:failing",), max_staleness=1
+    )
+    with pytest.raises(RuntimeError, match="the reward server is down"):
+        grpo.main(dataclasses_replace(args, reward_weights=()))
+    rewards_module.failing = lambda p, c, **k: [float("inf")] * len(c)
+    with pytest.raises(FloatingPointError, match="grpo_test_rewards:failing returned inf"):
+        grpo.main(dataclasses_replace(args, reward_weights=(), checkpoint_dir=str(tmp_path / "ck2")))
+    assert not (tmp_path / "out").exists()
+
+
+def dataclasses_replace(args, **kw):
+    return grpo.Args(**{**vars(args), **kw})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(group_size=1), "--group-size 1: must be >= 2"),
+        (dict(batch_size=10), "--batch-size 10: must be a multiple of --group-size 4"),
+        (dict(reward_weights=(1.0,)), "--reward-weights 1.0: 1 weights for 2 rewards"),
+        (dict(reward_fn=("grpo_test_rewards:missing",), reward_weights=()), "has no function missing"),
+        (dict(num_iterations=0), "--num-iterations 0"),
+        (dict(max_staleness=-1), "--max-staleness -1"),
+        (dict(temperature=0.0), "--temperature 0.0"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_flag(
+    tiny_sft, tmp_path, prompts_with_answers, rewards_module, override, message
+):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grpo.main(tiny_args(tiny_sft, tmp_path, prompts_with_answers, **override))
+
+
+def test_a_dataset_row_with_other_columns_names_file_and_line(tiny_sft, tmp_path, rewards_module):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film", "answer": "1"}, {"prompt": "a plot"}])
+    with pytest.raises(ValueError, match=r"p.jsonl:2: fields \[\] differ from the first row's \['answer'\]"):
+        grpo.main(tiny_args(tiny_sft, tmp_path, path))
+
+
+def test_the_default_task_uses_the_built_in_rewards(tmp_path):
+    args = grpo.with_defaults(grpo.Args(), eos_id=3, pad_id=0)
+    assert args.reward_fn == grpo.BUILT_IN_REWARDS and (args.stop_token_id, args.pad_token_id) == (3, 0)
+    texts = ["what a wonderful, great film", "terrible terrible terrible terrible", "ok"]
+    sentiment = grpo.positive_sentiment([""] * 3, texts)
+    assert sentiment[0] > 0.8 and sentiment[1] < 0.2 and all(0 <= s <= 1 for s in sentiment)
+    assert grpo.length_band([""] * 4, ["w " * 4, "w " * 12, "w " * 20, "w " * 30]) == [0.5, 1.0, 0.5, 0.0]
+    assert grpo.no_repetition([""] * 3, texts) == [1.0, pytest.approx(1 / 3), None]
+    assert grpo.with_defaults(grpo.Args(reward_model="rm"), 3, 0).reward_fn == ()

@@ -4,30 +4,13 @@ python scripts/grpo_curves.py runs/grpo__1__<time> results/grpo_curves.png
 """
 
 import argparse
-import struct
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboardX.proto import event_pb2  # noqa: E402
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} of every events file in run_dir (TFRecord framing: length, its CRC, data, its CRC)."""
-    scalars = defaultdict(list)
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            i += 12 + n + 4
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    scalars[v.tag].append((event.step, v.simple_value))
-    return scalars
+from ppo_results import read_scalars  # noqa: E402  (scripts/, beside this file: the tensorboard reader)
 
 
 def main(run_dir: Path, out: Path):

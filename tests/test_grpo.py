@@ -194,13 +194,17 @@ def naive_loss(args, graphdef, params, batch):
     return terms.sum() / (m.shape[0] * args.response_length)
 
 
-def tiny_setup(tiny_sft, tmp_path, prompts, **kw):
-    args = tiny_args(tiny_sft, tmp_path, prompts, **kw)
+def setup_from(args):
+    """What main builds before its loop, on one device: the args completed, the tokenizer, the models, the
+    training prompts."""
     tok, eos, pad = grpo.load_tokenizer(args.sft_model)
     args = grpo.with_defaults(args, eos, pad)
     graphdef, _, params, frozen = grpo.load_models(args, jnp.float32, grpo.make_mesh(1))
-    train = grpo.load_prompts(args, tok, None, args.dataset, "train")
-    return args, tok, graphdef, params, frozen, train
+    return args, tok, graphdef, params, frozen, grpo.load_prompts(args, tok, None, args.dataset, "train")
+
+
+def tiny_setup(tiny_sft, tmp_path, prompts, **kw):
+    return setup_from(tiny_args(tiny_sft, tmp_path, prompts, **kw))
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
@@ -274,17 +278,14 @@ def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_we
 def plain_loop(args, lag: int):
     """Steps 1-6 written as one sequential loop, the batch of step s sampled by the weights after max(s − lag, 0)
     steps: what --max-staleness lag must compute, without threads."""
-    tok, eos, pad = grpo.load_tokenizer(args.sft_model)
-    args = grpo.with_defaults(args, eos, pad)
-    graphdef, reward_graphdef, params, frozen = grpo.load_models(args, jnp.float32, grpo.make_mesh(1))
-    train = grpo.load_prompts(args, tok, None, args.dataset, "train")
+    args, tok, graphdef, params, frozen, train = setup_from(args)
     tx = grpo.make_optimizer(args)
     opt_state, history = tx.init(params), [params]
     for step in range(args.max_steps):
         q, qm, columns = grpo.prompt_batch(args, train, step)
         key = jax.random.fold_in(jax.random.key(args.seed), step)
         sampler = history[max(step - lag, 0)]
-        batch, _ = grpo.rollout(args, graphdef, reward_graphdef, tok, sampler, frozen, q, qm, columns, key)
+        batch, _ = grpo.rollout(args, graphdef, None, tok, sampler, frozen, q, qm, columns, key)
         params, opt_state, _ = grpo.grpo_update(args, graphdef, tx, params, opt_state, batch)
         history.append(params)
     return nnx.to_pure_dict(params)

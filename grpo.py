@@ -322,8 +322,9 @@ def sample_and_score(
     )  # 2, 3 (and the reward model's score)
     prompts, texts = ppo.decode(tok, queries, query_mask), ppo.decode(tok, completions, batch["completion_mask"])
     per_function = call_reward_fns(args, prompts, texts, columns)  # 4
+    rm_scores = batch.pop("rm_scores")  # zeros without a reward model
     if reward_graphdef is not None:
-        per_function = np.concatenate([per_function, gather(batch.pop("rm_scores"))[:, None]], axis=1)
+        per_function = np.concatenate([per_function, gather(rm_scores)[:, None]], axis=1)
     return batch, prompts, texts, per_function
 
 
@@ -333,7 +334,6 @@ def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries,
     batch, _, _, per_function = sample_and_score(
         args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key, args.beta > 0
     )
-    batch.pop("rm_scores", None)
     rewards = total_reward(args, per_function)  # 4
     rows = batch["completion_mask"].sharding
     batch["advantages"] = jax.device_put(np.asarray(group_advantages(args, jnp.asarray(rewards))), rows)  # 5
@@ -393,10 +393,11 @@ def grpo_update(args: Args, graphdef, tx, params, opt_state, batch):
         params, opt_state = carry
         (loss, stats), grads = jax.value_and_grad(grpo_loss, has_aux=True)(params, args, graphdef, batch)
         updates, new_opt_state = tx.update(grads, opt_state, params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = (optax.apply_updates(params, updates), new_opt_state)
         carry = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-        return carry, stats | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return carry, stats | {"loss": loss, "grad_norm": grad_norm}
 
     (params, opt_state), stats = jax.lax.scan(iteration, (params, opt_state), length=args.num_iterations)
     return params, opt_state, jax.tree.map(jnp.mean, stats)

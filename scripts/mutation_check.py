@@ -468,7 +468,7 @@ MUTANTS = [
     Mutant("grpo update: --num-iterations ignored (one step per batch)", "grpo.py",
            "length=args.num_iterations)", "length=1)", (G_ITER,)),
     Mutant("grpo update: a non-finite step applied", "grpo.py",
-           "        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))",
+           "        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)",
            "        finite = jnp.isfinite(optax.tree.norm(params))", (G_ITER,)),
     Mutant("grpo staleness: batches sampled with the newest weights whatever k", "grpo.py",
            "                version = max(step - self.k, first)", "                version = step", (G_ASYNC,)),

@@ -1,6 +1,7 @@
 """grpo.py: advantages and losses against hand-computed values, the loss and its gradient against a naive full-logits
 reference, reward functions' columns and None, bounded staleness against plain loops, learning, resume, refusals."""
 
+import dataclasses
 import statistics
 import sys
 import types
@@ -369,15 +370,11 @@ def test_an_error_in_the_rollout_thread_stops_the_run(tiny_sft, tmp_path, prompt
         tiny_sft, tmp_path, prompts_with_answers, reward_fn=("grpo_test_rewards:failing",), max_staleness=1
     )
     with pytest.raises(RuntimeError, match="the reward server is down"):
-        grpo.main(dataclasses_replace(args, reward_weights=()))
+        grpo.main(dataclasses.replace(args, reward_weights=()))
     rewards_module.failing = lambda p, c, **k: [float("inf")] * len(c)
     with pytest.raises(FloatingPointError, match="grpo_test_rewards:failing returned inf"):
-        grpo.main(dataclasses_replace(args, reward_weights=(), checkpoint_dir=str(tmp_path / "ck2")))
+        grpo.main(dataclasses.replace(args, reward_weights=(), checkpoint_dir=str(tmp_path / "ck2")))
     assert not (tmp_path / "out").exists()
-
-
-def dataclasses_replace(args, **kw):
-    return grpo.Args(**{**vars(args), **kw})
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,8 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
 def head_logprobs(hidden, head_kernel, tokens, temperature=1.0):
     """log π(token) and the entropy under softmax(hidden @ head_kernel / T), both float32 [B, R] (differentiable in
     hidden and head_kernel). hidden [B, R, D], head_kernel [D, V], tokens [B, R]. Equal to logprobs_from_logits and
-    the entropy of the full logits. rlhf_ppo.py uses it for policy, reference and training log-probs alike, so all
-    divide by the same sampling temperature T (with policy == reference the KL is exactly 0)."""
+    the entropy of the full logits. rlhf_ppo.py and grpo.py use it for the reference's and the training log-probs,
+    at the same sampling temperature T as the sampler's own log-probs (common.sample), their π_old."""
     B, R = tokens.shape
     c = max([c for c in range(1, R + 1) if R % c == 0 and B * c * head_kernel.shape[1] <= 2**20] or [1])
 
@@ -82,19 +82,22 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
 
 # ---------------------------------------------------------------- sampling
 def _next_token(logits, key, temperature):
-    """Draws one token per row from logits [B, V]; temperature 0 is greedy.
+    """Draws one token per row from logits [B, V]; temperature 0 is greedy. -> the tokens [B] and their log-probs [B]
+    under softmax(logits / T) (under softmax(logits) when greedy), float32.
 
     Inverse-CDF sampling: one uniform number per row, u in (0, 1], picks the first token whose cumulative probability
     reaches u. The same distribution as jax.random.categorical (Gumbel-max), which draws V numbers per row and
     reduces them with an argmax, much slower on CPU (benchmarks/README.md). Tokens of probability 0 are never
     drawn: the CDF does not rise at them.
     """
+    z = logits.astype(jnp.float32) / (temperature or 1.0)  # [B, V]
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)  # [B, V]
-    u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # [B, 1], in (0, total mass]
-    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        cdf = jnp.cumsum(jax.nn.softmax(z, axis=-1), axis=-1)  # [B, V]
+        u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # [B, 1], in (0, total mass]
+        token = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    return token, jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), token[:, None], axis=-1)[:, 0]
 
 
 @partial(
@@ -119,7 +122,10 @@ def sample(
     prompt_tokens, prompt_mask: [B, P], left-padded (every row ends with a real token).
     cache: the model's empty cache with S = P + max_new_tokens slots.
     Returns the new tokens [B, max_new_tokens]: each row stops at its first `stop_token_id` (kept) and is
-    `pad_token_id` after it. The loop exits early once every row has stopped.
+    `pad_token_id` after it; and each new token's log-prob under the sampling distribution softmax(logits / T),
+    float32 [B, max_new_tokens], 0 after the stop. These are log π_old of PPO and GRPO: the same numbers as a
+    forward pass over prompt + response gives, within float32 error (tests/test_model.py), without its FLOPs
+    (TRL takes them from generate's scores the same way). The loop exits early once every row has stopped.
     Step i draws with jax.random.fold_in(key, i), so no key is used twice.
     """
     B, P = prompt_tokens.shape
@@ -130,8 +136,9 @@ def sample(
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]: 0 at the first real token
 
     logits, cache = step_fn(params, prompt_tokens, positions, kv_mask, cache, 0)  # prefill
-    token = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature)
+    token, logp = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature)
     out = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(logp)
     done = token == stop_token_id
     next_pos = positions[:, -1] + 1  # [B]
 
@@ -140,12 +147,12 @@ def sample(
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, token, done, out = carry
+        i, cache, token, done, (out, logprobs) = carry
         kv = kv_mask | ((slot >= P) & (slot < P + i))[None]  # prompt slots + the i tokens generated so far
         logits, cache = step_fn(params, token[:, None], (next_pos + i - 1)[:, None], kv, cache, P + i - 1)
-        new = _next_token(logits[:, -1], jax.random.fold_in(key, i), temperature)
-        new = jnp.where(done, pad_token_id, new)  # finished rows emit padding
-        return i + 1, cache, new, done | (new == stop_token_id), out.at[:, i].set(new)
+        new, logp = _next_token(logits[:, -1], jax.random.fold_in(key, i), temperature)
+        new, logp = jnp.where(done, pad_token_id, new), jnp.where(done, 0.0, logp)  # finished rows emit padding
+        return i + 1, cache, new, done | (new == stop_token_id), (out.at[:, i].set(new), logprobs.at[:, i].set(logp))
 
-    carry = (jnp.int32(1), cache, token, done, out)
+    carry = (jnp.int32(1), cache, token, done, (out, logprobs))
     return jax.lax.while_loop(cond, body, carry)[-1]

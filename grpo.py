@@ -9,8 +9,8 @@ One step t (`grpo_step`, `rollout` and `grpo_update` carry these numbers):
  1. Take B/G prompts x (with the dataset's other columns) and repeat each G times (--group-size G).
  2. Sample B completions y ~ π_old(·|x) of up to R tokens at temperature T (KV-cache sampler, a fresh key), with the
     weights of step t − k (--max-staleness k; 0: the current ones); truncate after the first stop token and pad.
- 3. Keep log π_old(y_t | x, y_<t), of the weights that sampled y, and (β > 0) log π_ref of the frozen SFT policy,
-    both of logits / T.
+ 3. Keep log π_old(y_t | x, y_<t) of logits / T from the sampler itself (the weights that sampled y; no forward
+    pass of their own, as TRL's PPOTrainer), and (β > 0) log π_ref of the frozen SFT policy, also of logits / T.
  4. Rewards: r = Σ_j w_j f_j(x, y, columns) over --reward-fn (TRL's signature; a None means "does not apply" and
     adds 0, TRL's nansum) + the score of --reward-model.
  5. One advantage per completion, given to each of its tokens (--advantage):
@@ -229,14 +229,13 @@ def completion_logprobs(graphdef, params, tokens, mask, completions, temperature
 
 @partial(jax.jit, static_argnames=("args", "graphdef", "reward_graphdef", "with_ref"))
 def score_completions(
-    args: Args, graphdef, reward_graphdef, params, frozen, queries, query_mask, completions, with_ref
+    args: Args, graphdef, reward_graphdef, frozen, queries, query_mask, completions, old_logprobs, with_ref
 ):
-    """Steps 2-4 on the device: truncation, log π_old (these `params` sampled the completions), log π_ref
-    (with_ref) and the reward model's score (if any), in one compiled call."""
+    """Steps 2-4 on the device: truncation, log π_ref (with_ref) and the reward model's score (if any), in one
+    compiled call. old_logprobs [B, R]: the sampler's, of the weights that sampled the completions (step 3)."""
     comp_mask = ppo.response_mask(completions, args.stop_token_id)  # [B, R]
     tokens = jnp.concatenate([queries, jnp.where(comp_mask, completions, args.pad_token_id)], axis=1)  # [B, P + R]
     mask = jnp.concatenate([query_mask, comp_mask], axis=1)
-    old_logprobs = completion_logprobs(graphdef, params, tokens, mask, completions, args.temperature)[0]
     ref_logprobs = jnp.zeros_like(old_logprobs)  # β = 0: the reference is not read
     if with_ref:
         ref_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens, mask, completions, args.temperature)[0]
@@ -305,7 +304,7 @@ def sample_and_score(
     """Steps 2-4 for B rows: completions sampled with `params`, their log-probs (and the reference's, with_ref), the
     texts and each reward [B, F] (NaN: does not apply)."""
     cache = init_cache(nnx.merge(graphdef, params).cfg, queries.shape[0], queries.shape[1] + args.response_length)
-    completions = sample(
+    completions, old_logprobs = sample(
         step_function(graphdef),
         params,
         cache,
@@ -316,9 +315,9 @@ def sample_and_score(
         temperature=args.temperature,
         stop_token_id=args.stop_token_id,
         pad_token_id=args.pad_token_id,
-    )  # 2
+    )  # 2, 3: log π_old from the sampler
     batch = score_completions(
-        args, graphdef, reward_graphdef, params, frozen, queries, query_mask, completions, with_ref
+        args, graphdef, reward_graphdef, frozen, queries, query_mask, completions, old_logprobs, with_ref
     )  # 2, 3 (and the reward model's score)
     prompts, texts = ppo.decode(tok, queries, query_mask), ppo.decode(tok, completions, batch["completion_mask"])
     per_function = call_reward_fns(args, prompts, texts, columns)  # 4

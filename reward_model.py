@@ -206,7 +206,7 @@ def sample_continuations(
         mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
         cache = init_cache(cfg, len(chunk), P + response_length)
         key, k = jax.random.split(key)
-        new = sample(
+        new, _ = sample(
             step_fn,
             params,
             cache,

@@ -4,10 +4,11 @@
 
 One PPO iteration (`ppo_iteration`, whose comments carry these numbers):
 
- 1. Sample B prompts x and responses y ~ π_θ(·|x) of R tokens at temperature T (KV-cache sampler, a fresh key).
+ 1. Sample B prompts x and responses y ~ π_θ(·|x) of R tokens at temperature T (KV-cache sampler, a fresh key),
+    keeping each sampled token's log π_θ(y_t | x, y_<t) of logits / T: π_old, with no second forward pass (as TRL).
  2. Truncate each response after its first stop token and pad after it (N+ details: the "EOS trick").
- 3. Forward passes over x + y: log π_θ(y_t | x, y_<t) and log π_ref(y_t | x, y_<t), both of logits / T
-    (N details: "Scale the logits by sampling temperature"), and the values V_t at the same positions.
+ 3. Forward passes over x + y: log π_ref(y_t | x, y_<t), also of logits / T (N details: "Scale the logits by
+    sampling temperature"), and the values V_t at the same positions.
  4. Score: s = r_φ(x + y + EOS) read at that EOS (Ouyang et al. 2022 eq. 1's reward model), plus --reward-fn.
  5. A response without the stop token gets s := penalty (LHP, N+) or s − penalty (TRL), with --missing-eos-penalty.
  6. Per-token rewards r_t = −β KL_t, plus s at the last response token (Ziegler et al. 2019 eq. 2; Stiennon et al.
@@ -216,7 +217,9 @@ class Models(NamedTuple):  # the static structure of the models (nnx.split): the
 
 # ---------------------------------------------------------------- steps 1-5: rollouts
 def generate(args: Args, models: Models, params, queries, query_mask, key):
-    """Step 1: responses [B, R] sampled at --temperature with a fresh KV cache (common.sample, compiled once)."""
+    """Step 1: responses [B, R] sampled at --temperature with a fresh KV cache (common.sample, compiled once), and
+    their log-probs [B, R] under the sampling distribution: log π_old of step 9, equal to a forward pass's within
+    float32 error (tests/test_ppo.py), so the rollout needs no policy forward pass of its own."""
     cache = init_cache(models.config, queries.shape[0], queries.shape[1] + args.response_length)
     step_fn = step_function(models.policy)
     return sample(
@@ -240,16 +243,26 @@ def response_mask(responses, stop_token_id: int):
 
 
 def policy_and_values(args: Args, models: Models, params, tokens, mask, responses):
-    """Step 3: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
+    """Step 9: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
     the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits."""
     R, positions = responses.shape[1], positions_from_mask(mask)
     policy = nnx.merge(models.policy, params["policy"])
     h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
     logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, args.temperature)  # the same T everywhere
-    if args.value_model == "shared":  # one trunk, a value head on its last hidden state
-        return logprobs, entropy, nnx.merge(models.value, params["value"])(h)[..., 0].astype(jnp.float32)
-    value = nnx.merge(models.value, params["value"])
-    return logprobs, entropy, value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
+    return logprobs, entropy, state_values(args, models, params, tokens, positions, mask, R, h)
+
+
+def state_values(args: Args, models: Models, params, tokens, positions, mask, R: int, policy_hidden=None):
+    """Steps 3 and 9: V_t [B, R] at the positions that predict the R response tokens: the separate value model's
+    forward pass, or (--value-model shared) a value head on the policy's hidden states there, [B, R, D], computed
+    here unless given."""
+    if args.value_model != "shared":
+        value = nnx.merge(models.value, params["value"])
+        return value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
+    if policy_hidden is None:
+        policy_hidden = nnx.merge(models.policy, params["policy"]).hidden_states(tokens, positions, mask)[0]
+        policy_hidden = policy_hidden[:, -R - 1 : -1]  # [B, R, D]
+    return nnx.merge(models.value, params["value"])(policy_hidden)[..., 0].astype(jnp.float32)
 
 
 def response_logprobs(graphdef, params, tokens, mask, responses, temperature: float):
@@ -279,12 +292,13 @@ def last_token_scores(scores, mask):
 
 
 @partial(jax.jit, static_argnames=("args", "models"))
-def score_rollout(args: Args, models: Models, params, frozen, queries, query_mask, responses):
-    """Steps 2-4 in one compiled call: truncation, the forward passes of policy (+ values) and reference, the score."""
+def score_rollout(args: Args, models: Models, params, frozen, queries, query_mask, responses, logprobs):
+    """Steps 2-4 in one compiled call: truncation, the values, the reference's forward pass, the score. logprobs
+    [B, R]: the sampler's (step 1), 0 after the stop token like its responses' padding."""
     resp_mask = response_mask(responses, args.stop_token_id)
     tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, args.pad_token_id)], axis=1)  # [B, P + R]
     mask = jnp.concatenate([query_mask, resp_mask], axis=1)
-    logprobs, entropy, values = policy_and_values(args, models, params, tokens, mask, responses)
+    values = state_values(args, models, params, tokens, positions_from_mask(mask), mask, responses.shape[1])
     ref_logprobs = response_logprobs(models.policy, frozen["ref"], tokens, mask, responses, args.temperature)
     scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model
     if models.reward is not None:
@@ -295,7 +309,7 @@ def score_rollout(args: Args, models: Models, params, frozen, queries, query_mas
         scores = last_token_scores(rm_scores, rm_mask)
     return {
         "tokens": tokens, "mask": mask, "responses": responses, "response_mask": resp_mask,
-        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "entropy": entropy,
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
         "scores": scores,  # float32 end to end
         "contains_stop": jnp.any((responses == args.stop_token_id) & resp_mask, axis=1),
     }  # fmt: skip
@@ -331,8 +345,8 @@ def decode(tok, tokens, mask):
 
 def rollout(args: Args, models: Models, tok, params, frozen, queries, query_mask, key):
     """Steps 1-5: sampled and scored episodes (a dict of [B, ...] arrays); the scores are checked finite."""
-    responses = generate(args, models, params, queries, query_mask, key)  # 1
-    roll = score_rollout(args, models, params, frozen, queries, query_mask, responses)  # 2, 3, 4
+    responses, logprobs = generate(args, models, params, queries, query_mask, key)  # 1
+    roll = score_rollout(args, models, params, frozen, queries, query_mask, responses, logprobs)  # 2, 3, 4
     if args.reward_fn:  # 4: a programmatic reward reads text
         prompts, completions = decode(tok, queries, query_mask), decode(tok, responses, roll["response_mask"])
         scores = call_reward_fn(args.reward_fn, prompts, completions)  # the whole batch, on every process

@@ -313,7 +313,7 @@ def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_ne
     tokens, mask = left_pad(prompts, pad_id)
     P = tokens.shape[1]
     cache = init_cache(cfg, len(prompts), P + max_new_tokens)
-    out = sample(
+    out, _ = sample(
         step_fn,
         params,
         cache,

@@ -6,6 +6,9 @@
    AdamW) in FLOP/s, against a plain large float32 matmul on the same machine (the practical peak).
    FLOPs are XLA's own count (compiled cost analysis) of one loss-and-gradient pass over the batch (per device,
    times the devices), times the number of passes.
+3. log π_old: the sampler's own log-probs (what the rollout keeps) against a forward pass over prompt + response
+   (what it computed before issue 17): the largest difference over the batch's tokens, and of the ratio π / π_old.
+The model size is BENCH_SIZE (workload.py).
 
     benchmarks/.venvs/ours/bin/python benchmarks/bench_kernels.py [--num-devices 2]
 
@@ -69,7 +72,7 @@ def sample_no_cache(graphdef, params, prompt_tokens, prompt_mask, key, *, max_ne
         tokens, mask = carry
         h, _ = model.hidden_states(tokens, rp.positions_from_mask(mask), mask)  # [B, P + R, D]: all positions again
         logits = model.head(h[:, P + i - 1][:, None])[:, 0]  # [B, V]: the LM head only where it is needed
-        new = _next_token(logits, jax.random.fold_in(key, i), temperature)
+        new, _ = _next_token(logits, jax.random.fold_in(key, i), temperature)
         return tokens.at[:, P + i].set(new), mask.at[:, P + i].set(True)
 
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, mask))[0][:, P:]
@@ -78,7 +81,7 @@ def sample_no_cache(graphdef, params, prompt_tokens, prompt_mask, key, *, max_ne
 def sampler_speeds(args, models, params, q, qm, repeats):
     """tokens/s of the KV-cache sampler (rlhf_ppo.generate) and of the full-recompute one."""
     key = jax.random.key(0)
-    cached = best_of(lambda: rp.generate(args, models, params, q, qm, key).block_until_ready(), repeats)
+    cached = best_of(lambda: jax.block_until_ready(rp.generate(args, models, params, q, qm, key)), repeats)
     no_cache = best_of(
         lambda: sample_no_cache(
             models.policy, params["policy"], q, qm, key, max_new_tokens=W.RESPONSE_LEN, temperature=W.TEMPERATURE
@@ -109,6 +112,15 @@ def train_step_flops(args, models, tx, rows, params, opt_state, batch, repeats):
     return flops / seconds, flops, seconds
 
 
+def sampler_logprob_error(args, models, params, roll):
+    """max |log π_sampler − log π_forward| over the rollout's response tokens, and max |π_forward / π_sampler − 1|."""
+    forward = rp.response_logprobs(
+        models.policy, params["policy"], roll["tokens"], roll["mask"], roll["responses"], args.temperature
+    )
+    diff = jnp.where(roll["response_mask"], forward - roll["logprobs"], 0.0)
+    return float(jnp.abs(diff).max()), float(jnp.abs(jnp.expm1(diff)).max())
+
+
 def main(cli):
     (args, models, tx, rows, tok), state, frozen, mesh = setup(cli.num_devices)
     params, opt_state = state["params"], state["opt_state"]
@@ -118,6 +130,7 @@ def main(cli):
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     batch |= {"advantages": advantages, "returns": returns}
 
+    logprob_error, ratio_error = sampler_logprob_error(args, models, params, roll)
     cached, no_cache = sampler_speeds(args, models, params, q, qm, cli.repeats)
     step_flops, flops, seconds = train_step_flops(args, models, tx, rows, params, opt_state, batch, cli.repeats)
     peak = matmul_flops(cli.repeats)
@@ -129,11 +142,13 @@ def main(cli):
         "train_step_flops": flops,
         "train_step_s": seconds,
         "matmul_flop_s": peak,
+        "sampler_logprob_max_abs_diff": logprob_error,
+        "sampler_ratio_max_abs_diff": ratio_error,
     }
     print(
         f"sampler: KV cache {cached:,.0f} tok/s, no cache {no_cache:,.0f} tok/s ({cached / no_cache:.1f}x); train step "
         f"{flops / 1e9:.1f} GFLOP in {seconds:.3f}s = {step_flops / 1e9:.1f} GFLOP/s, matmul {peak / 1e9:.1f} GFLOP/s "
-        f"({step_flops / peak:.0%})",
+        f"({step_flops / peak:.0%}); log π_old, sampler vs forward pass: max |diff| {logprob_error:.2e}",
         file=sys.stderr,
     )
     print("RESULT " + json.dumps(result))

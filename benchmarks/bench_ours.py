@@ -5,8 +5,9 @@
 An iteration is exactly what rlhf_ppo.py's main loop runs per update (`rlhf_ppo.ppo_iteration`): KV-cache sampling,
 one scoring pass each of policy, value, reference and reward model, KL-shaped rewards + GAE, and all PPO epochs
 in one compiled call, ending with the statistics on the host. The generation time is taken by wrapping
-`rlhf_ppo.generate` (the sampled tokens are waited for). XLA compilations during the timed iterations are
-counted (there should be none). The last stdout line is `RESULT {json}` for benchmarks/run.py.
+`rlhf_ppo.generate` (the sampled tokens are waited for), the update's (train_s) by wrapping `rlhf_ppo.ppo_update`
+(all epochs, waited for). XLA compilations during the timed iterations are counted (there should be none). The
+model size is BENCH_SIZE (workload.py). The last stdout line is `RESULT {json}` for benchmarks/run.py.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def setup(num_devices: int = 1, dtype: str = "float32", num_iterations: int = 10
     """rlhf_ppo.py's own set-up with the workload's settings, on `num_devices` (fake) CPU devices
     -> (args, models, tx, rows, tok), the training state, the frozen weights {"ref", "reward"}, mesh."""
     jax.config.update("jax_num_cpu_devices", num_devices)  # before the first use of the CPU backend
-    models = W.WORK / "models"
+    models = W.MODELS
     args = rp.Args(
         sft_model=str(models / "policy"),
         reward_model=str(models / "reward"),
@@ -96,8 +97,8 @@ def timed(fn, seconds: list):
 
 def main(cli):
     static, state, frozen, mesh = setup(cli.num_devices, cli.dtype, cli.warmup + cli.iters)
-    gen_s, iter_s = [], []
-    rp.generate = timed(rp.generate, gen_s)
+    gen_s, train_s, iter_s = [], [], []
+    rp.generate, rp.ppo_update = timed(rp.generate, gen_s), timed(rp.ppo_update, train_s)
     for i in range(cli.warmup + cli.iters):
         if i == cli.warmup:
             compiles_before = len(COMPILES)
@@ -117,6 +118,7 @@ def main(cli):
         "iter_s": iter_s[n:],
         "gen_s": gen_s[n:],
         "update_s": [a - b for a, b in zip(iter_s[n:], gen_s[n:])],
+        "train_s": train_s[n:],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "compiles_in_timed_iterations": len(COMPILES) - compiles_before,
         "differences": [],

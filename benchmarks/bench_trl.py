@@ -11,8 +11,16 @@ on_train_begin and every on_step_end; iteration k lasts from stamp k to stamp k+
 gc.collect() calls fall inside). Generation is timed by replacing the module-level `batch_generation` that
 `trl.experimental.ppo.ppo_trainer` calls (PPO lives in `trl.experimental.ppo` in 1.12.0) with a timing wrapper,
 which also checks that every rollout is exactly the workload's prompts plus 32 new tokens. update_s = iter_s -
-gen_s. The first `warmup` iterations are discarded. Peak RSS is the process's ru_maxrss (models + optimizer
-included).
+gen_s (the rollout's scoring passes and advantages, the PPO epochs, TRL's logging and gc.collect() calls).
+
+train_s is the PPO update alone: from the iteration's first call of the module-level `forward` on the policy-and-
+value wrapper (the first epoch's joint policy + value forward: the rollout calls `forward` only on the reference
+policy and scores values and rewards through `get_reward`, so the stamp follows the scoring passes and the
+advantages) to the iteration's on_step_end stamp. It covers the 4 epochs' forward, backward, AdamW step and no-grad
+loss statistics, plus TRL's metric gathering after them (a few reductions, .item() calls, the log call and the
+scheduler step: about 1 ms at the tiny size). torch on CPU is synchronous, so each stamp follows the work before it.
+
+The first `warmup` iterations are discarded. Peak RSS is the process's ru_maxrss (models + optimizer included).
 
 The last stdout line is `RESULT {json}` (see `result`), which the benchmark runner parses.
 """
@@ -58,7 +66,7 @@ with warnings.catch_warnings():
     from trl.experimental.ppo import ppo_trainer as ppo_module  # noqa: E402
 
 NAME = "TRL 1.12.0 PPOTrainer (torch 2.13.0 CPU)"
-MODELS = W.WORK / "models"
+MODELS = W.MODELS
 SANITY_METRICS = (
     "objective/kl",
     "objective/scores",
@@ -172,6 +180,22 @@ class GenerationTimer:
         self.pad_tokens += int((responses == W.PAD).sum())
 
 
+class UpdateTimer:
+    """Replaces ppo_trainer.forward with a wrapper that stamps each iteration's first forward pass of the policy-and-
+    value wrapper: train() calls it only in the PPO epochs, after the rollout's scoring and advantages."""
+
+    def __init__(self, generation: GenerationTimer):
+        self.generation, self.starts = generation, []
+        self.original = ppo_module.forward
+        ppo_module.forward = self
+
+    def __call__(self, model, *args, **kwargs):
+        # The rollout's ref pass calls forward(ref_policy, ...); the epochs call forward(model, ...) on the wrapper.
+        if isinstance(model, ppo_module.PolicyAndValueWrapper) and len(self.starts) < len(self.generation.seconds):
+            self.starts.append(time.perf_counter())
+        return self.original(model, *args, **kwargs)
+
+
 class IterationTimer(TrainerCallback):
     """Wall-clock stamps at train begin and at every step end; keeps the last metrics TRL logged."""
 
@@ -209,7 +233,7 @@ def make_trainer(n_iters: int, callback: TrainerCallback) -> PPOTrainer:
     return trainer
 
 
-def result(iters, gens, generation: GenerationTimer, logs: dict) -> dict:
+def result(iters, gens, trains, generation: GenerationTimer, logs: dict) -> dict:
     differences = list(DIFFERENCES)
     if generation.pad_tokens:
         differences.append(
@@ -223,6 +247,7 @@ def result(iters, gens, generation: GenerationTimer, logs: dict) -> dict:
         "iter_s": iters,
         "gen_s": gens,
         "update_s": [i - g for i, g in zip(iters, gens)],
+        "train_s": trains,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "differences": differences,
@@ -236,11 +261,15 @@ def main():
         torch.set_num_threads(args.threads)
     n_iters = args.warmup + args.iters
     generation = GenerationTimer()
+    update = UpdateTimer(generation)
     timer = IterationTimer(generation)
     make_trainer(n_iters, timer).train()
-    assert len(timer.seconds) == len(generation.seconds) == n_iters, (len(timer.seconds), len(generation.seconds))
+    counts = (len(timer.seconds), len(generation.seconds), len(update.starts))
+    assert counts == (n_iters,) * 3, counts
     iters, gens = timer.seconds[args.warmup :], generation.seconds[args.warmup :]
-    print("RESULT " + json.dumps(result(iters, gens, generation, timer.last_logs)), flush=True)
+    # Iteration k's update runs from its first policy-and-value forward to its step-end stamp (stamps[k + 1]).
+    trains = [end - start for start, end in zip(update.starts, timer.stamps[1:])][args.warmup :]
+    print("RESULT " + json.dumps(result(iters, gens, trains, generation, timer.last_logs)), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,22 @@ How it is timed: Tunix's learner.train() runs the whole loop; one PPO iteration 
 critic step)). Its end is timestamped after jax.block_until_ready on the actor and critic parameters, and an
 iteration's time is the wall time between consecutive boundaries (so anything Tunix does between global steps
 counts too). Generation time is the wall time of RLCluster.generate (the Tunix sampler: prefill + KV-cached decode
-loop + detokenisation; its token outputs are host numpy arrays, so it is synchronous). The first --warmup
-iterations (jit compilation) are discarded. Peak RSS is ru_maxrss of this process.
+loop + detokenisation; its token outputs are host numpy arrays, so it is synchronous). update_s = iter_s - gen_s.
+
+train_s is the PPO update alone: from the iteration's first RLCluster.update_actor call (stamped on entry, after
+jax.block_until_ready on the training example it is given) to the iteration's synchronised end above. In Tunix's
+_run_all_micro_batch_steps a worker thread runs the rollout, its scoring passes (reference and old log-probs,
+values, reward) and GAE (which reads the advantages back to host) and, as actor and rollout share one mesh (no
+async rollout), enqueues the example for the 4 epochs only after all of that; the trainer thread then runs
+4 x (update_actor, update_critic), each one PeftTrainer.train step over the minibatch (jitted train step, metric
+buffering). So no rollout or scoring work overlaps the interval; after the last update_critic it only holds the
+join of the finished worker thread. What Tunix does between global steps (weight-sync check, perf/metric export)
+falls outside it, in update_s.
+
+The first --warmup iterations (jit compilation) are discarded. Peak RSS is ru_maxrss of this process.
 
 Usage: .venvs/tunix/bin/python bench_tunix.py [--warmup 2] [--iters 5]
-The last stdout line is `RESULT {json}` (name, iter_s, gen_s, update_s, peak_rss_mb, differences, metrics).
+The last stdout line is `RESULT {json}` (name, iter_s, gen_s, update_s, train_s, peak_rss_mb, differences, metrics).
 """
 
 import argparse
@@ -51,7 +62,7 @@ from tunix.rl.ppo import ppo_learner  # noqa: E402
 from tunix.rl.rollout import base_rollout  # noqa: E402
 
 NAME = "Tunix 0.1.7 PPO (JAX CPU)"
-MODELS = W.WORK / "models"
+MODELS = W.MODELS
 NO_STOP_TOKEN = W.MODEL["vocab_size"]  # an id the model can never sample: generation never stops early
 VALUE_LOSS = "ppo_times_vf_coef"
 
@@ -258,8 +269,9 @@ def dataset(num_iterations):
 
 
 def instrument(learner, timings):
-    """Wraps RLCluster.generate (generation time, fresh sampling key per rollout) and learner._run_global_step
-    (one PPO iteration; its end is a synchronised timestamp)."""
+    """Wraps RLCluster.generate (generation time, fresh sampling key per rollout), RLCluster.update_actor and
+    update_critic (start of the iteration's PPO update) and learner._run_global_step (one PPO iteration; its end is
+    a synchronised timestamp)."""
     cluster = learner.rl_cluster
     generate, global_step = cluster.generate, learner._run_global_step
 
@@ -280,7 +292,22 @@ def instrument(learner, timings):
         print(f"iteration {n}: {seconds:.2f} s (generation {timings['gen'][-1]:.2f} s)", flush=True)
 
     cluster.generate = timed_generate
+    cluster.update_actor = stamp_first_update(cluster.update_actor, timings)
+    cluster.update_critic = stamp_first_update(cluster.update_critic, timings)
     learner._run_global_step = timed_global_step
+
+
+def stamp_first_update(update, timings):
+    """Wraps an actor/critic update so that the iteration's first one stamps timings["train_start"]: one stamp per
+    rollout, taken once its training example is computed (JAX is asynchronous), before any training work."""
+
+    def first_update_stamped(train_ds, *args, **kwargs):
+        if len(timings["train_start"]) < len(timings["gen"]):
+            jax.block_until_ready(train_ds)
+            timings["train_start"].append(time.perf_counter())
+        return update(train_ds, *args, **kwargs)
+
+    return first_update_stamped
 
 
 def last_metrics(cluster):
@@ -315,18 +342,21 @@ def main():
 
     patch_tunix()
     learner = build_learner(total)
-    timings = {"gen": [], "ends": []}
+    timings = {"gen": [], "ends": [], "train_start": []}
     instrument(learner, timings)
     learner.train(dataset(total))
 
     iter_s = np.diff(timings["ends"])[args.warmup :].tolist()
     gen_s = timings["gen"][args.warmup : total]
-    assert len(iter_s) == len(gen_s) == args.iters, (len(iter_s), len(gen_s))
+    # Iteration k's update runs from its first update_actor to its end (ends[k + 1]).
+    train_s = [end - start for start, end in zip(timings["train_start"], timings["ends"][1:])][args.warmup :]
+    assert len(iter_s) == len(gen_s) == len(train_s) == args.iters, (len(iter_s), len(gen_s), len(train_s))
     result = {
         "name": NAME,
         "iter_s": iter_s,
         "gen_s": gen_s,
         "update_s": [i - g for i, g in zip(iter_s, gen_s)],
+        "train_s": train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "differences": DIFFERENCES,
         "metrics": last_metrics(learner.rl_cluster),

@@ -36,7 +36,7 @@ def main(cli):
 
     def run_sampler():
         cache = sft.init_cache(cfg, B, P + N)
-        out = sample(sft.step_function(graphdef), params, cache, prompts, jnp.ones((B, P), bool), jax.random.key(0),
+        out, _ = sample(sft.step_function(graphdef), params, cache, prompts, jnp.ones((B, P), bool), jax.random.key(0),
                      max_new_tokens=N, temperature=1.0, stop_token_id=-1, pad_token_id=0)  # fmt: skip
         jax.block_until_ready(out)
 

@@ -1,23 +1,21 @@
-"""The one PPO workload that every implementation runs (issue 5), and the tiny random models it uses.
+"""The one PPO workload that every implementation runs (issue 5), at two model sizes (issue 17), and its random models.
 
 Imported by the runner and by each implementation's bench script (each in its own virtual environment), so it
 needs nothing beyond numpy; `make_models` additionally needs torch + transformers (it runs in the TRL environment).
+The size is the environment variable BENCH_SIZE (`tiny`, the default, or `medium`), read once at import, so every
+bench script runs either size unchanged: `BENCH_SIZE=medium python bench_ours.py`.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 WORK = Path(__file__).resolve().parent / ".work"  # models and per-run results (git-ignored)
 
-MODEL = dict(  # Llama architecture, untied embeddings, random init with seed 0
+COMMON = dict(  # Llama architecture, untied embeddings, random init with seed 0
     vocab_size=4096,
-    hidden_size=128,
-    intermediate_size=352,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
     max_position_embeddings=128,
     tie_word_embeddings=False,
     rms_norm_eps=1e-5,
@@ -26,6 +24,19 @@ MODEL = dict(  # Llama architecture, untied embeddings, random init with seed 0
     eos_token_id=1,
     bos_token_id=1,
 )
+SIZES = {
+    "tiny": dict(  # 1.85 M parameters: the workload of issue 5
+        hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
+    "medium": dict(  # 13.8 M parameters: large enough that the matmuls, not per-op overhead, set the time on a CPU
+        hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6
+    ),
+}
+SIZE = os.environ.get("BENCH_SIZE", "tiny")
+if SIZE not in SIZES:
+    raise SystemExit(f"BENCH_SIZE={SIZE!r}: expected one of {', '.join(SIZES)}")
+MODEL = COMMON | SIZES[SIZE]
+MODELS = WORK / "models" / SIZE  # policy/ and reward/, made by make_models
 SEED = 0
 BATCH = 64  # prompts (episodes) per PPO iteration
 PROMPT_LEN = 16  # random tokens per prompt
@@ -90,7 +101,7 @@ def make_tokenizer(path: Path):
     (path / "special_tokens_map.json").write_text(json.dumps(special))
 
 
-def make_models(root: Path = WORK / "models"):
+def make_models(root: Path = MODELS):
     """policy/ (LlamaForCausalLM) and reward/ (LlamaForSequenceClassification, 1 label; also the value model's
     initialisation), both random with torch seed 0, saved with save_pretrained (safetensors, float32)."""
     import torch

@@ -150,14 +150,15 @@ def dpo_args(tmp, tiny_pipeline, data, **kw):
 
 def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy(tmp_path, tiny_pipeline, rule_data):
     """On pairs that follow a rule, the held-out implicit reward orders most pairs right after a few steps; at step 0
-    the policy is the reference, so the sampled KL is exactly 0 and the scores are PPO's own evaluation of the SFT
-    policy."""
+    the policy is the reference, so the sampled KL is 0 (within float32 error) and the scores are PPO's own evaluation
+    of the SFT policy."""
     import rlhf_ppo as ppo
 
     path, _, _ = rule_data
     args = dpo_args(tmp_path, tiny_pipeline, path, max_steps=30, eval_every=30)
     first, final = dpo.main(args)
-    assert first["eval/kl"] == 0.0  # every margin exactly 0: nothing is ordered, by the labels or the gold scores
+    assert abs(first["eval/kl"]) < 1e-4  # the sampler's log-probs against a forward pass: float32 rounding only
+    # every margin exactly 0: nothing is ordered, by the labels or the gold scores
     assert first["eval/rewards/accuracies"] == first["eval/rewards/gold_accuracies"] == 0.0
     assert final["eval/rewards/accuracies"] >= 0.9 and 0.5 < final["eval/rewards/gold_accuracies"] < 1.0
     assert final["eval/rewards/margins"] > 0 and final["eval/kl"] > 0

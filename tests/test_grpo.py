@@ -330,7 +330,8 @@ def test_grpo_learns_a_reward_function_and_the_evaluation_starts_at_the_sft_poli
         beta=0.01,
     )
     first, final = grpo.main(args)
-    assert first["eval/kl"] == 0.0 and first["eval/rewards/good/mean"] == first["eval/reward"]
+    assert abs(first["eval/kl"]) < 1e-4  # policy == reference: the sampler's log-probs against a forward pass
+    assert first["eval/rewards/good/mean"] == first["eval/reward"]
     assert first["eval/reward"] < 0.3 and final["eval/reward"] > 1.0, (first, final)
     assert final["eval/kl"] > 0.1
 

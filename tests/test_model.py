@@ -146,7 +146,7 @@ def test_greedy_sampling_equals_transformers_generate(hf_model):
     tokens[1, :2] = 0
     mask = np.ones((2, 6), bool)
     mask[1, :2] = False
-    ours = sample(
+    ours, _ = sample(
         partial(sft.model_apply, graphdef),
         params,
         sft.init_cache(cfg, 2, 6 + 12),
@@ -172,11 +172,12 @@ def test_greedy_sampling_equals_transformers_generate(hf_model):
 
 
 def counting_step_fn(vocab, calls):
-    """A fake model whose next token is always previous token + 1, counting its calls."""
+    """A fake model whose next token is previous token + 1 (probability 1 − 15 e^-16 ≈ 1 − 1.7e-6: log-probs ≈ −1.7e-6,
+    not 0), counting its calls."""
 
     def step_fn(params, tokens, positions, kv_mask, cache, cache_pos):
         jax.debug.callback(lambda: calls.append(1))
-        return jax.nn.one_hot((tokens + 1) % vocab, vocab) * 100.0, cache
+        return jax.nn.one_hot((tokens + 1) % vocab, vocab) * 16.0, cache
 
     return step_fn
 
@@ -187,24 +188,26 @@ def test_sampler_stops_at_eos_pads_after_and_exits_early():
     prompts = np.array([[0, 5], [0, 8], [9, 2]])  # continue 6,7,8,.. / 9,10,.. / 3,4,..
     mask = np.array([[False, True], [False, True], [True, True]])
     cache = {"k": jnp.zeros((3, 2 + 50, 1))}
-    out = np.asarray(
-        sample(
-            step_fn,
-            None,
-            cache,
-            prompts,
-            mask,
-            jax.random.key(0),
-            max_new_tokens=50,
-            temperature=1.0,
-            stop_token_id=10,
-            pad_token_id=15,
-        )
+    out, logprobs = sample(
+        step_fn,
+        None,
+        cache,
+        prompts,
+        mask,
+        jax.random.key(0),
+        max_new_tokens=50,
+        temperature=1.0,
+        stop_token_id=10,
+        pad_token_id=15,
     )
+    out, logprobs = np.asarray(out), np.asarray(logprobs)
     np.testing.assert_array_equal(out[0, :6], [6, 7, 8, 9, 10, 15])  # stop token kept, padding after it
     np.testing.assert_array_equal(out[1, :3], [9, 10, 15])
     np.testing.assert_array_equal(out[2, :8], [3, 4, 5, 6, 7, 8, 9, 10])
     assert (out[:, 8:] == 15).all()
+    expected = np.where(out != 15, -15 * np.exp(-16.0), 0.0)  # each token's log-prob; 0 after the stop
+    np.testing.assert_allclose(logprobs, expected, rtol=0, atol=2.5e-7)  # float32 rounding of logsumexp ≈ 16
+    assert (logprobs[out != 15] < 0).all()
     jax.effects_barrier()
     assert len(calls) == 8  # prefill + 7 decode steps: the loop ended when the last row stopped, not at 50
 
@@ -217,7 +220,7 @@ def test_every_sampler_step_draws_with_a_fresh_key():
         return jnp.zeros((*tokens.shape, 1000)), cache
 
     def draw(key):
-        out = sample(
+        out, _ = sample(
             uniform,
             None,
             {"k": jnp.zeros((1, 41))},
@@ -242,10 +245,13 @@ def test_sampled_frequencies_follow_the_tempered_softmax():
 
     probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)) * 0.7, (50_000, 1))  # at T = 0.7: softmax = probs
-    draws = np.asarray(_next_token(logits, jax.random.key(0), 0.7))
+    draws, logp = [np.asarray(x) for x in _next_token(logits, jax.random.key(0), 0.7)]
     freq = np.bincount(draws, minlength=6) / len(draws)
     np.testing.assert_array_less(np.abs(freq - probs), 4 * np.sqrt(probs * (1 - probs) / len(draws)))
-    without_last = np.asarray(_next_token(logits.at[:, 5].set(-jnp.inf), jax.random.key(1), 0.7))
+    np.testing.assert_allclose(logp, np.log(probs)[draws], rtol=1e-5)  # log π_old of PPO / GRPO: at T, of the draw
+    greedy, greedy_logp = _next_token(logits, jax.random.key(0), 0.0)
+    assert (np.asarray(greedy) == 0).all() and np.allclose(greedy_logp, np.log(jax.nn.softmax(logits[0]))[0])
+    without_last = np.asarray(_next_token(logits.at[:, 5].set(-jnp.inf), jax.random.key(1), 0.7)[0])
     assert without_last.max() == 4 and (without_last == 4).sum() > 0
 
 

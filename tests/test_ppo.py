@@ -218,11 +218,13 @@ def update_batch(s, roll):
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_kl_is_exactly_zero_when_policy_equals_reference(tiny_pipeline, temperature):
+def test_kl_is_zero_within_float32_error_when_policy_equals_reference(tiny_pipeline, temperature):
+    """log π_old comes from the sampler's logits, log π_ref from a forward pass: with policy == reference they differ
+    only by float32 rounding (the two compute the same logits in a different order)."""
     tmp, prompts = tiny_pipeline
     roll = rollout(setup(tiny_args(tmp, prompts, temperature=temperature)))
     kl = (roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]
-    assert float(jnp.abs(kl).max()) == 0.0
+    assert 0 < float(jnp.abs(kl).max()) < 1e-5
     assert roll["scores"].dtype == jnp.float32 and np.isfinite(np.asarray(roll["scores"])).all()
 
 
@@ -280,7 +282,7 @@ def test_the_sampler_draws_at_the_rollout_temperature(tiny_pipeline):
     s = setup(tiny_args(tmp, prompts, temperature=1e-3))
     cold = rollout(s)
     cache = ppo.init_cache(s.models.config, 8, s.q.shape[1] + 6)
-    greedy = ppo.sample(
+    greedy, _ = ppo.sample(
         ppo.step_function(s.models.policy),
         s.params["policy"],
         cache,

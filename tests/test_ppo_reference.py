@@ -17,6 +17,7 @@ compute_advantages, ppo_loss) on a tiny model whose policy differs from the refe
 with the stop token at different positions and rows without it.
 """
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -159,6 +160,51 @@ class Naive:
         )
 
 
+def forward_logprobs(args, models, params, queries, qmask, responses):
+    """log π(response token) [B, R] by rlhf_ppo's batched forward pass, 0 after the stop: what the sampler returns
+    with responses it sampled (test_sampler_logprobs_equal_the_naive_forward checks that)."""
+    m = ppo.response_mask(responses, args.stop_token_id)
+    tokens = jnp.concatenate([queries, jnp.where(m, responses, args.pad_token_id)], axis=1)
+    lp = ppo.response_logprobs(
+        models.policy, params["policy"], tokens, jnp.concatenate([qmask, m], axis=1), responses, args.temperature
+    )
+    return jnp.where(m, lp, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampler_logprobs_equal_the_naive_forward(tiny_pipeline, temperature):
+    """Step 1 keeps log π_old from the sampler's own logits instead of a second forward pass: on sampled responses
+    (stopping at different positions), they equal the naive per-episode forward pass's within float32 error, and
+    are 0 after the stop token."""
+    from test_ppo import tiny_args
+
+    tmp, prompts = tiny_pipeline
+    tok, eos, pad = ppo.load_tokenizer(tmp / "sft")
+    args = ppo.resolve_token_ids(tiny_args(tmp, prompts, temperature=temperature, response_length=12), eos, pad)
+    models, params, _ = ppo.load_models(args, jnp.float32)
+    params = perturbed(params, jax.random.key(1), 0.05)
+    queries, qmask, _ = ppo.setup_data(args, tok)
+    queries, qmask = jnp.asarray(queries[:16]), jnp.asarray(qmask[:16])
+    never = dataclasses.replace(args, stop_token_id=-1)
+    stop = int(
+        np.bincount(
+            np.asarray(ppo.generate(never, models, params, queries, qmask, jax.random.key(3))[0]).ravel()
+        ).argmax()
+    )
+    args = dataclasses.replace(args, stop_token_id=stop)  # the most frequent token: rows stop at varied positions
+    responses, logprobs = ppo.generate(args, models, params, queries, qmask, jax.random.key(3))
+    m = np.asarray(ppo.response_mask(responses, stop))
+    lengths = m.sum(1)
+    assert len(set(lengths)) >= 3 and lengths.max() == 12  # rows stop at different positions, some never
+    naive = Naive(args, models, eos)
+    episodes = [
+        (np.asarray(q)[np.asarray(k)], np.asarray(r)[:n]) for q, k, r, n in zip(queries, qmask, responses, lengths)
+    ]
+    for b, (lp, _) in enumerate(naive.forward(params, episodes)):
+        np.testing.assert_allclose(np.asarray(logprobs[b, : lengths[b]]), np.asarray(lp), rtol=0, atol=2e-5)
+    assert (np.asarray(logprobs)[~m] == 0).all() and (np.asarray(logprobs)[m] < 0).all()
+
+
 def planted_responses(sampled, stop):
     """Sampled tokens with the stop token planted at varied positions: at 0, 2, the last slot, twice (the first
     counts), and rows without it."""
@@ -198,9 +244,10 @@ def test_one_ppo_iteration_equals_the_naive_reference(tiny_pipeline, monkeypatch
     queries, qmask, _ = ppo.setup_data(args, tok)
     queries, qmask = jnp.asarray(queries[:8]), jnp.asarray(qmask[:8])
 
-    sampled = np.asarray(ppo.generate(args, models, params, queries, qmask, jax.random.key(0)))
+    sampled = np.asarray(ppo.generate(args, models, params, queries, qmask, jax.random.key(0))[0])
     responses = jnp.asarray(planted_responses(sampled, stop))
-    monkeypatch.setattr(ppo, "generate", lambda *a: responses)
+    planted = responses, forward_logprobs(args, models, params, queries, qmask, responses)  # what the sampler returns
+    monkeypatch.setattr(ppo, "generate", lambda *a: planted)
     roll = ppo.rollout(args, models, tok, params, frozen, queries, qmask, jax.random.key(0))
     advantages, returns, rewards, roll_stats = ppo.compute_advantages(args, roll, args.kl_coef)
 

@@ -124,7 +124,7 @@ def sample(
     Returns the new tokens [B, max_new_tokens]: each row stops at its first `stop_token_id` (kept) and is
     `pad_token_id` after it; and each new token's log-prob under the sampling distribution softmax(logits / T),
     float32 [B, max_new_tokens], 0 after the stop. These are log π_old of PPO and GRPO: the same numbers as a
-    forward pass over prompt + response gives, within float32 error (tests/test_model.py), without its FLOPs
+    forward pass over prompt + response gives, within float32 error (tests/test_ppo_reference.py), without its FLOPs
     (TRL takes them from generate's scores the same way). The loop exits early once every row has stopped.
     Step i draws with jax.random.fold_in(key, i), so no key is used twice.
     """

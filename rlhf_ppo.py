@@ -219,7 +219,7 @@ class Models(NamedTuple):  # the static structure of the models (nnx.split): the
 def generate(args: Args, models: Models, params, queries, query_mask, key):
     """Step 1: responses [B, R] sampled at --temperature with a fresh KV cache (common.sample, compiled once), and
     their log-probs [B, R] under the sampling distribution: log π_old of step 9, equal to a forward pass's within
-    float32 error (tests/test_ppo.py), so the rollout needs no policy forward pass of its own."""
+    float32 error (tests/test_ppo_reference.py), so the rollout needs no policy forward pass of its own."""
     cache = init_cache(models.config, queries.shape[0], queries.shape[1] + args.response_length)
     step_fn = step_function(models.policy)
     return sample(

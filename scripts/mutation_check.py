@@ -142,10 +142,10 @@ MUTANTS = [
            (T_MODEL + "test_greedy_sampling_equals_transformers_generate",)),
     # ---- log π_old from the sampler (issue 17)
     Mutant("sampler log-probs: at T = 1, not the sampling temperature", "common.py",
-           "jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1)", "jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)",
+           "jnp.log(jnp.take_along_axis(probs, token", "jnp.log(jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), token",
            (REF + "::test_sampler_logprobs_equal_the_naive_forward", T_MODEL + "test_sampled_frequencies_follow_the_tempered_softmax")),
     Mutant("sampler log-probs: of the most likely token, not the drawn one", "common.py",
-           "axis=-1), token[:, None], axis=-1)[:, 0]", "axis=-1), jnp.argmax(z, axis=-1)[:, None], axis=-1)[:, 0]",
+           "jnp.take_along_axis(probs, token[:, None], axis=-1)", "jnp.take_along_axis(probs, jnp.argmax(probs, axis=-1)[:, None], axis=-1)",
            (REF + "::test_sampler_logprobs_equal_the_naive_forward", T_MODEL + "test_sampled_frequencies_follow_the_tempered_softmax")),
     Mutant("sampler log-probs: stored one slot early", "common.py",
            "logprobs.at[:, i].set(logp)", "logprobs.at[:, i - 1].set(logp)",

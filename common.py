@@ -98,7 +98,7 @@ def _next_token(logits, key, temperature):
         u = (1.0 - jax.random.uniform(key, (logits.shape[0], 1))) * cdf[:, -1:]  # [B, 1], in (0, total mass]
         token = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
     # log p of the drawn token, from the same probs: a separate log_softmax changed XLA's fusion of the softmax and
-    # so ~1 draw in 40,000; a drawn token holds at least an ulp of the CDF, so log p is as precise as log_softmax's.
+    # so a few draws in a million; a drawn token holds at least an ulp of the CDF: log p is as precise as log_softmax.
     return token, jnp.log(jnp.take_along_axis(probs, token[:, None], axis=-1)[:, 0])
 
 

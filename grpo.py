@@ -233,9 +233,9 @@ def score_completions(
 ):
     """Steps 2-4 on the device: truncation, log π_ref (with_ref) and the reward model's score (if any), in one
     compiled call. old_logprobs [B, R]: the sampler's, of the weights that sampled the completions (step 3)."""
-    comp_mask = ppo.response_mask(completions, args.stop_token_id)  # [B, R]
-    tokens = jnp.concatenate([queries, jnp.where(comp_mask, completions, args.pad_token_id)], axis=1)  # [B, P + R]
-    mask = jnp.concatenate([query_mask, comp_mask], axis=1)
+    comp_mask, tokens, mask = ppo.truncated_episodes(
+        queries, query_mask, completions, args.stop_token_id, args.pad_token_id
+    )  # [B, R], [B, P + R], [B, P + R]
     ref_logprobs = jnp.zeros_like(old_logprobs)  # β = 0: the reference is not read
     if with_ref:
         ref_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens, mask, completions, args.temperature)[0]

@@ -242,6 +242,14 @@ def response_mask(responses, stop_token_id: int):
     return (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
 
 
+def truncated_episodes(queries, query_mask, responses, stop_token_id: int, pad_token_id: int):
+    """Step 2: responses [B, R] cut after their first stop token -> the response mask [B, R], and the tokens and mask
+    of prompt + truncated response (padding after the stop), [B, P + R]: what the scoring passes read."""
+    resp_mask = response_mask(responses, stop_token_id)
+    tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, pad_token_id)], axis=1)  # [B, P + R]
+    return resp_mask, tokens, jnp.concatenate([query_mask, resp_mask], axis=1)
+
+
 def policy_and_values(args: Args, models: Models, params, tokens, mask, responses):
     """Step 9: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
     the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits."""
@@ -295,9 +303,7 @@ def last_token_scores(scores, mask):
 def score_rollout(args: Args, models: Models, params, frozen, queries, query_mask, responses, logprobs):
     """Steps 2-4 in one compiled call: truncation, the values, the reference's forward pass, the score. logprobs
     [B, R]: the sampler's (step 1), 0 after the stop token like its responses' padding."""
-    resp_mask = response_mask(responses, args.stop_token_id)
-    tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, args.pad_token_id)], axis=1)  # [B, P + R]
-    mask = jnp.concatenate([query_mask, resp_mask], axis=1)
+    resp_mask, tokens, mask = truncated_episodes(queries, query_mask, responses, args.stop_token_id, args.pad_token_id)
     values = state_values(args, models, params, tokens, positions_from_mask(mask), mask, responses.shape[1])
     ref_logprobs = response_logprobs(models.policy, frozen["ref"], tokens, mask, responses, args.temperature)
     scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model

@@ -135,7 +135,7 @@ MUTANTS = [
            (T_PPO + "test_a_fresh_key_for_every_update_and_for_sampling_and_shuffling",)),
     # ---- sampler
     Mutant("sampler: never stops at the stop token", "common.py",
-           "return i + 1, cache, new, done | (new == stop_token_id), out", "return i + 1, cache, new, done, out",
+           "return i + 1, cache, new, done | (new == stop_token_id), (out", "return i + 1, cache, new, done, (out",
            (T_MODEL + "test_sampler_stops_at_eos_pads_after_and_exits_early",)),
     Mutant("sampler: decoding positions off by one", "common.py",
            "(next_pos + i - 1)[:, None], kv, cache, P + i - 1)", "(next_pos + i)[:, None], kv, cache, P + i - 1)",

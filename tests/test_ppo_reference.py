@@ -163,12 +163,10 @@ class Naive:
 def forward_logprobs(args, models, params, queries, qmask, responses):
     """log π(response token) [B, R] by rlhf_ppo's batched forward pass, 0 after the stop: what the sampler returns
     with responses it sampled (test_sampler_logprobs_equal_the_naive_forward checks that)."""
-    m = ppo.response_mask(responses, args.stop_token_id)
-    tokens = jnp.concatenate([queries, jnp.where(m, responses, args.pad_token_id)], axis=1)
-    lp = ppo.response_logprobs(
-        models.policy, params["policy"], tokens, jnp.concatenate([qmask, m], axis=1), responses, args.temperature
+    m, tokens, mask = ppo.truncated_episodes(queries, qmask, responses, args.stop_token_id, args.pad_token_id)
+    return jnp.where(
+        m, ppo.response_logprobs(models.policy, params["policy"], tokens, mask, responses, args.temperature), 0.0
     )
-    return jnp.where(m, lp, 0.0)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])

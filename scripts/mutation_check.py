@@ -493,6 +493,14 @@ MUTANTS = [
     Mutant("grpo staleness: the same sampling key at every step", "grpo.py",
            "        key = jax.random.fold_in(jax.random.key(args.seed), step)\n        return rollout",
            "        key = jax.random.key(args.seed)\n        return rollout", (G_ASYNC,)),
+    # ---- issue 25: PPO evaluation, metrics and the adaptive KL controller
+    # (end of I25-PPO)
+    # ---- issue 25: reward model and DPO: splits, held-out metrics, rewards/*, multi-message pairs
+    # (end of I25-PREF)
+    # ---- issue 25: SFT: held-out examples and evaluation
+    # (end of I25-SFT)
+    # ---- issue 25: GRPO: reward sources together, evaluation and logged metrics
+    # (end of I25-GRPO)
 ]  # fmt: skip
 
 

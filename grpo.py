@@ -345,8 +345,8 @@ def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries,
         "completions/clipped_ratio": 1 - gather(batch["contains_stop"]).mean(),  # no stop token within R
     }
     for name, r in zip(reward_names(args), per_function.T):
-        if np.isfinite(r).any():  # else it applied to none of the completions: not logged
-            stats |= {f"rewards/{name}/mean": np.nanmean(r), f"rewards/{name}/std": np.nanstd(r)}
+        if np.isfinite(r).any():  # else it applied to none of the completions: not logged; std as TRL's nanstd (Bessel)
+            stats |= {f"rewards/{name}/mean": np.nanmean(r), f"rewards/{name}/std": np.nanstd(r, ddof=1)}
     return batch, stats
 
 

@@ -8,6 +8,7 @@ changing algorithm code, and add mutants of what you wrote.
 
     python scripts/mutation_check.py                 # every mutant, then a table
     python scripts/mutation_check.py -k kl -k sft    # the mutants whose name contains "kl" or "sft"
+    python scripts/mutation_check.py -j 2            # two mutants at a time (about 1.5x faster on 2 cores)
 
 Before the mutants, the same tests run on the unmodified copy and must pass (else a "kill" would mean nothing).
 A mutant whose text is not found exactly once stops the script: the list is stale.
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ G_ASYNC = T_GRPO + "test_staleness_0_is_the_synchronous_loop_and_1_samples_with_
 G_LEARN = T_GRPO + "test_grpo_learns_a_reward_function_and_the_evaluation_starts_at_the_sft_policy"
 G_REWARDS = T_GRPO + "test_reward_functions_get_their_columns_and_none_adds_nothing"
 G_ITER = T_GRPO + "test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_weights"
+T_DATA_SPLITS = "tests/test_data.py::test_each_stage_reads_the_split_its_docstring_names"
 
 
 @dataclass(frozen=True)
@@ -493,13 +496,284 @@ MUTANTS = [
     Mutant("grpo staleness: the same sampling key at every step", "grpo.py",
            "        key = jax.random.fold_in(jax.random.key(args.seed), step)\n        return rollout",
            "        key = jax.random.key(args.seed)\n        return rollout", (G_ASYNC,)),
+    # ---- issue 25: which split each stage reads
+    Mutant("i25 data: PPO trains on the labeler's reviews", "rlhf_ppo.py",
+           'if args.dataset else openings("train")', 'if args.dataset else openings("labeler")', (T_DATA_SPLITS,)),
+    Mutant("i25 data: PPO evaluates on training reviews", "rlhf_ppo.py",
+           'sets = {"heldout": lambda: openings("eval")', 'sets = {"heldout": lambda: openings("train")', (T_DATA_SPLITS,)),
+    Mutant("i25 data: --eval-prompts takes the last prompts", "rlhf_ppo.py",
+           "left_pad(read()[: args.eval_prompts], args.pad_token_id)", "left_pad(read()[-args.eval_prompts :], args.pad_token_id)", (T_DATA_SPLITS,)),
+    Mutant("i25 data: --eval-dataset added to the default sets", "rlhf_ppo.py",
+           '        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}', '        sets |= {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}', (T_DATA_SPLITS,)),
+    Mutant("i25 data: the normalisation prompts are the labeler's", "reward_model.py",
+           'return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)', 'return encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)', (T_DATA_SPLITS,)),
     # ---- issue 25: PPO evaluation, metrics and the adaptive KL controller
+    Mutant("i25 ppo: the gold judge given (completions, prompts)", "rlhf_ppo.py",
+           'call_reward_fn(args.gold_fn, prompts, texts, "--gold-fn")', 'call_reward_fn(args.gold_fn, texts, prompts, "--gold-fn")',
+           ("tests/test_ppo_eval.py::test_evaluate_reports_each_sets_means_and_the_pooled_means_of_the_gold_judge_on_the_completions",)),
+    Mutant("i25 ppo: the gold judge given prompt + completion", "rlhf_ppo.py",
+           'texts, prompts = decode(tok, roll["responses"], roll["response_mask"]), decode(tok, queries, query_mask)',
+           'texts, prompts = decode(tok, roll["tokens"], roll["mask"]), decode(tok, queries, query_mask)',
+           ("tests/test_ppo_eval.py::test_evaluate_reports_each_sets_means_and_the_pooled_means_of_the_gold_judge_on_the_completions",)),
+    Mutant("i25 ppo: evaluation KL not masked after the stop token", "rlhf_ppo.py",
+           'kl = gather((roll["logprobs"] - roll["ref_logprobs"]) * roll["response_mask"]).sum(1)',
+           'kl = gather(roll["logprobs"] - roll["ref_logprobs"]).sum(1)',
+           ("tests/test_ppo_eval.py::test_evaluate_reports_each_sets_means_and_the_pooled_means_of_the_gold_judge_on_the_completions",)),
+    Mutant("i25 ppo: pooled eval/* the mean of the set means", "rlhf_ppo.py",
+           'metrics[f"eval/{k}"] = float(np.mean(np.concatenate([d[k] for d in out.values()])))',
+           'metrics[f"eval/{k}"] = float(np.mean([d[k].mean() for d in out.values()]))',
+           ("tests/test_ppo_eval.py::test_evaluate_reports_each_sets_means_and_the_pooled_means_of_the_gold_judge_on_the_completions",)),
+    Mutant("i25 ppo: samples table's proxy and gold columns swapped", "rlhf_ppo.py",
+           'zip(prompts, texts, out[name]["proxy_score"], out[name]["gold_score"])',
+           'zip(prompts, texts, out[name]["gold_score"], out[name]["proxy_score"])',
+           ("tests/test_ppo_eval.py::test_evaluate_reports_each_sets_means_and_the_pooled_means_of_the_gold_judge_on_the_completions",)),
+    Mutant("i25 ppo: summary's per-set scores are the proxy's", "rlhf_ppo.py",
+           'if k.endswith("gold_score") and k.count("/") == 2)', 'if k.endswith("proxy_score") and k.count("/") == 2)',
+           ("tests/test_ppo_eval.py::test_summary_prints_the_pooled_means_and_with_full_each_sets_gold_score",)),
+    Mutant("i25 ppo: main prints the first evaluation as the final", "rlhf_ppo.py",
+           '(("start", first), ("final", final))', '(("start", first), ("final", first))',
+           ("tests/test_ppo_eval.py::test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_evaluations",)),
+    Mutant("i25 ppo: no evaluation after the last update", "rlhf_ppo.py",
+           "if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:", "if (update + 1) % args.eval_every == 0:",
+           ("tests/test_ppo_eval.py::test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_evaluations",)),
+    Mutant("i25 ppo: adaptive KL with n_steps = the minibatches", "rlhf_ppo.py",
+           'stats["objective/kl"], args.batch_size, args.kl_target', 'stats["objective/kl"], args.num_mini_batches, args.kl_target',
+           ("tests/test_ppo_eval.py::test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_evaluations",)),
+    Mutant("i25 ppo: objective/entropy of the reference's log-probs", "rlhf_ppo.py",
+           '"objective/entropy": (-rollout["logprobs"] * mask)', '"objective/entropy": (-rollout["ref_logprobs"] * mask)',
+           ("tests/test_ppo_eval.py::test_objective_statistics_equal_their_definitions_with_and_without_the_kl_penalty",)),
+    Mutant("i25 ppo: objective/rlhf_reward without β", "rlhf_ppo.py",
+           '(rollout["scores"] + non_score_reward.sum(1)).mean()', '(rollout["scores"] - kl.sum(1)).mean()',
+           ("tests/test_ppo_eval.py::test_objective_statistics_equal_their_definitions_with_and_without_the_kl_penalty",)),
+    Mutant("i25 ppo: val/num_eos_tokens a fraction", "rlhf_ppo.py",
+           '"val/num_eos_tokens": rollout["contains_stop"].sum()', '"val/num_eos_tokens": rollout["contains_stop"].mean()',
+           ("tests/test_ppo_eval.py::test_objective_statistics_equal_their_definitions_with_and_without_the_kl_penalty",)),
+    Mutant("i25 ppo: objective/non_score_reward a token mean", "rlhf_ppo.py",
+           '"objective/non_score_reward": non_score_reward.sum(1).mean()', '"objective/non_score_reward": non_score_reward.mean()',
+           ("tests/test_ppo_eval.py::test_objective_statistics_equal_their_definitions_with_and_without_the_kl_penalty",)),
+    Mutant("i25 ppo: policy/approxkl_avg without the 1/2", "rlhf_ppo.py",
+           '"policy/approxkl_avg": 0.5 * token_mean(jnp.square(log_ratio))', '"policy/approxkl_avg": token_mean(jnp.square(log_ratio))',
+           ("tests/test_ppo_eval.py::test_ppo_loss_statistics_at_a_policy_away_from_the_rollouts",)),
+    Mutant("i25 ppo: val/ratio over the padding too", "rlhf_ppo.py",
+           '"val/ratio": token_mean(ratio)', '"val/ratio": jnp.mean(ratio)',
+           ("tests/test_ppo_eval.py::test_ppo_loss_statistics_at_a_policy_away_from_the_rollouts",)),
+    Mutant("i25 ppo: policy/entropy_avg over the padding too", "rlhf_ppo.py",
+           '"policy/entropy_avg": token_mean(entropy)', '"policy/entropy_avg": jnp.mean(entropy)',
+           ("tests/test_ppo_eval.py::test_ppo_loss_statistics_at_a_policy_away_from_the_rollouts",)),
+    Mutant("i25 ppo: update statistics summed over epochs", "rlhf_ppo.py",
+           "return params, opt_state, jax.tree.map(jnp.mean, stats) | {", "return params, opt_state, jax.tree.map(jnp.sum, stats) | {",
+           ("tests/test_ppo_eval.py::test_the_update_reports_the_token_means_of_its_minibatches",)),
+    Mutant("i25 ppo: objective/kl reports the penalty β·KL (0 at β = 0)", "rlhf_ppo.py",
+           '"objective/kl": kl.sum(1).mean()', '"objective/kl": (kl_coef * kl).sum(1).mean()',
+           ("tests/test_ppo_eval.py::test_with_kl_coef_0_the_kl_is_still_measured_and_the_penalty_is_0",)),
     # (end of I25-PPO)
     # ---- issue 25: reward model and DPO: splits, held-out metrics, rewards/*, multi-message pairs
+    Mutant("i25 pref: split holds out a fraction of the pairs, not of the prompts", "reward_model.py",
+           "permutation(prompts)[: max(1, int(len(prompts) * val_fraction))]", "permutation(prompts)[: max(1, int(len(pairs) * val_fraction))]",
+           ("tests/test_preference_eval.py::test_split_by_prompt_holds_out_the_flags_fraction_of_prompts_with_all_their_pairs",)),
+    Mutant("i25 pref: split returns held-out first", "reward_model.py",
+           "    return [p for p in pairs if key(p) not in val], [p for p in pairs if key(p) in val]",
+           "    return [p for p in pairs if key(p) in val], [p for p in pairs if key(p) not in val]",
+           ("tests/test_preference_eval.py::test_split_by_prompt_holds_out_the_flags_fraction_of_prompts_with_all_their_pairs",)),
+    Mutant("i25 pref: conversations split by their last message only", "reward_model.py",
+           "else json.dumps(pair[\"prompt\"])  # noqa: E731", "else json.dumps(pair[\"prompt\"][-1])  # noqa: E731",
+           ("tests/test_preference_eval.py::test_split_by_prompt_keys_conversations_by_all_their_messages_and_splits_implicit_prompt_pairs",)),
+    Mutant("i25 pref: implicit-prompt pairs all held out", "reward_model.py",
+           "    if len(prompts) == 1:  # implicit-prompt data", "    if len(prompts) == 0:  # implicit-prompt data",
+           ("tests/test_preference_eval.py::test_split_by_prompt_keys_conversations_by_all_their_messages_and_splits_implicit_prompt_pairs",)),
+    Mutant("i25 pref: reward model's held-out arrays are the training pairs", "reward_model.py",
+           "(\"held-out\", val_pairs)):", "(\"held-out\", train_pairs)):",
+           ("tests/test_preference_eval.py::test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs",)),
+    Mutant("i25 pref: dpo ignores --val-fraction", "dpo.py",
+           "rm.split_by_prompt(pairs, args.val_fraction)", "rm.split_by_prompt(pairs, 0.1)",
+           ("tests/test_preference_eval.py::test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs",)),
+    Mutant("i25 pref: eval/rm/loss of the rejected side", "reward_model.py",
+           "np.mean(np.logaddexp(0.0, -margin))", "np.mean(np.logaddexp(0.0, margin))",
+           ("tests/test_preference_eval.py::test_reward_model_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: eval/rm/gold_accuracy counts gold ties", "reward_model.py",
+           "    strict = ~np.isnan(gold_margin) & (gold_margin != 0)", "    strict = ~np.isnan(gold_margin)",
+           ("tests/test_preference_eval.py::test_reward_model_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: train/rm/rejected_rewards is the chosen side's", "reward_model.py",
+           "\"rejected_rewards\": r[1].mean(),", "\"rejected_rewards\": r[0].mean(),",
+           ("tests/test_preference_eval.py::test_reward_model_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: train/rm/* of the last micro-batch only", "reward_model.py",
+           "    metrics = jax.tree.map(jnp.mean, metrics) | {", "    metrics = jax.tree.map(lambda m: m[-1], metrics) | {",
+           ("tests/test_preference_eval.py::test_reward_model_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: scores of a padded last batch misaligned", "reward_model.py",
+           "    return np.concatenate(out)[: len(tokens)]", "    return np.concatenate(out)[-len(tokens) :]",
+           ("tests/test_preference_eval.py::test_reward_model_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: eval/rm/* logged from the training pairs", "reward_model.py",
+           "                ev = evaluate(graphdef, state[\"params\"], val, rows, args.batch_size)",
+           "                ev = evaluate(graphdef, state[\"params\"], train, rows, args.batch_size)",
+           (T_RM + "test_the_reward_model_learns_a_token_rule",)),
+    Mutant("i25 pref: final held-out metrics of the training pairs", "reward_model.py",
+           "\n    ev = evaluate(graphdef, state[\"params\"], val, rows, args.batch_size)",
+           "\n    ev = evaluate(graphdef, state[\"params\"], train, rows, args.batch_size)",
+           (T_RM + "test_the_reward_model_learns_a_token_rule",)),
+    Mutant("i25 pref: train/rm/lr one step ahead", "reward_model.py",
+           "writer.add_scalar(\"train/rm/lr\", float(schedule(step)), step + 1)", "writer.add_scalar(\"train/rm/lr\", float(schedule(step + 1)), step + 1)",
+           (T_RM + "test_the_reward_model_learns_a_token_rule",)),
+    Mutant("i25 pref: dpo rewards/* read on the micro-batch axis", "dpo.py",
+           "    chosen, rejected = rewards[:, 0], rewards[:, 1]  # [A, B]", "    chosen, rejected = rewards[0], rewards[1]  # [A, B]",
+           ("tests/test_preference_eval.py::test_dpo_train_step_logs_trls_metrics_away_from_the_reference",)),
+    Mutant("i25 pref: dpo rewards/margins rejected - chosen", "dpo.py",
+           "\"rewards/margins\": (chosen - rejected).mean(),", "\"rewards/margins\": (rejected - chosen).mean(),",
+           ("tests/test_preference_eval.py::test_dpo_train_step_logs_trls_metrics_away_from_the_reference",)),
+    Mutant("i25 pref: dpo logged loss the mean of micro-batch sums", "dpo.py",
+           "        \"loss\": total.sum() / n,", "        \"loss\": total.mean(),",
+           ("tests/test_preference_eval.py::test_dpo_train_step_logs_trls_metrics_away_from_the_reference",)),
+    Mutant("i25 pref: dpo rewards/chosen is log pi, not the implicit reward", "dpo.py",
+           "\"rewards/chosen\": chosen.mean(),", "\"rewards/chosen\": logps[:, 0].mean(),",
+           ("tests/test_preference_eval.py::test_dpo_train_step_logs_trls_metrics_away_from_the_reference",)),
+    Mutant("i25 pref: dpo held-out IPO lengths count the prompt", "dpo.py",
+           "    lengths = data[\"response_mask\"][:, :, 1:].sum(2)", "    lengths = data[\"mask\"][:, :, 1:].sum(2)",
+           ("tests/test_preference_eval.py::test_dpo_held_out_preference_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: dpo eval/loss summed over the pairs", "dpo.py",
+           "\"eval/loss\": float(np.mean(losses)),", "\"eval/loss\": float(np.sum(losses)),",
+           ("tests/test_preference_eval.py::test_dpo_held_out_preference_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: dpo held-out log-probs of a padded last batch misaligned", "dpo.py",
+           "    return np.concatenate(out, axis=1)[:, :N]", "    return np.concatenate(out, axis=1)[:, -N:]",
+           ("tests/test_preference_eval.py::test_dpo_held_out_preference_metrics_equal_a_naive_computation",)),
+    Mutant("i25 pref: dpo evaluation samples at PPO's default temperature", "dpo.py",
+           "        temperature=args.temperature,\n        gold_fn=args.gold_fn,", "        gold_fn=args.gold_fn,",
+           ("tests/test_preference_eval.py::test_dpo_evaluation_is_ppos_with_dpos_flags",)),
+    Mutant("i25 pref: dpo summary prints the IMDB set's KL only", "dpo.py",
+           "\"eval/proxy_score\", \"eval/kl\")\n", "\"eval/proxy_score\", \"eval/heldout/kl\")\n",
+           ("tests/test_preference_eval.py::test_dpo_summary_prints_each_evaluation_value_under_its_name",)),
+    Mutant("i25 pref: chat pair response holds only its first message", "reward_model.py",
+           "    full = encode_chat(tok, chat, prompt + response)[0]", "    full = encode_chat(tok, chat, prompt + response[:1])[0]",
+           ("tests/test_preference_eval.py::test_a_side_of_several_messages_is_all_of_them_after_the_generation_prompt",)),
+    Mutant("i25 pref: chat pair response cut at its first EOS", "reward_model.py",
+           "return p, (r[: len(r) - r[::-1].index(eos_id)] if eos_id in r else r)", "return p, (r[: r.index(eos_id) + 1] if eos_id in r else r)",
+           ("tests/test_preference_eval.py::test_a_side_of_several_messages_is_all_of_them_after_the_generation_prompt",)),
+    Mutant("i25 pref: implicit chat prompt is only its last message", "reward_model.py",
+           "row = {**row, \"prompt\": chosen[:-1],", "row = {**row, \"prompt\": chosen[-2:-1],",
+           ("tests/test_preference_eval.py::test_a_side_of_several_messages_is_all_of_them_after_the_generation_prompt",)),
+    Mutant("i25 pref: dpo held-out metrics of the training pairs", "dpo.py",
+           "preference_accuracy(args, graphdef, state[\"params\"], val, pairs)", "preference_accuracy(args, graphdef, state[\"params\"], train, pairs)",
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
+    Mutant("i25 pref: dpo lr logged one step ahead", "dpo.py",
+           "{\"lr\": float(schedule(step))}", "{\"lr\": float(schedule(step + 1))}",
+           (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
     # (end of I25-PREF)
     # ---- issue 25: SFT: held-out examples and evaluation
+    Mutant("i25 sft split: one example on both sides", "sft.py",
+           "train_ex, val_ex = [examples[i] for i in order[n_val:]],", "train_ex, val_ex = [examples[i] for i in order[n_val - 1 :]],",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: the held-out count rounded", "sft.py",
+           "n_val = max(1, int(len(examples) * args.val_fraction))", "n_val = max(1, round(len(examples) * args.val_fraction))",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: no held-out example for a small --val-fraction", "sft.py",
+           "n_val = max(1, int(len(examples) * args.val_fraction))", "n_val = int(len(examples) * args.val_fraction)",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: --val-fraction ignored", "sft.py",
+           "n_val = max(1, int(len(examples) * args.val_fraction))", "n_val = max(1, int(len(examples) * 0.1))",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: not shuffled (the file's head held out)", "sft.py",
+           "order = np.random.default_rng(0).permutation(len(examples))", "order = np.arange(len(examples))",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: changes with --seed", "sft.py",
+           "order = np.random.default_rng(0).permutation(len(examples))", "order = np.random.default_rng(args.seed).permutation(len(examples))",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: held-out examples taken from the training side", "sft.py",
+           "[examples[i] for i in order[:n_val]]", "[examples[i] for i in order[-n_val:]]",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: the sides swapped", "sft.py",
+           'for name, ex in (("train", train_ex), ("val", val_ex)):', 'for name, ex in (("train", val_ex), ("val", train_ex)):',
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft split: the embedded data holds out the labeler's reviews", "sft.py",
+           'for t in movie_reviews("eval")]', 'for t in movie_reviews("labeler")]',
+           (T_SFT + "test_without_a_dataset_the_held_out_examples_are_the_eval_reviews",)),
+    Mutant("i25 sft print: loss tokens counted from the attention mask", "sft.py",
+           "{int(data['loss_mask'].sum())} loss tokens", "{int(data['attention_mask'].sum())} loss tokens",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft print: examples with no loss counted over positions", "sft.py",
+           'empty = int((data["loss_mask"].sum(1) == 0).sum())', 'empty = int((data["loss_mask"].sum(0) == 0).sum())',
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft print: the no-EOS warning counts texts too", "sft.py",
+           "no_eos = int((is_chat & ~(", "no_eos = int((is_chat | ~(",
+           (T_SFT + "test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed",)),
+    Mutant("i25 sft print: the no-EOS warning counts every conversation", "sft.py",
+           "& data[\"loss_mask\"]).any(1)).sum())", "& data[\"loss_mask\"]).all(1)).sum())",
+           (T_SFT + "test_conversations_whose_eos_is_cut_off_are_counted_per_side",)),
+    Mutant("i25 sft evaluate: --eval-examples ignored", "sft.py",
+           'n = len(data["tokens"]) if args.eval_examples == 0 else', 'n = len(data["tokens"]) if True else',
+           (T_SFT + "test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples",)),
+    Mutant("i25 sft evaluate: padding rows repeat the last example", "sft.py",
+           "batch = {k: np.where((idx < n)[:, None], v[np.minimum(idx, n - 1)], 0) for k, v in data.items()}",
+           "batch = {k: v[np.minimum(idx, n - 1)] for k, v in data.items()}",
+           (T_SFT + "test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples",)),
+    Mutant("i25 sft evaluate: a mean of per-batch means", "sft.py",
+           "loss_sum, count = loss_sum + float(s), count + int(c)", "loss_sum, count = loss_sum + float(s) / int(c), count + 1",
+           (T_SFT + "test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples",)),
+    Mutant("i25 sft evaluate: the last, partial batch dropped", "sft.py",
+           "for start in range(0, n, args.batch_size):", "for start in range(0, n - args.batch_size + 1, args.batch_size):",
+           (T_SFT + "test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples",)),
+    Mutant("i25 sft main: eval/loss on the training examples", "sft.py",
+           "loss = evaluate(graphdef, params, val, args,", "loss = evaluate(graphdef, params, train, args,",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft main: sample prompts from the training examples", "sft.py",
+           "sample_prompts = sample_prompt_ids(val, args.num_samples)", "sample_prompts = sample_prompt_ids(train, args.num_samples)",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft samples: the prompt keeps the first trained token", "sft.py",
+           "out.append(tokens[: first if first > 1 else 8].tolist())", "out.append(tokens[: first + 1 if first > 1 else 8].tolist())",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft samples: drawn from the initial weights", "sft.py",
+           "step_function(graphdef), params, model.cfg,", "step_function(graphdef), nnx.state(model), model.cfg,",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft samples: one key for every evaluation", "sft.py",
+           "key, sample_key = jax.random.split(key)", "sample_key = key",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft log: train/lr of the next step", "sft.py",
+           '{"lr": float(schedule(step))}', '{"lr": float(schedule(step + 1))}',
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft log: train/grad_norm of the summed gradient", "sft.py",
+           '"grad_norm": optax.tree.norm(grads)}', '"grad_norm": optax.tree.norm(grads) * count}',
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft log: tokens/s counts trained tokens only", "sft.py",
+           'tokens_seen += int(batch["attention_mask"].sum())', 'tokens_seen += int(batch["loss_mask"].sum())',
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
+    Mutant("i25 sft log: tokens/s not reset after a log", "sft.py",
+           "tokens_seen / (time.time() - t_last), 0, time.time()", "tokens_seen / (time.time() - t_last), tokens_seen, time.time()",
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
     # (end of I25-SFT)
     # ---- issue 25: GRPO: reward sources together, evaluation and logged metrics
+    Mutant("i25 grpo rewards: the reward model's score before the functions' (weights and names pair wrongly)", "grpo.py",
+           "np.concatenate([per_function, gather(rm_scores)[:, None]], axis=1)",
+           "np.concatenate([gather(rm_scores)[:, None], per_function], axis=1)", (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo rewards: --reward-weights paired in reverse", "grpo.py",
+           "weights = np.asarray(args.reward_weights or", "weights = np.asarray(args.reward_weights[::-1] or", (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo rollout: reward_std the batch's, not the mean of the groups'", "grpo.py",
+           '"reward_std": grouped.std(1, ddof=1).mean(),', '"reward_std": rewards.std(ddof=1),', (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo rollout: frac_reward_zero_std of the whole batch", "grpo.py",
+           '"frac_reward_zero_std": (grouped.std(1) == 0).mean(),', '"frac_reward_zero_std": float(rewards.std() == 0),',
+           (T_GRPO + "test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_never_applies",)),
+    Mutant("i25 grpo rollout: clipped_ratio the fraction that stopped", "grpo.py",
+           '1 - gather(batch["contains_stop"]).mean()', 'gather(batch["contains_stop"]).mean()', (T_GRPO + "test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_never_applies",)),
+    Mutant("i25 grpo update: entropy over every slot, past the stop", "grpo.py",
+           '"entropy": masked_mean(entropy, m),', '"entropy": entropy.mean(),', (T_GRPO + "test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops",)),
+    Mutant("i25 grpo update: clip_ratio/high at 1 + ε, not 1 + ε_high", "grpo.py",
+           "(ratio > 1 + eps_high) & (A > 0)", "(ratio > 1 + args.epsilon) & (A > 0)", (T_GRPO + "test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops",)),
+    Mutant("i25 grpo update: the last iteration's statistics, not their mean", "grpo.py",
+           "jax.tree.map(jnp.mean, stats)", "jax.tree.map(lambda s: s[-1], stats)", (G_ITER,)),
+    Mutant("i25 grpo eval: the reference not read with β = 0 (eval/kl of zeros)", "grpo.py",
+           "columns, jax.random.key(1234), True", "columns, jax.random.key(1234), args.beta > 0", (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo eval: eval/kl summed past the stop token", "grpo.py",
+           'kl = gather((batch["old_logprobs"] - batch["ref_logprobs"]) * batch["completion_mask"]).sum(1)',
+           'kl = gather(batch["old_logprobs"] - batch["ref_logprobs"]).sum(1)', (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo eval: evaluated on the training prompts", "grpo.py",
+           'load_prompts(args, tok, chat, args.eval_dataset, "eval"', 'load_prompts(args, tok, chat, args.dataset, "eval"',
+           (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo eval: the sample rows show the first function's reward", "grpo.py",
+           "list(zip(prompts, texts, rewards))", "list(zip(prompts, texts, per_function[:, 0]))", (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo main: statistics logged at the step before", "grpo.py",
+           "writer.add_scalar(k, v, step + 1)", "writer.add_scalar(k, v, step)", (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo main: staleness version − step", "grpo.py",
+           '{"staleness": step - version}', '{"staleness": version - step}', (T_GRPO + "test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions",)),
+    Mutant("i25 grpo print: the after column shows the first evaluation", "grpo.py",
+           "{final.get(k, math.nan):.3f}", "{first.get(k, math.nan):.3f}", (T_GRPO + "test_the_printed_summary_and_before_after_table_written_out_by_hand",)),
+    Mutant("i25 grpo: rewards/<name>/std the population std, not TRL's Bessel-corrected nanstd", "grpo.py",
+           "np.nanstd(r, ddof=1)", "np.nanstd(r)", (T_GRPO + "test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_never_applies",)),
     # (end of I25-GRPO)
 ]  # fmt: skip
 
@@ -535,6 +809,7 @@ def main():
         "-k", action="append", default=[], help="only the mutants whose name contains this (repeatable)"
     )
     parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at once, each in its own copy")
     cli = parser.parse_args()
     mutants = [m for m in MUTANTS if not cli.k or any(k.lower() in m.name.lower() for k in cli.k)]
     for m in mutants:  # a stale mutant is an error, not a survivor
@@ -550,20 +825,24 @@ def main():
         sys.exit(f"the tests fail without any mutant (exit {code}, {secs:.0f}s); fix them first:\n{tail}")
     print(f"baseline: {len(tests)} test targets pass unmodified ({secs:.0f}s)", flush=True)
 
-    rows = []
-    for i, m in enumerate(mutants, 1):
+    def run_mutant(m):
         repo = repo_copy()
         path = repo / m.file
         path.write_text(path.read_text().replace(m.old, m.new))
-        code, secs, tail = run_tests(repo, m.tests, cli.timeout)
+        out = run_tests(repo, m.tests, cli.timeout)
         shutil.rmtree(repo)
-        result = {0: "SURVIVED", 1: "killed"}.get(code, f"error (exit {code})")
-        rows.append((m, result, secs))
-        print(
-            f"[{i}/{len(mutants)}] {result:8s} {secs:5.0f}s  {m.name}"
-            + (f"\n    {tail}" if code not in (0, 1) else ""),
-            flush=True,
-        )
+        return out
+
+    rows, t0 = [], time.time()
+    with ThreadPoolExecutor(cli.jobs) as pool:  # results in the list's order
+        for i, (m, (code, secs, tail)) in enumerate(zip(mutants, pool.map(run_mutant, mutants)), 1):
+            result = {0: "SURVIVED", 1: "killed"}.get(code, f"error (exit {code})")
+            rows.append((m, result, secs))
+            print(
+                f"[{i}/{len(mutants)}] {result:8s} {secs:5.0f}s  {m.name}"
+                + (f"\n    {tail}" if code not in (0, 1) else ""),
+                flush=True,
+            )
 
     print("\n| # | mutant | file | tests | result |\n|---|---|---|---|---|")
     for i, (m, result, secs) in enumerate(rows, 1):
@@ -571,7 +850,7 @@ def main():
         print(f"| {i} | {m.name} | {m.file} | {tests} | {result} ({secs:.0f}s) |")
     killed = sum(r == "killed" for _, r, _ in rows)
     print(
-        f"\n{killed} of {len(rows)} mutants killed"
+        f"\n{killed} of {len(rows)} mutants killed in {time.time() - t0:.0f}s"
         + ("" if killed == len(rows) else f"; {len(rows) - killed} NOT killed")
     )
     sys.exit(0 if killed == len(rows) else 1)

@@ -57,3 +57,36 @@ def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_
         for q, m in [(queries, mask), *eval_sets.values()]:
             first_real = np.asarray(q)[np.arange(len(q)), np.argmax(np.asarray(m), axis=1)]
             assert (first_real == bos).all()
+
+
+def rows_of(queries, mask):
+    """Left-padded prompts [N, P] -> a list of token-id lists (the real tokens of each row)."""
+    return [list(q[m]) for q, m in zip(np.asarray(queries), np.asarray(mask, bool))]
+
+
+def test_each_stage_reads_the_split_its_docstring_names(tmp_path, tiny_sft, monkeypatch):
+    """PPO trains on the openings of the training reviews and evaluates on those of the held-out reviews and of Rotten
+    Tomatoes, the first --eval-prompts of each in order; --dataset and --eval-dataset replace them. The reward model's
+    normalisation prompts are PPO's. Each split is cut to its first 20 texts (a BPE of 300 tokens encodes the 22,412
+    training reviews slowly); each expected list is encoded here from movie_reviews, not by the code under test."""
+    tok, _, pad = sft.load_tokenizer(tiny_sft)
+    prefix = tok.encode("", add_special_tokens=True).ids
+    first = {s: sft.movie_reviews(s)[:20] for s in ("train", "labeler", "eval", "rotten_tomatoes")}
+    for script in (ppo, rm):
+        monkeypatch.setattr(script, "movie_reviews", first.__getitem__)
+    encode = lambda texts, n=None: [prefix + tok.encode(t, add_special_tokens=False).ids[:n] for t in texts]
+    args = ppo.Args(sft_model=str(tiny_sft), prompt_tokens=5, eval_prompts=7, pad_token_id=pad)
+    queries, mask, eval_sets = ppo.setup_data(args, tok)
+    assert rows_of(queries, mask) == encode(first["train"], 5)
+    assert list(eval_sets) == ["heldout", "rotten_tomatoes"]
+    assert rows_of(*eval_sets["heldout"]) == encode(first["eval"][:7], 5)
+    assert rows_of(*eval_sets["rotten_tomatoes"]) == encode(first["rotten_tomatoes"][:7], 5)
+    assert rm.ppo_prompts(rm.Args(prompt_tokens=5), tok, []) == encode(first["train"], 5)
+
+    texts = ["the film was great", "a dull plot", "good actor", "bad", "the plot was fun"]
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": t} for t in texts[:2]])
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": t} for t in texts[2:]])
+    args = ppo.Args(**{**vars(args), "dataset": str(train_file), "eval_dataset": str(eval_file), "eval_prompts": 2})
+    queries, mask, eval_sets = ppo.setup_data(args, tok)
+    assert rows_of(queries, mask) == encode(texts[:2])
+    assert list(eval_sets) == ["heldout"] and rows_of(*eval_sets["heldout"]) == encode(texts[2:4])

@@ -100,8 +100,10 @@ def test_sequence_logps_sum_exactly_the_response_tokens(tiny_sft, rule_data):
 
 
 def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen_side(tiny_sft, rule_data):
-    """At the reference every implicit reward is 0: loss log 2, no accuracy (strictly higher only), logps/* the mean
-    summed log-probs; the step raises log π(y_w) − log π(y_l) on the batch it saw."""
+    """At the reference every implicit reward is 0 up to float32 rounding (the reference's log-probs come from another
+    compiled program, whose rounding depends on the CPU): loss log 2, logps/* the mean summed log-probs; on pairs
+    whose two sides are the same sequence every margin is exactly 0, and no pair counts as accurate (strictly higher
+    only); the step raises log π(y_w) − log π(y_l) on the batch it saw."""
     _, train, _ = rule_data
     model, _ = dpo.load_model(tiny_sft)
     graphdef, params = nnx.split(model)
@@ -109,12 +111,23 @@ def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen
     batch = {k: v[:, :16] for k, v in train.items()}
     batch["ref_logps"] = np.asarray(dpo.frozen_logps(graphdef, params, batch))
     logps = np.asarray(dpo.pair_logps(graphdef, params, batch)[0])
-    stacked = jax.tree.map(lambda x: x[None], batch)  # [A = 1, 2, B, ...]
-    new, _, metrics = dpo.train_step(args, graphdef, tx, jax.tree.map(jnp.copy, params), tx.init(params), None, stacked)
+    step = lambda batch: dpo.train_step(  # noqa: E731
+        args,
+        graphdef,
+        tx,
+        jax.tree.map(jnp.copy, params),
+        tx.init(params),
+        None,
+        jax.tree.map(lambda x: x[None], batch),
+    )  # [A = 1, 2, B, ...]
+    new, _, metrics = step(batch)
     m = {k: float(v) for k, v in metrics.items()}
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert m["rewards/chosen"] == m["rewards/rejected"] == m["rewards/margins"] == m["rewards/accuracies"] == 0.0
+    assert max(abs(m[f"rewards/{k}"]) for k in ("chosen", "rejected", "margins")) < 1e-5
     assert (m["logps/chosen"], m["logps/rejected"]) == pytest.approx(tuple(logps.mean(1)), abs=1e-4)
+    tied = {k: v[[0, 0]] for k, v in batch.items()}  # rejected := chosen, ref_logps too
+    m = {k: float(v) for k, v in step(tied)[2].items()}
+    assert m["rewards/margins"] == m["rewards/accuracies"] == 0.0 and m["rewards/chosen"] == m["rewards/rejected"]
     after = np.asarray(dpo.pair_logps(graphdef, new, batch)[0])
     assert (after[0] - after[1]).mean() > (logps[0] - logps[1]).mean() + 0.1
 
@@ -148,15 +161,23 @@ def dpo_args(tmp, tiny_pipeline, data, **kw):
     return dpo.Args(**{**base, **kw})
 
 
-def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy(tmp_path, tiny_pipeline, rule_data):
+def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy(
+    tmp_path, tiny_pipeline, rule_data, monkeypatch, capsys
+):
     """On pairs that follow a rule, the held-out implicit reward orders most pairs right after a few steps; at step 0
     the policy is the reference, so the sampled KL is 0 (within float32 error) and the scores are PPO's own evaluation
-    of the SFT policy."""
+    of the SFT policy. The final held-out metrics (returned, logged under eval/ and printed) are those of exactly the
+    held-out pairs, computed naively from the exported policy and the SFT model; lr is the rate of each logged step."""
+    from test_preference_eval import Recorder, linear_warmup_decay
+
     import rlhf_ppo as ppo
 
     path, _, _ = rule_data
+    recorder = Recorder()
+    monkeypatch.setattr(dpo, "summary_writer", lambda args: recorder)
     args = dpo_args(tmp_path, tiny_pipeline, path, max_steps=30, eval_every=30)
     first, final = dpo.main(args)
+    printed = capsys.readouterr().out
     assert abs(first["eval/kl"]) < 1e-4  # the sampler's log-probs against a forward pass: float32 rounding only
     # every margin exactly 0: nothing is ordered, by the labels or the gold scores
     assert first["eval/rewards/accuracies"] == first["eval/rewards/gold_accuracies"] == 0.0
@@ -177,7 +198,28 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
             *(naive_logps(model, *(val[k][side] for k in ("tokens", "mask", "response_mask"))) for side in (0, 1))
         )
 
-    assert np.mean(margins(trained) > margins(sft_model) + 1.0) >= 0.9
+    h = margins(trained) - margins(sft_model)  # ρ_w − ρ_l of each held-out pair
+    assert np.mean(h > 1.0) >= 0.9
+    margin, gold = args.beta * h, val["gold"][0].astype(np.float64) - val["gold"][1]
+    untied = ~np.isnan(gold) & (gold != 0)
+    expected = {
+        "eval/loss": np.mean(np.log1p(np.exp(-margin))),
+        "eval/rewards/accuracies": np.mean(margin > 0),
+        "eval/rewards/margins": np.mean(margin),
+        "eval/rewards/gold_accuracies": np.mean(np.sign(margin[untied]) == np.sign(gold[untied])),
+    }
+    for k, v in expected.items():
+        assert final[k] == pytest.approx(v, rel=1e-3, abs=1e-4), k
+    for k, v in final.items():  # everything evaluated is logged at its step, the sampled scores included
+        assert recorder.scalars[k, 0] == pytest.approx(first[k]) and recorder.scalars[k, 30] == pytest.approx(v), k
+    assert {"eval/gold_score", "eval/proxy_score", "eval/kl"} <= set(final)
+    for (tag, step), value in recorder.scalars.items():
+        if tag == "lr":
+            assert value == pytest.approx(linear_warmup_decay(args.learning_rate, 30, step - 1), rel=1e-5), step
+    assert {s for t, s in recorder.scalars if t == "lr"} == set(range(2, 31, 2))
+    for label, ev in (("start", first), ("final", final)):
+        assert f"{label}: " + dpo.summary(ev) + "\n" in printed
+    assert f"final: rewards/accuracies {expected['eval/rewards/accuracies']:.4f}, " in printed
 
 
 def test_the_reference_stays_frozen_precomputed_or_on_the_fly(tmp_path, tiny_pipeline, rule_data):

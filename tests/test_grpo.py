@@ -2,9 +2,13 @@
 reference, reward functions' columns and None, bounded staleness against plain loops, learning, resume, refusals."""
 
 import dataclasses
+import functools
+import json
+import re
 import statistics
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -262,11 +266,16 @@ def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_we
     q, qm, columns = grpo.prompt_batch(args, train, 0)
     batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
     tx = optax.sgd(0.5)
-    three, _, _ = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch)
-    one, args1 = params, grpo.Args(**{**vars(args), "num_iterations": 1})
+    three, _, stats3 = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch)
+    one, args1, stats1 = params, grpo.Args(**{**vars(args), "num_iterations": 1}), []
     for _ in range(3):
-        one, _, _ = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch)
+        one, _, stats = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch)
+        stats1.append(stats)
     assert_same_params(nnx.to_pure_dict(three), nnx.to_pure_dict(one), rtol=1e-5, atol=1e-6)
+    # the logged statistics of μ = 3 iterations: each the mean of the three iterations' values (which differ)
+    assert abs(float(stats1[2]["loss"]) - float(stats1[0]["loss"])) > 1e-3 and stats3.keys() == stats1[0].keys()
+    for k in stats3:
+        assert float(stats3[k]) == pytest.approx(np.mean([float(s[k]) for s in stats1]), rel=1e-4, abs=1e-6), k
     assert not np.allclose(jax.tree.leaves(one)[0], jax.tree.leaves(params)[0])
     bad = batch | {"advantages": batch["advantages"].at[0].set(jnp.nan)}
     state = {"params": params, "opt_state": tx.init(params)}
@@ -412,3 +421,415 @@ def test_the_default_task_uses_the_built_in_rewards(tmp_path):
     assert grpo.length_band([""] * 4, ["w " * 4, "w " * 12, "w " * 20, "w " * 30]) == [0.5, 1.0, 0.5, 0.0]
     assert grpo.no_repetition([""] * 3, texts) == [1.0, pytest.approx(1 / 3), None]
     assert grpo.with_defaults(grpo.Args(reward_model="rm"), 3, 0).reward_fn == ()
+
+
+# ---------------------------------------------------------------- issue 25: what users read (logs, evaluation, prints)
+# Each logged or printed number against a naive recomputation: per-row forward passes of unpadded sequences (right
+# padding only: causal), Python loops over the completions, the reward functions' own values.
+WEIGHTS = (-0.5, 2.0, -1.5)  # --reward-weights: chars (short completions preferred), sparse, then the reward model
+
+
+@pytest.fixture(scope="module")
+def stopping_pipeline(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline's SFT policy with its EOS row of the (tied) head turned towards the prompts' mean hidden state,
+    so that completions stop at different positions (many at once, some later, many never within R = 6); its reward
+    model; 40 training prompts (column src "train") and 9 other prompts held out (src "eval")."""
+    tmp, prompts = tiny_pipeline
+    out = tmp_path_factory.mktemp("grpo_i25")
+    tok, eos, pad = grpo.load_tokenizer(tmp / "sft")
+    model, _ = grpo.load_model(tmp / "sft")
+    texts = [json.loads(line)["prompt"] for line in Path(prompts).read_text().splitlines()]
+    q, qm = grpo.left_pad([tok.encode(t).ids for t in texts], pad)
+    h = np.asarray(model.hidden_states(jnp.asarray(q), jnp.asarray(np.maximum(qm.cumsum(1) - 1, 0)), qm)[0])[qm]
+    mu = h.mean(0)
+    model.embed_tokens.embedding[...] = model.embed_tokens.embedding[...].at[eos].set(jnp.asarray(4.0 * mu / (mu @ mu)))
+    grpo.save_model(out / "sft", model, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
+    train = write_jsonl(out / "train.jsonl", [{"prompt": t, "src": "train"} for t in texts])
+    rng = np.random.default_rng(5)
+    held_out = [" ".join(rng.choice(WORDS, n)) for n in rng.integers(2, 6, 9)]
+    held_out = write_jsonl(out / "eval.jsonl", [{"prompt": t, "src": "eval"} for t in held_out])
+    return out / "sft", tmp / "rm", train, held_out
+
+
+def chars_value(text):
+    return len(text) / 4
+
+
+def sparse_value(text):  # None (does not apply) for the empty completions and a third of the others
+    return None if len(text) % 3 == 0 else float(len(text) % 5) - 1.0
+
+
+@pytest.fixture
+def i25_rewards(monkeypatch):
+    """Reward functions of known values that record what they are given: importable as grpo_i25_rewards:..."""
+    module, calls = types.ModuleType("grpo_i25_rewards"), []
+
+    def chars(prompts, completions, src, **columns):
+        calls.append((list(prompts), list(completions), list(src)))
+        return [chars_value(c) for c in completions]
+
+    module.chars, module.calls = chars, calls
+    module.sparse = lambda prompts, completions, **columns: [sparse_value(c) for c in completions]
+    module.never = lambda prompts, completions, **columns: [None] * len(completions)
+    module.first_group_flat = lambda prompts, completions, **columns: [
+        1.0 if p == prompts[0] else chars_value(c) for p, c in zip(prompts, completions)
+    ]
+    monkeypatch.setitem(sys.modules, "grpo_i25_rewards", module)
+    return module
+
+
+class ScalarRecorder:
+    """In place of the tensorboard writer: tag -> {step: value}, tag -> text."""
+
+    def __init__(self):
+        self.scalars, self.texts = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, {})[step] = float(value)
+
+    def add_text(self, tag, text, step=None):
+        self.texts[tag] = text
+
+    def close(self):
+        pass
+
+
+@functools.cache
+def jitted_apply(graphdef):
+    return jax.jit(
+        lambda params, tokens: nnx.merge(graphdef, params)(
+            tokens, jnp.broadcast_to(jnp.arange(32), tokens.shape), tokens >= 0
+        )[0]
+    )
+
+
+def naive_forward(model, sequences):
+    """The model's output (logits [L, V] or scores [L]) for each token list, float64: rows right-padded to 32 tokens
+    (causal: the padding cannot reach the real positions), positions 0, 1, ..., 16 rows a call (one compilation)."""
+    assert max(map(len, sequences)) <= 32
+    graphdef, params = nnx.split(model)
+    out = []
+    for i in range(0, len(sequences), 16):
+        chunk = sequences[i : i + 16]
+        tokens = np.ones((16, 32), np.int32)
+        for j, s in enumerate(chunk):
+            tokens[j, : len(s)] = s
+        logits = np.asarray(jitted_apply(graphdef)(params, jnp.asarray(tokens)), np.float64)
+        out += [o[: len(s)] for o, s in zip(logits, chunk)]
+    return out
+
+
+def naive_episodes(tok, queries, query_mask, completions, stop):
+    """Per row: the prompt's token ids, the completion's up to and with its first stop token, its text, the prompt's."""
+    rows = []
+    for q, qm, c in zip(queries, query_mask, completions):
+        c = [int(t) for t in c]
+        n = next((t + 1 for t, y in enumerate(c) if y == stop), len(c))
+        prompt = [int(t) for t in q[qm]]
+        rows.append(
+            {"prompt": prompt, "completion": c[:n], "text": tok.decode(c[:n]), "prompt_text": tok.decode(prompt)}
+        )
+    return rows
+
+
+def naive_rm_scores(rm, rows, eos):
+    """The reward model's score at the last token of prompt + completion + EOS (unless the completion ends with it)."""
+    seqs = [
+        r["prompt"] + r["completion"] + ([eos] if not r["completion"] or r["completion"][-1] != eos else [])
+        for r in rows
+    ]
+    return [s[-1] for s in naive_forward(rm, seqs)]
+
+
+def naive_sequence_logprobs(model, rows, temperature):
+    """Σ_t log softmax(logits / T)[y_t] over each completion's real tokens."""
+    out = []
+    for r, logits in zip(rows, naive_forward(model, [r["prompt"] + r["completion"] for r in rows])):
+        total = 0.0
+        for t, y in enumerate(r["completion"]):
+            z = logits[len(r["prompt"]) - 1 + t] / temperature
+            total += z[y] - z.max() - np.log(np.exp(z - z.max()).sum())
+        out.append(total)
+    return np.array(out)
+
+
+def naive_sources(rows, rm_scores):
+    """[B, 3] of chars, sparse (NaN: None), reward model; the total with WEIGHTS in this order (a None adds 0)."""
+    per = np.array(
+        [[chars_value(r["text"]), np.nan if sparse_value(r["text"]) is None else sparse_value(r["text"]), s]
+         for r, s in zip(rows, rm_scores)]
+    )  # fmt: skip
+    total = [WEIGHTS[0] * a + (0.0 if np.isnan(b) else WEIGHTS[1] * b) + WEIGHTS[2] * c for a, b, c in per]
+    return per, np.array(total)
+
+
+def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints_their_definitions(
+    stopping_pipeline, i25_rewards, monkeypatch, capsys, tmp_path
+):
+    """--reward-fn chars, sparse and --reward-model together, weights -0.5, 2, -1.5 (the functions', then the model's),
+    β = 0, staleness 1: every logged rewards/*, reward*, completions/* value, each evaluation's eval/* (on the held-out
+    prompts, with the reference read for eval/kl although training never reads it), the printed summary and the
+    before/after table, against a naive recomputation from the sampled tokens."""
+    sft_path, rm_path, train_path, eval_path = stopping_pipeline
+    writer, sampled, real_sample = ScalarRecorder(), {"train": [], "eval": []}, grpo.sample
+    monkeypatch.setattr(grpo, "summary_writer", lambda args: writer)
+
+    def recording_sample(step_fn, params, cache, queries, query_mask, key, **kw):
+        out = real_sample(step_fn, params, cache, queries, query_mask, key, **kw)
+        kind = "train" if queries.shape[0] == 8 else "eval"  # B = 8 for training, 6 held-out prompts
+        sampled[kind].append((np.asarray(queries), np.asarray(query_mask), np.asarray(out[0])))
+        return out
+
+    monkeypatch.setattr(grpo, "sample", recording_sample)
+    args = grpo.Args(
+        sft_model=str(sft_path),
+        reward_model=str(rm_path),
+        reward_fn=("grpo_i25_rewards:chars", "grpo_i25_rewards:sparse"),
+        reward_weights=WEIGHTS,
+        dataset=str(train_path),
+        eval_dataset=str(eval_path),
+        response_length=6,
+        group_size=4,
+        batch_size=8,
+        max_steps=3,
+        beta=0.0,
+        max_staleness=1,
+        learning_rate=3e-3,
+        temperature=1.0,
+        eval_every=2,
+        eval_prompts=6,
+        num_sample_rows=2,
+        num_devices=1,
+        output_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    first, final = grpo.main(args)
+    printed = capsys.readouterr().out
+    tok, eos, _ = grpo.load_tokenizer(sft_path)
+    rm, policy, reference = (
+        grpo.load_model(rm_path)[0],
+        grpo.load_model(args.output_dir)[0],
+        grpo.load_model(sft_path)[0],
+    )
+    names = ("chars", "sparse", "reward_model")
+    log = writer.scalars
+
+    # the reward functions get the completions' texts and their prompts' columns: training then held-out prompts
+    train_calls = [c for c in i25_rewards.calls if c[2][0] == "train"]
+    eval_calls = [c for c in i25_rewards.calls if c[2][0] == "eval"]
+    assert len(sampled["train"]) == len(train_calls) == 3 and len(sampled["eval"]) == len(eval_calls) == 3
+    assert all(set(c[2]) == {"train"} for c in train_calls) and all(set(c[2]) == {"eval"} for c in eval_calls)
+    held_out = [json.loads(line)["prompt"] for line in Path(eval_path).read_text().splitlines()][:6]
+
+    # training: the batch of step s (logged at s + 1), staleness 0, 1, 1
+    stops, nones = [], []
+    for s, ((q, qm, comp), call) in enumerate(zip(sampled["train"], train_calls)):
+        rows = naive_episodes(tok, q, qm, comp, eos)
+        assert call[0] == [r["prompt_text"] for r in rows] and call[1] == [r["text"] for r in rows]
+        per, total = naive_sources(rows, naive_rm_scores(rm, rows, eos))
+        groups = total.reshape(-1, 4)
+        lengths = [len(r["completion"]) for r in rows]
+        expected = {
+            "reward": total.mean(),
+            "reward_std": np.mean([statistics.stdev(g) for g in groups]),
+            "frac_reward_zero_std": np.mean([len(set(g)) == 1 for g in groups]),
+            "completions/mean_length": np.mean(lengths),
+            "completions/clipped_ratio": np.mean([eos not in r["completion"] for r in rows]),
+            "staleness": [0, 1, 1][s],
+        }
+        for name, col in zip(names, per.T):
+            if not np.isnan(col).all():
+                real = col[~np.isnan(col)]
+                expected[f"rewards/{name}/mean"] = real.mean()
+                expected[f"rewards/{name}/std"] = real.std(ddof=1)
+        for k, v in expected.items():
+            assert log[k][s + 1] == pytest.approx(v, rel=1e-4, abs=1e-4), (k, s)
+        stops.append(set(lengths))
+        nones.append(np.isnan(per[:, 1]).mean())
+    assert any(len(lengths) >= 3 for lengths in stops) and 0 < np.mean(nones) < 1  # a discriminating case
+    logged = {k for k in log if not k.startswith("eval/")}
+    assert logged >= {"loss", "grad_norm", "entropy", "clip_ratio/low_mean", "steps_per_s"}
+    assert "kl" not in logged and all(set(log[k]) == {1, 2, 3} for k in logged)  # β = 0: no reference in training
+
+    # evaluation at steps 0, 2 and 3 (--eval-every 2 and the last step) on the first 6 held-out prompts
+    evaluations = {}
+    for step, (q, qm, comp), call in zip((0, 2, 3), sampled["eval"], eval_calls):
+        rows = naive_episodes(tok, q, qm, comp, eos)
+        assert [" ".join(r["prompt_text"].split()) for r in rows] == held_out
+        assert call[1] == [r["text"] for r in rows]
+        lengths = {len(r["completion"]) for r in rows}
+        assert step != 3 or (min(lengths) < 6 and 6 in lengths), lengths  # some stop early (eval/kl's mask matters)
+        per, total = naive_sources(rows, naive_rm_scores(rm, rows, eos))
+        expected = {
+            "eval/reward": total.mean(),
+            "eval/completions/mean_length": np.mean([len(r["completion"]) for r in rows]),
+        }
+        expected |= {f"eval/rewards/{n}/mean": np.nanmean(col) for n, col in zip(names, per.T)}
+        if step in (0, 3):  # Σ_t log π / π_ref over the real tokens (the policy of step 3: the exported one)
+            kl = naive_sequence_logprobs(policy if step else reference, rows, 1.0)
+            expected["eval/kl"] = np.mean(kl - naive_sequence_logprobs(reference, rows, 1.0))
+        assert {k for k in log if k.startswith("eval/")} == set(first) == set(final) == set(expected) | {"eval/kl"}
+        for k, v in expected.items():
+            assert log[k][step] == pytest.approx(v, rel=1e-4, abs=2e-4), (k, step)
+        evaluations[step] = rows, total, expected
+    assert first == {k: log[k][0] for k in first} and final == {k: log[k][3] for k in final}
+    assert final["eval/kl"] > 0.02 and abs(first["eval/kl"]) < 1e-4
+
+    # printed: the first evaluation's summary, then the before/after table (also logged as text)
+    line = next(x for x in printed.splitlines() if x.startswith("40 training prompts, 3 steps; setup "))
+    pairs = dict(p.rsplit(" ", 1) for p in re.sub(r".* setup \d+s; ", "", line).split(", "))
+    want = {k.removeprefix("eval/").removeprefix("rewards/"): v for k, v in evaluations[0][2].items()}
+    assert pairs.keys() == want.keys()
+    for k, v in want.items():
+        assert float(pairs[k]) == pytest.approx(v, abs=2e-4), k
+    table = writer.texts["eval/before_after"]
+    assert table in printed
+    lines = table.split("\n")  # (not splitlines: a completion may hold a \r or \x1c, which clean() leaves)
+    assert lines[:2] == ["| held-out | before | after |", "|-|-|-|"]
+    metric_rows = {r.split(" | ")[0][2:]: r.split(" | ")[1:] for r in lines[2 : 2 + len(first)]}
+    assert metric_rows.keys() == {k.removeprefix("eval/") for k in first}
+    for k, (before, after) in metric_rows.items():
+        assert float(before) == pytest.approx(evaluations[0][2]["eval/" + k], abs=2e-3), k
+        assert float(after.removesuffix(" |")) == pytest.approx(evaluations[3][2]["eval/" + k], abs=2e-3), k
+    samples = lines[2 + len(first) + 1 :]
+    assert samples[:2] == ["| prompt | before (reward) | after (reward) |", "|-|-|-|"] and len(samples) == 4
+    clean = lambda text: text.replace("|", "/").replace("\n", " ")  # noqa: E731
+    (rows0, total0, _), (rows3, total3, _) = evaluations[0], evaluations[3]
+    for i, row in enumerate(samples[2:]):
+        head = f"| {clean(rows0[i]['prompt_text'])} | {clean(rows0[i]['text'])} ("
+        assert row.startswith(head), (row, head)
+        r0, rest = row[len(head) :].split(") | ", 1)
+        tail = f"{clean(rows3[i]['text'])} ("
+        assert rest.startswith(tail) and rest.endswith(") |"), (rest, tail)
+        assert float(r0) == pytest.approx(total0[i], abs=6e-3)
+        assert float(rest[len(tail) : -3]) == pytest.approx(total3[i], abs=6e-3)
+
+
+def test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_never_applies(
+    stopping_pipeline, i25_rewards, tmp_path
+):
+    """Three groups, the first's rewards all equal (frac_reward_zero_std 1/3, its std 0 in reward_std's mean, its
+    advantages 0), completions stopping at different positions; a function that returns None for every completion
+    adds nothing and is not logged."""
+    sft_path, _, train_path, _ = stopping_pipeline
+    args = grpo.Args(
+        sft_model=str(sft_path),
+        dataset=str(train_path),
+        reward_fn=("grpo_i25_rewards:never", "grpo_i25_rewards:first_group_flat"),
+        reward_weights=(5.0, 1.5),
+        response_length=6,
+        group_size=4,
+        batch_size=12,
+        temperature=1.0,
+        num_devices=1,
+    )
+    args, tok, graphdef, params, frozen, train = setup_from(args)
+    q, qm, columns = grpo.prompt_batch(args, train, 0)
+    batch, stats = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(3))
+    rows = naive_episodes(tok, q, qm, np.asarray(batch["completions"]), args.stop_token_id)
+    lengths = [len(r["completion"]) for r in rows]
+    np.testing.assert_array_equal(np.asarray(batch["completion_mask"]).sum(1), lengths)
+    values = [1.0 if r["prompt_text"] == rows[0]["prompt_text"] else chars_value(r["text"]) for r in rows]
+    groups = [values[i : i + 4] for i in range(0, 12, 4)]
+    stds = [statistics.stdev(g) for g in groups]
+    assert stds[0] == 0 and min(stds[1:]) > 0.1 and 1 < len(set(lengths)) and 6 in lengths  # discriminating
+    rewards = [1.5 * v for v in values]
+    expected = {
+        "reward": statistics.mean(rewards),
+        "reward_std": statistics.mean(1.5 * s for s in stds),
+        "frac_reward_zero_std": 1 / 3,
+        "completions/mean_length": statistics.mean(lengths),
+        "completions/clipped_ratio": statistics.mean(args.stop_token_id not in r["completion"] for r in rows),
+        "rewards/first_group_flat/mean": statistics.mean(values),
+        "rewards/first_group_flat/std": statistics.stdev(values),
+    }
+    assert stats.keys() == expected.keys()
+    for k, v in expected.items():
+        assert float(stats[k]) == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    scaled = [[1.5 * x for x in g] for g in groups]
+    advantages = [(r - statistics.mean(g)) / (statistics.stdev(g) + 1e-4) for g in scaled for r in g]
+    np.testing.assert_allclose(batch["advantages"], advantages, rtol=1e-4, atol=1e-5)
+
+
+def naive_token_statistics(model, rows, temperature, R):
+    """Per completion token (float64 [B, R], 0 after the stop): log softmax(logits / T)[y_t] and the entropy there."""
+    logp, entropy = np.zeros((len(rows), R)), np.zeros((len(rows), R))
+    for i, (r, logits) in enumerate(zip(rows, naive_forward(model, [r["prompt"] + r["completion"] for r in rows]))):
+        for t, y in enumerate(r["completion"]):
+            z = logits[len(r["prompt"]) - 1 + t] / temperature
+            lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            logp[i, t], entropy[i, t] = lp[y], -(np.exp(lp) * lp).sum()
+    return logp, entropy
+
+
+def test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops(stopping_pipeline, i25_rewards, tmp_path):
+    """A batch sampled by the SFT policy (completions stopping at different positions), the policy moved away from it
+    and from a different reference: entropy, kl (β > 0), the three clip ratios (ε 0.2, ε_high 0.28), loss and
+    grad_norm (the step of SGD(0.5) / 0.5) of grpo_update equal naive loops over the real tokens."""
+    sft_path, _, train_path, _ = stopping_pipeline
+    args = grpo.Args(
+        sft_model=str(sft_path),
+        dataset=str(train_path),
+        reward_fn=("grpo_i25_rewards:first_group_flat",),
+        response_length=6,
+        group_size=4,
+        batch_size=12,
+        temperature=1.0,
+        beta=0.3,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        num_devices=1,
+    )
+    args, tok, graphdef, params, frozen, train = setup_from(args)
+    frozen = {"ref": perturbed(frozen["ref"], 1, 0.02), "reward": None}
+    q, qm, columns = grpo.prompt_batch(args, train, 0)
+    batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(5))
+    moved = perturbed(params, 2, 0.02)
+    rows = naive_episodes(tok, q, qm, np.asarray(batch["completions"]), args.stop_token_id)
+    logp, entropy = naive_token_statistics(nnx.merge(graphdef, moved), rows, 1.0, 6)
+    ref, _ = naive_token_statistics(nnx.merge(graphdef, frozen["ref"]), rows, 1.0, 6)
+    old, _ = naive_token_statistics(nnx.merge(graphdef, params), rows, 1.0, 6)
+    A = np.asarray(batch["advantages"], np.float64)
+    real = [(i, t) for i, r in enumerate(rows) for t in range(len(r["completion"]))]
+    ratio = {(i, t): np.exp(logp[i, t] - old[i, t]) for i, t in real}
+    low = [ratio[i, t] < 0.8 and A[i] < 0 for i, t in real]
+    high = [ratio[i, t] > 1.28 and A[i] > 0 for i, t in real]
+    k3 = [np.exp(ref[i, t] - logp[i, t]) - (ref[i, t] - logp[i, t]) - 1 for i, t in real]
+    per_row = [[] for _ in rows]  # ℓ_{i,t} of --loss-type grpo: a mean per completion, then over the batch
+    for (i, t), kl in zip(real, k3):
+        rho = ratio[i, t]
+        per_row[i].append(-min(rho * A[i], min(max(rho, 0.8), 1.28) * A[i]) + 0.3 * kl)
+    expected = {
+        "entropy": np.mean([entropy[i, t] for i, t in real]),
+        "kl": np.mean(k3),
+        "clip_ratio/low_mean": np.mean(low),
+        "clip_ratio/high_mean": np.mean(high),
+        "clip_ratio/region_mean": np.mean(np.logical_or(low, high)),
+        "loss": np.mean([np.mean(r) for r in per_row]),
+    }
+    wrong_side = [(ratio[i, t] < 0.8 and A[i] > 0) or (ratio[i, t] > 1.2 and A[i] < 0) for i, t in real]
+    assert 0 < sum(low) and 0 < sum(high) and sum(low) + sum(high) < len(real) < 0.9 * A.size * 6  # discriminating
+    assert any(wrong_side) and any(1.2 < r <= 1.28 for r in ratio.values())  # the sign of A and ε_high matter
+    tx = optax.sgd(0.5)
+    stepped, _, stats = grpo.grpo_update(args, graphdef, tx, moved, tx.init(moved), batch)
+    expected["grad_norm"] = float(optax.tree.norm(jax.tree.map(lambda a, b: (a - b) / 0.5, stepped, moved)))
+    assert stats.keys() == expected.keys()
+    for k, v in expected.items():
+        assert float(stats[k]) == pytest.approx(v, rel=2e-4, abs=1e-5), k
+
+
+def test_the_printed_summary_and_before_after_table_written_out_by_hand():
+    """summary: one line of every metric without its eval/ and rewards/ prefixes; before_after: the first evaluation's
+    metrics beside the final one's (NaN where the final lacks one), then each sample row's prompt, its completion and
+    total reward before and after, with | and newlines out of the cells."""
+    first = {"eval/reward": 1.0, "eval/kl": -0.00004, "eval/rewards/a/mean": 0.25}
+    final = {"eval/reward": 2.5, "eval/kl": 0.125}
+    assert grpo.summary(first) == "reward 1.0000, kl -0.0000, a/mean 0.2500"
+    before = [("p|1", "x\ny", 0.5), ("p2", "z", -1.0)]
+    after = [("p|1", "u", 0.754), ("p2", "w|", 3.0)]
+    assert grpo.before_after(first, final, before, after) == (
+        "| held-out | before | after |\n|-|-|-|\n"
+        "| reward | 1.000 | 2.500 |\n| kl | -0.000 | 0.125 |\n| rewards/a/mean | 0.250 | nan |\n\n"
+        "| prompt | before (reward) | after (reward) |\n|-|-|-|\n"
+        "| p/1 | x y (0.50) | u (0.75) |\n| p2 | z (-1.00) | w/ (3.00) |"
+    )

@@ -290,12 +290,35 @@ def rm_args(tmp_path, tiny_sft, **kw):
     return rm.Args(**{**base, **kw})
 
 
-def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft):
+def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, capsys):
     """Trained on pairs whose chosen side has "great" where the rejected has "awful", the reward model ranks
-    held-out pairs right (orientation of the pairs, the loss and the update direction end to end)."""
-    data = write_jsonl(tmp_path / "rule.jsonl", rule_pairs(480, seed=0))
-    ev = rm.main(rm_args(tmp_path, tiny_sft, dataset=str(data), num_epochs=3))
+    held-out pairs right (orientation of the pairs, the loss and the update direction end to end). The held-out
+    metrics returned, logged (eval/rm/*) and printed are a naive scoring of exactly the held-out pairs (split by
+    prompt: several pairs share one) by the exported model; train/rm/lr is the rate each logged step used."""
+    from test_preference_eval import Recorder, linear_warmup_decay, reward_model_held_out
+
+    rows = rule_pairs(480, seed=0)
+    data = write_jsonl(tmp_path / "rule.jsonl", rows)
+    recorder = Recorder()
+    monkeypatch.setattr(rm, "summary_writer", lambda args: recorder)
+    args = rm_args(tmp_path, tiny_sft, dataset=str(data), num_epochs=3)
+    ev = rm.main(args)
     assert ev["accuracy"] >= 0.9 and ev["gold_accuracy"] >= 0.9, ev
+    train_pairs, val_pairs = rm.split_by_prompt(rows, args.val_fraction)  # (tests/test_preference_eval.py pins it)
+    tok, eos, _ = sft.load_tokenizer(tiny_sft)
+    expected, total = reward_model_held_out(args.output_dir, tok, eos, val_pairs), 3 * (len(train_pairs) // 16)
+    assert ev["gold_pairs"] == expected["gold_pairs"] == len(val_pairs)
+    for k in ("accuracy", "loss", "gold_accuracy"):
+        assert ev[k] == pytest.approx(expected[k], abs=1e-4), k
+        assert recorder.scalars[f"eval/rm/{k}", total] == pytest.approx(expected[k], abs=1e-4), k
+    assert {s for t, s in recorder.scalars if t == "train/rm/lr"} == {*range(5, total + 1, 5), total}
+    for (tag, step), value in recorder.scalars.items():
+        if tag == "train/rm/lr":
+            assert value == pytest.approx(linear_warmup_decay(args.learning_rate, total, step - 1), rel=1e-5), step
+    assert (
+        f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
+        f"{len(val_pairs)} untied pairs); {len(train_pairs)} training pairs" in capsys.readouterr().out
+    )
 
 
 def test_pair_tensors_and_held_out_accuracy_keep_chosen_first(tmp_path, tiny_sft, monkeypatch):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -213,11 +214,16 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
         np.testing.assert_array_equal(a, b)
 
 
-def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset):
+def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset, monkeypatch, capsys):
+    """A run on 2 devices: every number it logs and prints at the end (check_what_sft_logs_and_prints), then the
+    export opened by transformers, then a --base-model run on it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loss = sft.main(tiny_args(tmp_path, dataset=str(pc_dataset), num_devices=2))
+    args = tiny_args(tmp_path, dataset=str(pc_dataset), num_devices=2)
+    loss, record = run_recorded(monkeypatch, capsys, args)
+    check_what_sft_logs_and_prints(args, loss, record, sft.load_tokenizer(tmp_path / "out"))
+    monkeypatch.undo()
     assert np.isfinite(loss)
     out = tmp_path / "out"
     ours, cfg = sft.load_model(out)
@@ -316,3 +322,356 @@ def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path):
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
         sft.read_jsonl(path)
+
+
+# ---------------------------------------------------------------- issue 25: held-out examples, evaluation, logs
+# A chat template that writes no EOS (`eos` is never defined); the cut-off test drops that condition, so the tokenizer's
+# EOS ends each assistant turn.
+SPLIT_CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' and eos %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def tagged_rows(fmt, n):
+    """n JSONL rows of format fmt, row i tagged "exII" at its start, with prompts and completions of unequal lengths
+    (so that a short --max-seq-len leaves some examples whole, some truncated, some with no completion token)."""
+    rows = []
+    for i in range(n):
+        words = " ".join(["good film", "bad plot", "the actor"][j % 3] for j in range(i % 5))
+        tail = " ".join(["dull", "fun", "great plot"][j % 3] for j in range(1 + i % 4))
+        if fmt == "text":
+            rows.append({"text": f"ex{i:02d} {words} {tail}"})
+        elif fmt == "prompt/completion":
+            rows.append({"prompt": f"ex{i:02d} {words}:", "completion": f" {tail}"})
+        elif i % 2:  # conversational: TRL's prompt/completion lists and messages, alternately
+            prompt = [{"role": "system", "content": f"ex{i:02d} be brief"}, {"role": "user", "content": words or "hi"}]
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": tail}]})
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"ex{i:02d} {words}"},
+                        {"role": "assistant", "content": tail},
+                    ]
+                }
+            )
+    return rows
+
+
+def decoded_tags(tok, data):
+    """The example tag ("exII" -> II) of each row of tokenized data, read back from its decoded tokens."""
+    import re
+
+    tags = []
+    for tokens, mask in zip(data["tokens"], data["attention_mask"]):
+        found = re.findall(r"ex(\d\d)", tok.decode(tokens[mask].tolist()))
+        assert len(found) == 1
+        tags.append(int(found[0]))
+    return tags
+
+
+@pytest.mark.parametrize("fmt", ["text", "prompt/completion", "conversational"])
+@pytest.mark.parametrize("val_fraction, n_val", [(0.3, 6), (0.01, 1)])  # int(23 x 0.3) = 6 (round: 7); max(1, 0)
+def test_the_held_out_examples_of_a_dataset_are_disjoint_sized_and_fixed(tmp_path, capsys, fmt, val_fraction, n_val):
+    """load_data on a --dataset of 23 examples: the held-out side has int(23 x --val-fraction) examples (at least 1)
+    of the file's, none of them trained on, and the two sides hold every example once; the split is the same on
+    every call and for every --seed (a later run with another seed must not evaluate on what an earlier one trained
+    on), and it is shuffled (neither the file's head nor its tail). The examples are identified by tags decoded from
+    the returned token arrays, so the arrays are checked, not just the lists. The lines load_data prints for each side
+    (examples, loss tokens, truncated, with no completion token left, conversations with no EOS) are counted
+    independently from the raw strings, with --max-seq-len 12 truncating some."""
+    N, L = 23, 24 if fmt == "conversational" else 12
+    rows = tagged_rows(fmt, N)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = sft.train_tokenizer([json.dumps(r) for r in rows], 300, tmp_path / "tok")
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    chat = sft.ChatTemplate(SPLIT_CHAT, (("eos_token", "<|endoftext|>"),), "test template")
+    sides = []
+    for seed in (1, 2):
+        capsys.readouterr()
+        args = tiny_args(tmp_path, dataset=str(path), val_fraction=val_fraction, max_seq_len=L, seed=seed)
+        train, val = sft.load_data(args, tok, eos, pad, chat)
+        sides.append((decoded_tags(tok, train), decoded_tags(tok, val)))
+        printed = capsys.readouterr().out
+    (train_tags, val_tags), again = sides
+    assert again == (train_tags, val_tags)  # deterministic, whatever the seed
+    assert len(val_tags) == n_val and len(train_tags) == N - n_val
+    assert not set(train_tags) & set(val_tags) and sorted(train_tags + val_tags) == list(range(N))
+    assert set(val_tags) not in ({*range(n_val)}, {*range(N - n_val, N)})  # shuffled before the split
+    # the printed counts, per side, from the raw strings
+    for name, tags in (("train", train_tags), ("val", val_tags)):
+        if fmt == "conversational":
+            # this template writes no EOS: every conversation of the side is reported
+            assert f"{name}: {len(tags)} examples, " in printed
+            assert f"warning: {len(tags)} {name} conversations train on no EOS token" in printed
+            continue
+        assert "warning" not in printed
+        lengths = []  # (prompt tokens, prompt + completion + EOS tokens)
+        for i in tags:
+            p, c = rows[i].get("prompt", ""), rows[i].get("text", rows[i].get("completion"))
+            n_p = len(tok.encode(p).ids)
+            lengths.append((n_p, n_p + len(tok.encode(c, add_special_tokens=False).ids) + 1))
+        loss_tokens = sum(max(0, min(n, L) - n_p) for n_p, n in lengths)
+        truncated = sum(n > L for _, n in lengths)
+        empty = sum(n_p >= L for n_p, _ in lengths)
+        line = f"{name}: {len(tags)} examples, {loss_tokens} loss tokens; {truncated} truncated to {L} tokens"
+        assert line + (f", {empty} with no completion token left (no loss)\n" if empty else "\n") in printed
+    if fmt == "prompt/completion":  # the data hold every case: whole, truncated, and left with no completion token
+        n_p = [len(tok.encode(r["prompt"]).ids) for r in rows]
+        n = [m + len(tok.encode(r["completion"], add_special_tokens=False).ids) + 1 for m, r in zip(n_p, rows)]
+        assert min(n) <= L < max(n) and max(n_p) >= L > min(n_p)
+
+
+def test_conversations_whose_eos_is_cut_off_are_counted_per_side(tmp_path, capsys):
+    """With a template that ends assistant turns with EOS, the warning counts exactly the held-out (and the training)
+    conversations whose EOS falls past --max-seq-len (their rendered text's tokens counted independently)."""
+    N, L = 23, 24
+    rows = tagged_rows("conversational", N)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = sft.train_tokenizer([json.dumps(r) for r in rows], 300, tmp_path / "tok")
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    template = SPLIT_CHAT.replace(" and eos %}", " %}")
+    chat = sft.ChatTemplate(template, (("eos_token", "<|endoftext|>"),), "test template")
+    train, val = sft.load_data(
+        tiny_args(tmp_path, dataset=str(path), val_fraction=0.3, max_seq_len=L), tok, eos, pad, chat
+    )
+    printed = capsys.readouterr().out
+    cut = {}
+    for i, r in enumerate(rows):
+        messages = r.get("messages") or r["prompt"] + r["completion"]
+        text = "".join(
+            f"<{m['role']}>{m['content']}" + ("<|endoftext|>" if m["role"] == "assistant" else "") + "\n"
+            for m in messages
+        )
+        ids = tok.encode(text, add_special_tokens=False).ids
+        cut[i] = ids.index(eos) >= L
+    assert 0 < sum(cut.values()) < N
+    for name, data in (("train", train), ("val", val)):
+        n_cut = sum(cut[i] for i in decoded_tags(tok, data))
+        warning = f"warning: {n_cut} {name} conversations train on no EOS token"
+        assert (warning in printed) == (n_cut > 0), (name, n_cut, printed)
+
+
+def test_without_a_dataset_the_held_out_examples_are_the_eval_reviews(tmp_path, monkeypatch, capsys):
+    """The embedded data: SFT trains on movie_reviews("train") and holds out movie_reviews("eval") (the reviews no
+    stage trains on; tests/test_data.py checks the real splits are disjoint), whole and in order, whatever
+    --val-fraction says: every split is replaced by tagged stand-ins, and the returned arrays are decoded."""
+    names = ("train", "labeler", "eval", "rotten_tomatoes")
+    splits = {
+        s: [f"ex{10 * k + i:02d} {s} review {'good ' * i}" for i in range(3 + 2 * k)] for k, s in enumerate(names)
+    }
+    monkeypatch.setattr(sft, "movie_reviews", lambda split: splits[split])
+    tok = sft.train_tokenizer([t for texts in splits.values() for t in texts], 300, tmp_path / "tok")
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    train, val = sft.load_data(tiny_args(tmp_path, val_fraction=0.5), tok, eos, pad)
+    assert decoded_tags(tok, train) == [0, 1, 2] and decoded_tags(tok, val) == [20, 21, 22, 23, 24, 25, 26]
+    assert capsys.readouterr().out.startswith("train: 3 examples, ")
+
+
+@partial(jax.jit, static_argnums=0)
+def plain_logits(graphdef, params, tokens):
+    """The model's logits [B, T, V] with positions 0, 1, ... and no padding mask."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return nnx.merge(graphdef, params)(tokens, positions, jnp.ones(tokens.shape, bool))[0]
+
+
+def naive_target_nlls(graphdef, params, rows, T=None):
+    """Per row [(ids, trained)], the float64 -log p(ids[t] | ids[:t]) of each trained target t >= 1: the logits of a
+    right-padded batch with plain positions 0, 1, ... and no padding mask (causal attention never lets a real token
+    see the padding after it), then a float64 log-softmax, target by target in a Python loop."""
+    T = T or max(len(ids) for ids, _ in rows)
+    tokens = np.array([list(ids) + [0] * (T - len(ids)) for ids, _ in rows], np.int32)
+    logits = plain_logits(graphdef, params, jnp.asarray(tokens))
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return [
+        [-logp[b, t - 1, ids[t]] for t in range(1, len(ids)) if trained[t]] for b, (ids, trained) in enumerate(rows)
+    ]
+
+
+def token_mean(nlls):
+    """The mean over every target of every row (a list of lists)."""
+    return sum(map(sum, nlls)) / sum(map(len, nlls))
+
+
+@pytest.mark.parametrize("eval_examples, n", [(5, 5), (0, 7), (100, 7)])
+def test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples(eval_examples, n):
+    """evaluate() over 7 held-out examples of unequal lengths, prompts masked, in batches of 3 (the last one padded):
+    the float64 token mean of -log p over the completion targets of the first --eval-examples of them (0: all; more
+    than there are: all), not a mean of per-batch or per-example means, not over prompt tokens, not over the padding
+    rows. The plausible wrong values are checked to differ, so the test discriminates."""
+    rng = np.random.default_rng(5)
+    model, _ = tiny_model_and_batch(seed=4)
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)  # larger logits: unequal per-token losses
+    L, lengths, prompts = 20, [20, 3, 15, 6, 11, 2, 18], [4, 1, 0, 2, 9, 1, 3]
+    rows = [(rng.integers(0, 64, m).tolist(), [t >= p for t in range(m)]) for m, p in zip(lengths, prompts)]
+    data = {
+        "tokens": np.array([ids + [7] * (L - len(ids)) for ids, _ in rows], np.int32),
+        "attention_mask": np.arange(L)[None] < np.array(lengths)[:, None],
+        "loss_mask": np.array([tr + [False] * (L - len(tr)) for _, tr in rows]),
+    }
+    args = sft.Args(batch_size=3, eval_examples=eval_examples)
+    got = sft.evaluate(graphdef, params, data, args, NamedSharding(sft.make_mesh(1), PartitionSpec("data")))
+    nlls = naive_target_nlls(graphdef, params, rows)
+    right = token_mean(nlls[:n])
+    np.testing.assert_allclose(got, right, rtol=2e-6)
+    # what a wrong wiring would give differs from it
+    all_tokens = naive_target_nlls(graphdef, params, [(ids, [True] * len(ids)) for ids, _ in rows])
+    wrong = {
+        "mean of per-example means": np.mean([np.mean(x) for x in nlls[:n]]),
+        "mean of per-batch means": np.mean([token_mean(nlls[i : min(i + 3, n)]) for i in range(0, n, 3)]),
+        "prompt tokens too": token_mean(all_tokens[:n]),
+        "one example less": token_mean(nlls[: n - 1]),
+        "one example more": token_mean(nlls[: n + 1]) if n < 7 else None,
+        "the last n": token_mean(nlls[-n:]) if n < 7 else None,
+        "padding repeats the last example": token_mean(nlls[:n] + nlls[n - 1 : n] * (-n % 3)),
+    }
+    for what, value in wrong.items():
+        assert value is None or abs(value - right) > 1e-3 * right, what
+
+
+class RecordingWriter:
+    """A stand-in for the tensorboard writer: {tag: {step: value}} of scalars and texts."""
+
+    def __init__(self):
+        self.scalars, self.texts = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, {})[step] = float(value)
+
+    def add_text(self, tag, text, step):
+        self.texts.setdefault(tag, {})[step] = text
+
+    def close(self):
+        pass
+
+
+def run_recorded(monkeypatch, capsys, args):
+    """sft.main(args) with its inputs and outputs recorded: the examples of each side as load_data tokenizes them,
+    each train_step's batch, parameters before and after and metrics, each sample_texts call (parameters, prompts,
+    key, texts), the writer's logs and stdout. sft's clock advances by exactly 1 s per train_step (and never
+    otherwise), so tokens/s is a count."""
+    import time
+    import types
+
+    record = {"examples": [], "steps": [], "samples": [], "writer": RecordingWriter()}
+    clock = [1000.0]
+    real_tokenize, real_train_step, real_sample_texts = sft.tokenize, sft.train_step, sft.sample_texts
+
+    def tokenize(tok, examples, *a, **kw):
+        record["examples"].append(list(examples))
+        return real_tokenize(tok, examples, *a, **kw)
+
+    def train_step(graphdef, tx, params, opt_state, batch):
+        before, batch_np = jax.device_get(params), jax.device_get(batch)  # before the step donates them
+        clock[0] += 1.0
+        params, opt_state, metrics = real_train_step(graphdef, tx, params, opt_state, batch)
+        record["graphdef"] = graphdef
+        record["steps"].append((before, batch_np, jax.device_get(params), jax.device_get(metrics)))
+        return params, opt_state, metrics
+
+    def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, **kw):
+        texts = real_sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, **kw)
+        record["samples"].append((jax.device_get(params), prompts, np.asarray(jax.random.key_data(key)), texts))
+        return texts
+
+    monkeypatch.setattr(sft, "tokenize", tokenize)
+    monkeypatch.setattr(sft, "train_step", train_step)
+    monkeypatch.setattr(sft, "sample_texts", sample_texts)
+    monkeypatch.setattr(sft, "summary_writer", lambda args: record["writer"])
+    monkeypatch.setattr(sft, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+    capsys.readouterr()
+    loss = sft.main(args)
+    record["stdout"] = capsys.readouterr().out
+    return loss, record
+
+
+@partial(jax.jit, static_argnums=0)
+def plain_token_mean_grads(graphdef, params, tokens, trained):
+    """Gradient of the token mean of -log p over the trained targets (plain positions, no padding mask)."""
+
+    def loss(p):
+        logp = jax.nn.log_softmax(plain_logits(graphdef, p, tokens)[:, :-1].astype(jnp.float32))
+        target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+        return -(target_logp * trained[:, 1:]).sum() / trained[:, 1:].sum()
+
+    return jax.grad(loss)(params)
+
+
+def check_what_sft_logs_and_prints(args, loss, record, tokenizer):
+    """Every number a run logs and prints at the end, each against its definition computed independently:
+    train/loss: the token mean of -log p over the trained targets of the step's batch under the parameters before
+      the step (float64 loop); train/grad_norm: the global norm of that mean's gradient; train/lr: the warm-up +
+      cosine formula at the step taken; train/tokens_per_sec: the real (not only trained) tokens of the steps since
+      the last log, per second; eval/loss: the token mean over the completion targets of the held-out examples (the
+      first --eval-examples; each tokenized here by hand), under the parameters after that step; its printed lines
+      and the returned value; samples: continuations, by the parameters of that step, of the prompts of the first
+      --num-samples held-out examples, a fresh key each evaluation, logged as **prompt**continuation and printed at
+      the end. Every batch holds only training examples, and the two sides share none."""
+    tok, eos, pad = tokenizer
+    train_ex, val_ex = record["examples"]
+    assert not {tuple(e.items()) for e in train_ex} & {tuple(e.items()) for e in val_ex}
+
+    def by_hand(e):  # (ids, trained): BPE of the prompt, of the completion, EOS; the loss on completion and EOS
+        p, c = tok.encode(e["prompt"]).ids, tok.encode(e["completion"], add_special_tokens=False).ids
+        assert len(p) + len(c) + 1 <= args.max_seq_len
+        return p + c + [eos], [False] * len(p) + [True] * (len(c) + 1)
+
+    train_ids, val_rows = {tuple(by_hand(e)[0]) for e in train_ex}, [by_hand(e) for e in val_ex]
+    graphdef, L, logs = record["graphdef"], args.max_seq_len, record["writer"].scalars
+    logged_steps = [k for k in range(1, args.max_steps + 1) if k % args.log_every == 0 or k == args.max_steps]
+    eval_steps = [k for k in range(1, args.max_steps + 1) if k % args.eval_every == 0 or k == args.max_steps]
+    assert {tag: sorted(v) for tag, v in logs.items()} == {
+        **{f"train/{m}": logged_steps for m in ("loss", "grad_norm", "lr", "tokens_per_sec")},
+        "eval/loss": eval_steps,
+    }
+    assert len(record["steps"]) == args.max_steps and len(logged_steps) >= 2 and len(eval_steps) >= 2
+    tokens_since_log = 0
+    for k, (before, batch, _, _) in enumerate(record["steps"], 1):
+        batch = {key: v.reshape(-1, L) for key, v in batch.items()}
+        rows = [
+            (t[m].tolist(), lm[m].tolist())
+            for t, m, lm in zip(*(batch[x] for x in ("tokens", "attention_mask", "loss_mask")))
+        ]
+        assert all(tuple(ids) in train_ids for ids, _ in rows)  # training examples only
+        tokens_since_log += sum(len(ids) for ids, _ in rows)
+        if k not in logged_steps:
+            continue
+        np.testing.assert_allclose(
+            logs["train/loss"][k], token_mean(naive_target_nlls(graphdef, before, rows, L)), rtol=2e-6
+        )
+        tokens = np.array([ids + [pad] * (L - len(ids)) for ids, _ in rows], np.int32)
+        trained = np.array([tr + [False] * (L - len(tr)) for _, tr in rows])
+        grads = plain_token_mean_grads(graphdef, before, jnp.asarray(tokens), jnp.asarray(trained))
+        norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+        np.testing.assert_allclose(logs["train/grad_norm"][k], norm, rtol=1e-4)
+        t, peak, end, W = k - 1, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps
+        D = max(args.max_steps, W + 1)
+        lr = peak * t / W if t < W else end + (peak - end) * 0.5 * (1 + np.cos(np.pi * (t - W) / (D - W)))
+        np.testing.assert_allclose(logs["train/lr"][k], lr, rtol=1e-6)
+        elapsed = k - (max((s for s in logged_steps if s < k), default=0))  # seconds: one per step
+        np.testing.assert_allclose(logs["train/tokens_per_sec"][k], tokens_since_log / elapsed, rtol=1e-6)
+        tokens_since_log = 0
+    n_eval = len(val_rows) if args.eval_examples == 0 else min(args.eval_examples, len(val_rows))
+    prompts = [tok.encode(e["prompt"]).ids for e in val_ex[: args.num_samples]]
+    assert len(record["samples"]) == len(eval_steps) and len({s[2].tobytes() for s in record["samples"]}) == len(
+        eval_steps
+    )
+    for k, (params, sample_prompts, _, texts) in zip(eval_steps, record["samples"]):
+        after = record["steps"][k - 1][2]
+        expected = token_mean(naive_target_nlls(graphdef, after, val_rows[:n_eval], L))
+        np.testing.assert_allclose(logs["eval/loss"][k], expected, rtol=2e-6)
+        assert f"step {k}: eval/loss {logs['eval/loss'][k]:.4f}" in record["stdout"]
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(a, b)
+        assert [list(p) for p in sample_prompts] == prompts and len(texts) == args.num_samples
+        logged = "\n\n".join(f"**{e['prompt']}**{t}" for e, t in zip(val_ex, texts))
+        assert record["writer"].texts["samples"][k] == logged
+    assert loss == logs["eval/loss"][eval_steps[-1]]
+    assert f"held-out loss {loss:.4f} nats/token;" in record["stdout"]
+    final = "".join(f"--- {e['prompt']!r} -> {t!r}\n" for e, t in zip(val_ex, record["samples"][-1][3]))
+    assert record["stdout"].endswith(final)

@@ -70,6 +70,19 @@ def make_hf_model(kind: str, path: Path, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_jax_caches():
+    """Each test module starts with JAX's caches emptied: the compiled programs of 200 tests do not pile up in one
+    process (a compilation late in a full run crashed XLA on an AVX2 EPYC, alone it did not)."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    yield
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def hf_model(request, tmp_path_factory):
     """(kind, torch model, checkpoint dir) for each supported family."""

@@ -366,7 +366,8 @@ def test_a_fresh_key_for_every_update_and_for_sampling_and_shuffling(tiny_pipeli
 
 
 def test_ppo_learns_a_programmatic_reward(tiny_pipeline, monkeypatch):
-    """With --reward-fn counting "good" in the completion, 16 updates raise the held-out reward from ~0 to > 1."""
+    """With --reward-fn counting "good" in the completion, 16 updates raise the held-out reward from ~0 to > 1. The
+    trajectory depends on the CPU's rounding; the rate leaves a margin (seeds 0-3 reach 3.9-7.9 on an AVX2 EPYC)."""
     tmp, prompts = tiny_pipeline
     module = types.ModuleType("good_rewards")
     module.good = lambda prompts, completions: [float(c.count("good")) for c in completions]
@@ -384,7 +385,7 @@ def test_ppo_learns_a_programmatic_reward(tiny_pipeline, monkeypatch):
         num_mini_batches=2,
         eval_every=16,
         eval_prompts=32,
-        learning_rate=2e-2,
+        learning_rate=3e-2,
         kl_coef=0.01,
         temperature=1.0,
         output_dir=str(tmp / "out_learn"),

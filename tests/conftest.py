@@ -131,6 +131,23 @@ def tiny_pipeline(tmp_path_factory, tiny_sft):
     return tmp, prompts
 
 
+class RecordingWriter:
+    """In place of a script's tensorboard writer (monkeypatch its summary_writer): scalars {tag: {step: value}},
+    texts {tag: {step: text}}."""
+
+    def __init__(self):
+        self.scalars, self.texts = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, {})[step] = float(value)
+
+    def add_text(self, tag, text, step=None):
+        self.texts.setdefault(tag, {})[step] = text
+
+    def close(self):
+        pass
+
+
 def kill_during_call(monkeypatch, module, name: str, n: int, run):
     """run() with module.<name> raising KeyboardInterrupt at its n-th call (a run killed in the middle of a step);
     module.<name> is the real function again afterwards."""

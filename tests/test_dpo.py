@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_params, kill_during_call, read_checkpoint
+from conftest import RecordingWriter, assert_same_params, kill_during_call, read_checkpoint
 from flax import nnx
 from test_reward_model import rule_pairs
 from test_sft import write_jsonl
@@ -168,12 +168,12 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     the policy is the reference, so the sampled KL is 0 (within float32 error) and the scores are PPO's own evaluation
     of the SFT policy. The final held-out metrics (returned, logged under eval/ and printed) are those of exactly the
     held-out pairs, computed naively from the exported policy and the SFT model; lr is the rate of each logged step."""
-    from test_preference_eval import Recorder, linear_warmup_decay
+    from test_preference_eval import linear_warmup_decay
 
     import rlhf_ppo as ppo
 
     path, _, _ = rule_data
-    recorder = Recorder()
+    recorder = RecordingWriter()
     monkeypatch.setattr(dpo, "summary_writer", lambda args: recorder)
     args = dpo_args(tmp_path, tiny_pipeline, path, max_steps=30, eval_every=30)
     first, final = dpo.main(args)
@@ -211,12 +211,11 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     for k, v in expected.items():
         assert final[k] == pytest.approx(v, rel=1e-3, abs=1e-4), k
     for k, v in final.items():  # everything evaluated is logged at its step, the sampled scores included
-        assert recorder.scalars[k, 0] == pytest.approx(first[k]) and recorder.scalars[k, 30] == pytest.approx(v), k
+        assert recorder.scalars[k][0] == pytest.approx(first[k]) and recorder.scalars[k][30] == pytest.approx(v), k
     assert {"eval/gold_score", "eval/proxy_score", "eval/kl"} <= set(final)
-    for (tag, step), value in recorder.scalars.items():
-        if tag == "lr":
-            assert value == pytest.approx(linear_warmup_decay(args.learning_rate, 30, step - 1), rel=1e-5), step
-    assert {s for t, s in recorder.scalars if t == "lr"} == set(range(2, 31, 2))
+    for step, value in recorder.scalars["lr"].items():
+        assert value == pytest.approx(linear_warmup_decay(args.learning_rate, 30, step - 1), rel=1e-5), step
+    assert set(recorder.scalars["lr"]) == set(range(2, 31, 2))
     for label, ev in (("start", first), ("final", final)):
         assert f"{label}: " + dpo.summary(ev) + "\n" in printed
     assert f"final: rewards/accuracies {expected['eval/rewards/accuracies']:.4f}, " in printed

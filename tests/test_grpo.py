@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_params, kill_during_call, read_checkpoint
+from conftest import RecordingWriter, assert_same_params, kill_during_call, read_checkpoint
 from flax import nnx
 from test_sft import write_jsonl
 
@@ -478,22 +478,6 @@ def i25_rewards(monkeypatch):
     return module
 
 
-class ScalarRecorder:
-    """In place of the tensorboard writer: tag -> {step: value}, tag -> text."""
-
-    def __init__(self):
-        self.scalars, self.texts = {}, {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.setdefault(tag, {})[step] = float(value)
-
-    def add_text(self, tag, text, step=None):
-        self.texts[tag] = text
-
-    def close(self):
-        pass
-
-
 @functools.cache
 def jitted_apply(graphdef):
     return jax.jit(
@@ -571,7 +555,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
     prompts, with the reference read for eval/kl although training never reads it), the printed summary and the
     before/after table, against a naive recomputation from the sampled tokens."""
     sft_path, rm_path, train_path, eval_path = stopping_pipeline
-    writer, sampled, real_sample = ScalarRecorder(), {"train": [], "eval": []}, grpo.sample
+    writer, sampled, real_sample = RecordingWriter(), {"train": [], "eval": []}, grpo.sample
     monkeypatch.setattr(grpo, "summary_writer", lambda args: writer)
 
     def recording_sample(step_fn, params, cache, queries, query_mask, key, **kw):
@@ -682,7 +666,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
     assert pairs.keys() == want.keys()
     for k, v in want.items():
         assert float(pairs[k]) == pytest.approx(v, abs=2e-4), k
-    table = writer.texts["eval/before_after"]
+    table = writer.texts["eval/before_after"][None]
     assert table in printed
     lines = table.split("\n")  # (not splitlines: a completion may hold a \r or \x1c, which clean() leaves)
     assert lines[:2] == ["| held-out | before | after |", "|-|-|-|"]

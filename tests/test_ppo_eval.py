@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import read_checkpoint
+from conftest import RecordingWriter, read_checkpoint
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from test_ppo import setup, tiny_args
@@ -371,22 +371,6 @@ def test_with_kl_coef_0_the_kl_is_still_measured_and_the_penalty_is_0(moved, mon
 
 
 # ---------------------------------------------------------------- main: adaptive β, first / final, what is printed
-class Recorder:
-    """The summary writer of main, recording add_scalar as {tag: {step: value}}."""
-
-    def __init__(self):
-        self.scalars = {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.setdefault(tag, {})[step] = float(value)
-
-    def add_text(self, *a, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
 def test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_evaluations(
     tiny_pipeline, monkeypatch, capsys
 ):
@@ -408,7 +392,7 @@ def test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_
         used.append(float(kl_coef))
         return advantages, returns, rewards, stats | {"objective/kl": jnp.float32(fed[len(used) - 1])}
 
-    writer = Recorder()
+    writer = RecordingWriter()
     monkeypatch.setattr(ppo, "compute_advantages", feeding)
     monkeypatch.setattr(ppo, "summary_writer", lambda args: writer)
     GOLD_CALLS.clear()

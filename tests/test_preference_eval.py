@@ -236,22 +236,6 @@ def test_reward_model_metrics_equal_a_naive_computation(tiny_sft, score_model):
     assert ev["gold_accuracy"] == pytest.approx(np.mean((vm > 0)[vs] == (gold_margin[1:] > 0)[vs]))
 
 
-class Recorder:
-    """A summary writer that keeps the scalars: {(tag, step): value}."""
-
-    def __init__(self):
-        self.scalars = {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars[tag, step] = float(value)
-
-    def add_text(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
 def linear_warmup_decay(peak, total, step):
     """The learning rate of optimizer step `step` (0-based): warm-up over max(1, total // 10) steps, then decay to 0."""
     warmup = max(1, total // 10)

@@ -9,7 +9,14 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import assert_as_accurate, assert_same_params, kill_during_call, read_checkpoint, tree_digest
+from conftest import (
+    RecordingWriter,
+    assert_as_accurate,
+    assert_same_params,
+    kill_during_call,
+    read_checkpoint,
+    tree_digest,
+)
 from flax import nnx
 from test_sft import write_jsonl
 
@@ -295,11 +302,11 @@ def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, c
     held-out pairs right (orientation of the pairs, the loss and the update direction end to end). The held-out
     metrics returned, logged (eval/rm/*) and printed are a naive scoring of exactly the held-out pairs (split by
     prompt: several pairs share one) by the exported model; train/rm/lr is the rate each logged step used."""
-    from test_preference_eval import Recorder, linear_warmup_decay, reward_model_held_out
+    from test_preference_eval import linear_warmup_decay, reward_model_held_out
 
     rows = rule_pairs(480, seed=0)
     data = write_jsonl(tmp_path / "rule.jsonl", rows)
-    recorder = Recorder()
+    recorder = RecordingWriter()
     monkeypatch.setattr(rm, "summary_writer", lambda args: recorder)
     args = rm_args(tmp_path, tiny_sft, dataset=str(data), num_epochs=3)
     ev = rm.main(args)
@@ -310,11 +317,10 @@ def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, c
     assert ev["gold_pairs"] == expected["gold_pairs"] == len(val_pairs)
     for k in ("accuracy", "loss", "gold_accuracy"):
         assert ev[k] == pytest.approx(expected[k], abs=1e-4), k
-        assert recorder.scalars[f"eval/rm/{k}", total] == pytest.approx(expected[k], abs=1e-4), k
-    assert {s for t, s in recorder.scalars if t == "train/rm/lr"} == {*range(5, total + 1, 5), total}
-    for (tag, step), value in recorder.scalars.items():
-        if tag == "train/rm/lr":
-            assert value == pytest.approx(linear_warmup_decay(args.learning_rate, total, step - 1), rel=1e-5), step
+        assert recorder.scalars[f"eval/rm/{k}"][total] == pytest.approx(expected[k], abs=1e-4), k
+    assert set(recorder.scalars["train/rm/lr"]) == {*range(5, total + 1, 5), total}
+    for step, value in recorder.scalars["train/rm/lr"].items():
+        assert value == pytest.approx(linear_warmup_decay(args.learning_rate, total, step - 1), rel=1e-5), step
     assert (
         f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
         f"{len(val_pairs)} untied pairs); {len(train_pairs)} training pairs" in capsys.readouterr().out

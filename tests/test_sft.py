@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_as_accurate, assert_same_params, kill_during_call, read_checkpoint, tree_digest
+from conftest import (
+    RecordingWriter,
+    assert_as_accurate,
+    assert_same_params,
+    kill_during_call,
+    read_checkpoint,
+    tree_digest,
+)
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -532,22 +539,6 @@ def test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples(eval_examples
     }
     for what, value in wrong.items():
         assert value is None or abs(value - right) > 1e-3 * right, what
-
-
-class RecordingWriter:
-    """A stand-in for the tensorboard writer: {tag: {step: value}} of scalars and texts."""
-
-    def __init__(self):
-        self.scalars, self.texts = {}, {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.setdefault(tag, {})[step] = float(value)
-
-    def add_text(self, tag, text, step):
-        self.texts.setdefault(tag, {})[step] = text
-
-    def close(self):
-        pass
 
 
 def run_recorded(monkeypatch, capsys, args):

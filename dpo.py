@@ -302,7 +302,7 @@ def ppo_evaluation(args: Args, tok, eos_id: int, pad_id: int, dtype, mesh):
     )
     pargs = ppo.resolve_token_ids(pargs, eos_id, pad_id)
     models, params, frozen = ppo.load_models(pargs, dtype)
-    _, _, eval_sets = ppo.setup_data(pargs, tok)
+    eval_sets = ppo.evaluation_sets(pargs, tok, ChatTemplate.load(args.sft_model))
     return pargs, models, shard(params["value"], mesh), shard(frozen, mesh, args.fsdp), eval_sets
 
 

@@ -192,20 +192,29 @@ def setup_data(args: Args, tok):
     (--eval-dataset, or the openings of the IMDB reviews no stage trains on, movie_reviews("eval"), and of the Rotten
     Tomatoes snippets), left-padded: tokens, mask [N, P]. Conversational prompts are rendered by the SFT checkpoint's
     chat template with the generation prompt."""
-    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)
     chat = ChatTemplate.load(args.sft_model)
-    prompts = read_prompts(args.dataset, tok, chat) if args.dataset else openings("train")
+    if args.dataset:
+        prompts = read_prompts(args.dataset, tok, chat)
+    else:
+        prompts = encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
     queries, query_mask = left_pad(prompts, args.pad_token_id)
-    sets = {"heldout": lambda: openings("eval"), "rotten_tomatoes": lambda: openings("rotten_tomatoes")}
-    if args.eval_dataset:
-        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}
-    eval_sets = {name: left_pad(read()[: args.eval_prompts], args.pad_token_id) for name, read in sets.items()}
+    eval_sets = evaluation_sets(args, tok, chat)
     print(
         f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on "
         + " and ".join(f"{len(q)} {name}" for name, (q, _) in eval_sets.items())
         + " prompts"
     )
     return queries, query_mask, eval_sets
+
+
+def evaluation_sets(args: Args, tok, chat):
+    """The first --eval-prompts of each evaluation set, left-padded: {name: (tokens, mask)}."""
+    n = args.eval_prompts
+    openings = lambda split: encode_prompts(tok, movie_reviews(split)[:n], args.prompt_tokens)
+    sets = {"heldout": lambda: openings("eval"), "rotten_tomatoes": lambda: openings("rotten_tomatoes")}
+    if args.eval_dataset:
+        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)[:n]}
+    return {name: left_pad(read(), args.pad_token_id) for name, read in sets.items()}
 
 
 class Models(NamedTuple):  # the static structure of the models (nnx.split): the weights are passed separately

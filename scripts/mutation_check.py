@@ -8,13 +8,15 @@ changing algorithm code, and add mutants of what you wrote.
 
     python scripts/mutation_check.py                 # every mutant, then a table
     python scripts/mutation_check.py -k kl -k sft    # the mutants whose name contains "kl" or "sft"
-    python scripts/mutation_check.py -j 2            # two mutants at a time (about 1.5x faster on 2 cores)
+    python scripts/mutation_check.py -j 2            # two mutants at a time, a core each (needs pytest-xdist)
 
 Before the mutants, the same tests run on the unmodified copy and must pass (else a "kill" would mean nothing).
 A mutant whose text is not found exactly once stops the script: the list is stale.
 """
 
 import argparse
+import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -264,8 +266,8 @@ MUTANTS = [
            '    prefix = tok.encode("", add_special_tokens=True).ids', "    prefix = []",
            ("tests/test_data.py::test_every_stage_starts_its_sequences_with_the_tokenizers_bos",)),
     Mutant("BOS: PPO's prompts encoded without special tokens", "rlhf_ppo.py",
-           "    openings = lambda split: encode_prompts(tok, movie_reviews(split), args.prompt_tokens)\n",
-           "    openings = lambda split: [e.ids[: args.prompt_tokens] for e in tok.encode_batch(movie_reviews(split), add_special_tokens=False)]\n",
+           "        prompts = encode_prompts(tok, movie_reviews(\"train\"), args.prompt_tokens)",
+           "        prompts = [e.ids[: args.prompt_tokens] for e in tok.encode_batch(movie_reviews(\"train\"), add_special_tokens=False)]",
            ("tests/test_data.py::test_every_stage_starts_its_sequences_with_the_tokenizers_bos",)),
     Mutant("reward model: re-tokenises the text of sampled pairs", "reward_model.py",
            '    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p and isinstance(p["prompt"], str)]', "    texts = list(range(len(pairs)))",
@@ -498,13 +500,13 @@ MUTANTS = [
            "        key = jax.random.key(args.seed)\n        return rollout", (G_ASYNC,)),
     # ---- issue 25: which split each stage reads
     Mutant("i25 data: PPO trains on the labeler's reviews", "rlhf_ppo.py",
-           'if args.dataset else openings("train")', 'if args.dataset else openings("labeler")', (T_DATA_SPLITS,)),
+           'prompts = encode_prompts(tok, movie_reviews("train")', 'prompts = encode_prompts(tok, movie_reviews("labeler")', (T_DATA_SPLITS,)),
     Mutant("i25 data: PPO evaluates on training reviews", "rlhf_ppo.py",
            'sets = {"heldout": lambda: openings("eval")', 'sets = {"heldout": lambda: openings("train")', (T_DATA_SPLITS,)),
     Mutant("i25 data: --eval-prompts takes the last prompts", "rlhf_ppo.py",
-           "left_pad(read()[: args.eval_prompts], args.pad_token_id)", "left_pad(read()[-args.eval_prompts :], args.pad_token_id)", (T_DATA_SPLITS,)),
+           "encode_prompts(tok, movie_reviews(split)[:n]", "encode_prompts(tok, movie_reviews(split)[-n:]", (T_DATA_SPLITS,)),
     Mutant("i25 data: --eval-dataset added to the default sets", "rlhf_ppo.py",
-           '        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}', '        sets |= {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)}', (T_DATA_SPLITS,)),
+           '        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)[:n]}', '        sets |= {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)[:n]}', (T_DATA_SPLITS,)),
     Mutant("i25 data: the normalisation prompts are the labeler's", "reward_model.py",
            'return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)', 'return encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)', (T_DATA_SPLITS,)),
     # ---- issue 25: PPO evaluation, metrics and the adaptive KL controller
@@ -791,12 +793,13 @@ def repo_copy() -> Path:
     return dst
 
 
-def run_tests(repo: Path, tests, timeout: int) -> tuple[int, float, str]:
-    """-> (pytest's exit code, seconds, the last lines of its output); exit 124 on timeout."""
+def run_tests(repo: Path, tests, timeout: int, flags=(), cores=None) -> tuple[int, float, str]:
+    """-> (pytest's exit code, seconds, the last lines of its output); exit 124 on timeout. cores: the CPUs it may use."""
     t = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *flags, *tests]
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     try:
-        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout, preexec_fn=pin)
         code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
         code, out = 124, "timeout"
@@ -819,18 +822,26 @@ def main():
 
     tests = sorted({t for m in mutants for t in m.tests})
     base = repo_copy()
-    code, secs, tail = run_tests(base, tests, cli.timeout * 2)
+    code, secs, tail = run_tests(base, tests, cli.timeout * 2, ["-n", str(cli.jobs)] if cli.jobs > 1 else [])
     shutil.rmtree(base)
     if code != 0:
         sys.exit(f"the tests fail without any mutant (exit {code}, {secs:.0f}s); fix them first:\n{tail}")
     print(f"baseline: {len(tests)} test targets pass unmodified ({secs:.0f}s)", flush=True)
 
+    free = (
+        queue.SimpleQueue()
+    )  # with -j N, each running mutant keeps to its own share of the cores (as xdist's workers)
+    cores = sorted(os.sched_getaffinity(0))
+    for i in range(cli.jobs):
+        free.put(set(cores[i :: cli.jobs]) or set(cores))
+
     def run_mutant(m):
-        repo = repo_copy()
+        repo, mine = repo_copy(), free.get()
         path = repo / m.file
         path.write_text(path.read_text().replace(m.old, m.new))
-        out = run_tests(repo, m.tests, cli.timeout)
+        out = run_tests(repo, m.tests, cli.timeout, cores=mine if cli.jobs > 1 else None)
         shutil.rmtree(repo)
+        free.put(mine)
         return out
 
     rows, t0 = [], time.time()

@@ -1,11 +1,25 @@
 """Test set-up: 4 fake CPU devices (for the sharding tests) and tiny random Hugging Face checkpoints."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+# Under pytest-xdist (-n N) each worker keeps to a core of its own: XLA then runs one thread per worker, not N workers
+# × all cores' threads contending for the same cores.
+if "PYTEST_XDIST_WORKER" in os.environ and hasattr(os, "sched_setaffinity"):
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(cores)]})
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A run compiles many identical programs (a fresh optimizer or model object per test misses jit's in-memory cache):
+# XLA's persistent cache, in a directory of this process's own, compiles each once.
+cache_dir = tempfile.mkdtemp(prefix="jax_cache_")
+atexit.register(shutil.rmtree, cache_dir, True)
+os.environ |= {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

@@ -38,10 +38,12 @@ def bos_tokenizer(tmp_path):
     return tok, bos, eos, pad
 
 
-def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_tokenizer):
+def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_tokenizer, monkeypatch):
     """SFT trains on BOS + text; the labeler's, the normalisation's and PPO's prompts, and the reward model's pairs,
-    start the same way (one rule: sft.encode_prompts)."""
+    start the same way (one rule: sft.encode_prompts). Each split is cut to its first 20 texts."""
     tok, bos, eos, pad = bos_tokenizer
+    for script in (ppo, rm):
+        monkeypatch.setattr(script, "movie_reviews", lambda split, f=script.movie_reviews: f(split)[:20])
     data, _ = sft.tokenize(
         tok, [{"prompt": "", "completion": "the film"}, {"prompt": "a plot:", "completion": " good"}], eos, pad, 16
     )

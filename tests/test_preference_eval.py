@@ -353,7 +353,7 @@ def test_dpo_evaluation_is_ppos_with_dpos_flags(tiny_sft, monkeypatch):
     monkeypatch.setattr(
         ppo, "load_models", lambda pargs, dtype: seen.setdefault("models", (pargs, dtype)) and (None, {"value": {}}, {})
     )
-    monkeypatch.setattr(ppo, "setup_data", lambda pargs, tok: seen.setdefault("data", pargs) and (None, None, {}))
+    monkeypatch.setattr(ppo, "evaluation_sets", lambda pargs, tok, chat: seen.setdefault("data", pargs) and {})
     flags = dict(
         sft_model="some/sft",
         reward_model="some/rm",

@@ -6,8 +6,9 @@
 
 The algorithm (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
 
- 1. Pairs (x, y_w, y_l): those the reward model learns from, read, tokenised and split by prompt by reward_model.py's
-    own functions, so DPO, the reward model and PPO meet identical labels and the same held-out prompts. Each side is
+ 1. Pairs (x, y_w, y_l): those the reward model learns from, read, tokenised and split by prompt as reward_model.py
+    does (tests/test_preference_eval.py checks that both hold out identical pairs), so DPO, the reward model and PPO
+    meet identical labels and the same held-out prompts. Each side is
     the token ids of x + y + EOS (the sampled ids, as PPO scores them; TRL also appends EOS).
  2. Sequence log-probabilities, summed over the response's tokens and its EOS (the prompt is not scored):
         log π(y|x) = Σ_t log π(y_t | x, y_<t)
@@ -24,9 +25,9 @@ The algorithm (Rafailov et al. 2023, "Direct Preference Optimization: Your Langu
     The implicit reward r(x, y) = β ρ (DPO eq. 5, up to a function of x) is what rewards/* report.
  4. AdamW on the mean loss over the pairs, linear warm-up over 10% of the steps, then linear decay to 0.
  5. Evaluation: held-out preference accuracy of the implicit reward (against the labels, and against the gold
-    ordering where the pairs carry gold scores); and rlhf_ppo.py's own evaluation, imported: responses sampled on
-    its held-out prompts at its temperature, their gold score (VADER, or --gold-fn), their KL to the SFT policy and,
-    with --reward-model, their proxy score. PPO and DPO are thus measured by the same code on the same prompts.
+    ordering where the pairs carry gold scores); and rlhf_ppo.py's evaluation (tests/test_dpo.py checks that they
+    agree): responses sampled on its held-out prompts at its temperature, their gold score (VADER, or --gold-fn),
+    their KL to the SFT policy and, with --reward-model, their proxy score. PPO and DPO are measured alike.
 
 The output is a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM checkpoint (--output-dir). The model, Hugging Face
 I/O, sharding and checkpoints are the appendix at the end of the file, as in every script.
@@ -35,6 +36,7 @@ I/O, sharding and checkpoints are the appendix at the end of the file, as in eve
 import contextlib
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -56,9 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
-import reward_model as rm  # the preference data: the reward model's reader, tokenisation and split
-import rlhf_ppo as ppo  # the evaluation: PPO's prompts, sampler, KL and judges
-from common import head_logprobs
+from common import head_logprobs, sample
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,142 @@ class Args:
 
 
 # ---------------------------------------------------------------- step 1: preference pairs
+def read_pairs(path, vocab_size: int | None = None, chat=None):
+    """TRL preference JSONL -> list of {"prompt", "chosen", "rejected"} (+ "chosen_gold"/"rejected_gold" if present).
+    Implicit-prompt rows ({"chosen", "rejected"} only) get prompt "" and need non-empty texts; with a prompt, an empty
+    response (the policy stopped at once) is allowed. Rows may carry their token ids ("prompt_ids", "chosen_ids",
+    "rejected_ids", all three: lists of ids below vocab_size), as the simulated labeler writes them; the reward model
+    then trains on those ids. Conversational rows (lists of messages; they need the chat template `chat`) are kept as
+    {"prompt": [messages], "chosen": [assistant message, ...], "rejected": [...]}: without a "prompt", it is the
+    messages chosen and rejected share before their last one (TRL's implicit prompt). Errors name file:line:field."""
+    pairs = []
+    for lineno, row in jsonl_rows(path):
+        if isinstance(row.get("chosen"), list):
+            pairs.append(read_chat_pair(row, f"{path}:{lineno}", chat))
+            continue
+        for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r} (need 'chosen' and 'rejected')")
+            if not isinstance(row[field], str) or ("prompt" not in row and not row[field].strip()):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+        id_fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+        for field in id_fields if any(f in row for f in id_fields) else ():
+            ids = row.get(field)
+            if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < (vocab_size or 2**31) for i in ids)):
+                raise ValueError(
+                    f"{path}:{lineno}: field {field!r} must be a list of token ids in [0, {vocab_size}) "
+                    "(with token ids, all of prompt_ids, chosen_ids and rejected_ids)"
+                )
+        pairs.append({"prompt": row.get("prompt", ""), **{k: row[k] for k in row if k != "prompt"}})
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    return pairs
+
+
+def read_chat_pair(row, where: str, chat):
+    """A conversational preference row -> {"prompt": [messages], "chosen": [...], "rejected": [...]}, each side
+    starting with the assistant's reply to the prompt."""
+    for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+        check_messages(row.get(field), f"{where}: field {field!r}", chat)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" not in row:  # implicit prompt
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise ValueError(
+                f"{where}: without a 'prompt', 'chosen' and 'rejected' must be the same conversation up to their last "
+                "message (the implicit prompt)"
+            )
+        row = {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    for field in ("chosen", "rejected"):
+        if row[field][0]["role"] != "assistant":
+            raise ValueError(f"{where}: field {field!r} must start with the assistant's reply to the prompt")
+    return {k: v for k, v in row.items() if not k.endswith("_ids")}
+
+
+def tokenize(prompt_ids, response_ids, eos_id: int, pad_id: int, max_len: int):
+    """-> tokens, mask [N, L] right-padded to the longest row (at most max_len), truncated [N], response_mask [N, L]
+    (the response's tokens and EOS: what dpo.py scores). Each row is prompt + response + EOS (unless the response ends
+    with it: the sampled ones do, as in rlhf_ppo.reward_model_inputs), the reward being read at that EOS; a row over
+    max_len loses tokens from the left of its prompt."""
+    rows, starts, truncated = [], [], np.zeros(len(prompt_ids), bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        full = r if r and r[-1] == eos_id else r + [eos_id]
+        response = full[:max_len]
+        prompt = p[max(0, len(p) + len(response) - max_len) :]
+        truncated[i] = len(prompt) + len(response) < len(p) + len(full)
+        rows.append(prompt + response)
+        starts.append(len(prompt))
+    L = max(map(len, rows))
+    tokens = np.array([row + [pad_id] * (L - len(row)) for row in rows], np.int32)
+    mask = np.arange(L)[None] < np.array([len(row) for row in rows])[:, None]
+    return tokens, mask, truncated, mask & (np.arange(L)[None] >= np.array(starts)[:, None])
+
+
+def pair_token_ids(tok, pairs, eos_id: int | None = None, chat=None):
+    """-> prompt, chosen and rejected token id lists: the stored sampled ids where a pair has them, else the texts
+    encoded by the rule of every stage (encode_prompts; responses without special tokens), or the conversations by
+    chat_pair_ids."""
+    texts = [i for i, p in enumerate(pairs) if "prompt_ids" not in p and isinstance(p["prompt"], str)]
+    responses = lambda side: tok.encode_batch([pairs[i][side] for i in texts], add_special_tokens=False)
+    encoded = {"prompt": encode_prompts(tok, [pairs[i]["prompt"] for i in texts])}
+    encoded |= {side: [e.ids for e in responses(side)] for side in ("chosen", "rejected")}
+    out = {s: [p.get(f"{s}_ids") for p in pairs] for s in ("prompt", "chosen", "rejected")}
+    for j, i in enumerate(texts):
+        for s in out:
+            out[s][i] = encoded[s][j]
+    for i, p in enumerate(pairs):
+        if isinstance(p["prompt"], list):  # a conversation
+            out["prompt"][i], out["chosen"][i] = chat_pair_ids(tok, chat, p["prompt"], p["chosen"], eos_id)
+            out["rejected"][i] = chat_pair_ids(tok, chat, p["prompt"], p["rejected"], eos_id)[1]
+    return out["prompt"], out["chosen"], out["rejected"]
+
+
+def chat_pair_ids(tok, chat, prompt, response, eos_id: int):
+    """A conversation -> (prompt ids, response ids) as rlhf_ppo.py sees them: the prompt rendered with the generation
+    prompt (as PPO's conversational prompts are), the response the rest of the rendered conversation, through its
+    last EOS (the template's end of turn; what follows it, e.g. a newline, PPO never samples)."""
+    p = encode_chat(tok, chat, prompt, add_generation_prompt=True)[0]
+    full = encode_chat(tok, chat, prompt + response)[0]
+    if full[: len(p)] != p:
+        raise ValueError(
+            f"{chat.where}: the prompt {prompt[-1]['content'][:40]!r}... rendered with the generation prompt is not "
+            "where the rendered conversation's tokens start"
+        )
+    r = full[len(p) :]
+    return p, (r[: len(r) - r[::-1].index(eos_id)] if eos_id in r else r)
+
+
+def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None, with_response_mask=False):
+    """-> {"tokens", "mask"} [2, N, L] (chosen, rejected) (and "response_mask"), {"gold"} [2, N] (NaN where absent),
+    the number of pairs truncated."""
+    prompts, *sides = pair_token_ids(tok, pairs, eos_id, chat)
+    (ct, cm, c_trunc, c_resp), (rt, rmask, r_trunc, r_resp) = (
+        tokenize(prompts, side, eos_id, pad_id, max_len) for side in sides
+    )
+    L = max(ct.shape[1], rt.shape[1])
+    widen = lambda x, fill: np.pad(x, ((0, 0), (0, L - x.shape[1])), constant_values=fill)  # noqa: E731
+    gold = np.array([[p.get(f"{s}_gold", np.nan) for p in pairs] for s in ("chosen", "rejected")], np.float32)
+    data = {
+        "tokens": np.stack([widen(ct, pad_id), widen(rt, pad_id)]),
+        "mask": np.stack([widen(cm, False), widen(rmask, False)]),
+    }
+    if with_response_mask:
+        data["response_mask"] = np.stack([widen(c_resp, False), widen(r_resp, False)])
+    return data | {"gold": gold}, int((c_trunc | r_trunc).sum())
+
+
+def split_by_prompt(pairs, val_fraction: float):
+    """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
+    key = lambda pair: pair["prompt"] if isinstance(pair["prompt"], str) else json.dumps(pair["prompt"])  # noqa: E731
+    prompts = sorted({key(p) for p in pairs})
+    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
+    if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
+        val_idx = set(
+            np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist()
+        )
+        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
+    return [p for p in pairs if key(p) not in val], [p for p in pairs if key(p) in val]
+
+
 def load_preferences(args: Args, tok, eos_id: int, pad_id: int, chat=None):
     """-> train, held-out arrays: tokens, mask, response_mask [2, N, L] (chosen, rejected), gold [2, N] (NaN where
     absent), by the reward model's functions (the same pairs, tokens and split)."""
@@ -162,10 +298,10 @@ def load_preferences(args: Args, tok, eos_id: int, pad_id: int, chat=None):
             f"--dataset {args.dataset}: not found (python reward_model.py writes the default; or give a TRL "
             "preference JSONL)"
         )
-    pairs = rm.read_pairs(args.dataset, tok.get_vocab_size(), chat)
+    pairs = read_pairs(args.dataset, tok.get_vocab_size(), chat)
     out = []
-    for name, split in zip(("train", "held-out"), rm.split_by_prompt(pairs, args.val_fraction)):
-        data, truncated = rm.tokenize_pairs(tok, split, eos_id, pad_id, args.max_seq_len, chat, True)
+    for name, split in zip(("train", "held-out"), split_by_prompt(pairs, args.val_fraction)):
+        data, truncated = tokenize_pairs(tok, split, eos_id, pad_id, args.max_seq_len, chat, True)
         print(f"{name}: {len(split)} pairs; {truncated} truncated from the left of their prompt to --max-seq-len")
         out.append(data)
     return out
@@ -209,6 +345,25 @@ def dpo_loss(args: Args, logps, ref_logps, lengths):
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
+def make_optimizer(args: Args, total_steps: int):
+    """Step 4: AdamW (weight decay on matrices only) after a global-norm clip; linear warm-up over 10% of the steps,
+    then linear decay to 0 (reward_model.py's)."""
+    warmup = max(1, total_steps // 10)
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, args.learning_rate, warmup),
+            optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup),
+        ],
+        [warmup],
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
 def frozen_logps(graphdef, params, batch):
     """Step 2: log π(y|x) of chosen and rejected [2, B] with no gradient: π_ref's, and the policy's in evaluation
     (one compiled function for both, so at the reference every implicit reward is exactly 0)."""
@@ -284,26 +439,85 @@ def preference_accuracy(args: Args, graphdef, params, data, sharding):
     }
 
 
-def ppo_evaluation(args: Args, tok, eos_id: int, pad_id: int, dtype, mesh):
-    """rlhf_ppo.py's evaluation, set up as it sets it up: -> (its Args, models, value params, frozen params, evaluation
-    sets). The policy's params are DPO's; PPO's value head is unused (a zero head, as PPO starts from)."""
-    pargs = ppo.Args(
-        sft_model=args.sft_model,
-        reward_model=args.reward_model,
-        value_model="shared",
-        prompt_tokens=args.prompt_tokens,
-        eval_prompts=args.eval_prompts,
-        eval_dataset=args.eval_dataset,
-        response_length=args.response_length,
-        temperature=args.temperature,
-        gold_fn=args.gold_fn,
-        num_sample_rows=args.num_sample_rows,
-        dtype=args.dtype,
-    )
-    pargs = ppo.resolve_token_ids(pargs, eos_id, pad_id)
-    models, params, frozen = ppo.load_models(pargs, dtype)
-    eval_sets = ppo.evaluation_sets(pargs, tok, ChatTemplate.load(args.sft_model))
-    return pargs, models, shard(params["value"], mesh), shard(frozen, mesh, args.fsdp), eval_sets
+def evaluation_sets(args: Args, tok, pad_id: int, chat):
+    """rlhf_ppo.py's evaluation prompts: the first --eval-prompts openings of the held-out IMDB reviews and of the
+    Rotten Tomatoes snippets (or of --eval-dataset), left-padded: {name: (tokens, mask)}."""
+    n = args.eval_prompts
+    openings = lambda split: encode_prompts(tok, movie_reviews(split)[:n], args.prompt_tokens)
+    sets = {"heldout": lambda: openings("eval"), "rotten_tomatoes": lambda: openings("rotten_tomatoes")}
+    if args.eval_dataset:
+        sets = {"heldout": lambda: read_prompts(args.eval_dataset, tok, chat)[:n]}
+    return {name: left_pad(read(), pad_id) for name, read in sets.items()}
+
+
+@partial(jax.jit, static_argnames=("args", "graphdef", "reward_graphdef"))
+def score_samples(args: Args, graphdef, reward_graphdef, frozen, queries, query_mask, responses, logprobs, eos_pad):
+    """Sampled responses [B, R] (padded after their EOS) -> the response mask [B, R] (through the first EOS), the KL
+    to π_ref per token, log π − log π_ref at --temperature [B, R], and the reward model's score of prompt + response
+    + EOS [B] (0 without one): rlhf_ppo.py's eval/kl and eval/proxy_score. logprobs [B, R]: the sampler's."""
+    eos_id, pad_id = eos_pad[0], eos_pad[1]
+    B, R = responses.shape
+    is_eos = responses == eos_id
+    resp_mask = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # through the first EOS
+    tokens = jnp.concatenate([queries, jnp.where(resp_mask, responses, pad_id)], axis=1)  # [B, P + R]
+    mask = jnp.concatenate([query_mask, resp_mask], axis=1)
+    ref = nnx.merge(graphdef, frozen["ref"])
+    h = ref.hidden_states(tokens, positions_from_mask(mask), mask)[0][:, -R - 1 : -1]  # [B, R, D]
+    ref_logprobs = head_logprobs(h, ref.head_kernel(), responses, args.temperature)[0]
+    kl = (logprobs - ref_logprobs) * resp_mask  # [B, R], summed on the host as rlhf_ppo.py does
+    if reward_graphdef is None:
+        return resp_mask, kl, jnp.zeros(B, jnp.float32)
+    length = resp_mask.sum(1)  # the reward model reads prompt + response + EOS, appended unless the response ends so
+    last = jnp.take_along_axis(responses, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+    append = (length == 0) | (last != eos_id)
+    resp = jnp.concatenate([jnp.where(resp_mask, responses, pad_id), jnp.full((B, 1), pad_id)], axis=1)
+    resp = resp.at[jnp.arange(B), length].set(jnp.where(append, eos_id, resp[jnp.arange(B), length]))
+    rm_mask = jnp.concatenate([query_mask, jnp.arange(R + 1)[None] < (length + append)[:, None]], axis=1)
+    rm_tokens = jnp.concatenate([queries, resp], axis=1)
+    scores = nnx.merge(reward_graphdef, frozen["reward"])(rm_tokens, positions_from_mask(rm_mask), rm_mask)[0]
+    last_real = jnp.argmax(jnp.where(rm_mask, jnp.arange(rm_mask.shape[1]), -1), axis=1)
+    return resp_mask, kl, jnp.take_along_axis(scores, last_real[:, None], axis=1)[:, 0]
+
+
+def gold_scores(args: Args, prompts, texts):
+    """The gold judge: --gold-fn "module:function" (prompts, completions) -> scores, or VADER; checked finite."""
+    if args.gold_fn is None:
+        return vader_scores(texts)
+    module, _, name = args.gold_fn.partition(":")
+    out = np.asarray(getattr(importlib.import_module(module), name)(prompts, texts), np.float32)
+    if out.shape != (len(texts),) or not np.isfinite(out).all():
+        raise ValueError(f"--gold-fn {args.gold_fn}: expected {len(texts)} finite scores, got {out}")
+    return out
+
+
+def sample_and_judge(args: Args, graphdef, reward_graphdef, cfg, tok, params, frozen, eval_sets, eos_pad):
+    """rlhf_ppo.py's evaluation of a policy (tests/test_dpo.py checks they agree): responses sampled at --temperature
+    with a fixed key per evaluation set, their gold score, proxy score and KL to π_ref, per set and pooled. -> metrics,
+    a markdown table of samples."""
+    out, rows = {}, []
+    for i, (name, (queries, query_mask)) in enumerate(eval_sets.items()):
+        key = jax.random.fold_in(jax.random.key(1234), i)
+        cache = init_cache(cfg, queries.shape[0], queries.shape[1] + args.response_length)
+        responses, logprobs = sample(
+            step_function(graphdef), params, cache, queries, query_mask, key, max_new_tokens=args.response_length,
+            temperature=args.temperature, stop_token_id=eos_pad[0], pad_token_id=eos_pad[1],
+        )  # fmt: skip
+        scored = score_samples(
+            args, graphdef, reward_graphdef, frozen, queries, query_mask, responses, logprobs, eos_pad
+        )
+        resp_mask, kl, proxy = gather(scored)
+        if not np.isfinite(proxy).all():
+            raise FloatingPointError(f"the reward model ({args.reward_model}) gave non-finite scores")
+        decode = lambda tokens, mask: tok.decode_batch([t[m].tolist() for t, m in zip(gather(tokens), mask)])
+        prompts, texts = decode(queries, gather(query_mask)), decode(responses, resp_mask)
+        out[name] = {"proxy_score": proxy, "gold_score": gold_scores(args, prompts, texts), "kl": kl.sum(1)}
+        rows += list(zip(prompts, texts, proxy, out[name]["gold_score"]))[: args.num_sample_rows]
+    metrics = {f"eval/{name}/{k}": float(v.mean()) for name, d in out.items() for k, v in d.items()}
+    for k in ("proxy_score", "gold_score", "kl"):
+        metrics[f"eval/{k}"] = float(np.mean(np.concatenate([d[k] for d in out.values()])))
+    table = "|prompt|completion|proxy|gold|\n|-|-|-|-|\n"
+    table += "\n".join(f"|{p}|{t}|{s:.2f}|{g:.2f}|".replace("\n", " ") for p, t, s, g in rows)
+    return metrics, table
 
 
 # ---------------------------------------------------------------- main
@@ -321,20 +535,22 @@ def main(args: Args):
     check_data(args, policy.cfg, num_train, max(train["tokens"].shape[2], val["tokens"].shape[2]))
     graphdef, params = nnx.split(policy)
     ref_params = shard(jax.tree.map(jnp.copy, params), mesh, args.fsdp)  # π_ref: the frozen SFT model
-    tx, schedule = rm.make_optimizer(args, total_steps)  # step 4: the reward model's AdamW, warm-up and decay
+    tx, schedule = make_optimizer(args, total_steps)  # step 4
     params = shard(params, mesh, args.fsdp)
     state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
     state, start = restore_latest(ckpt, state, args.resume)
     pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
     for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
         data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_params), data, pairs, args.batch_size)
-    pargs, models, value, frozen, eval_sets = ppo_evaluation(args, tok, eos_id, pad_id, dtype, mesh)
+    reward = nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
+    frozen = shard({"ref": ref_params, "reward": reward[1]}, mesh, args.fsdp)  # the evaluation's (step 5)
+    eval_sets = evaluation_sets(args, tok, pad_id, ChatTemplate.load(args.sft_model))
 
     def evaluate_and_log(step):  # step 5
         metrics = preference_accuracy(args, graphdef, state["params"], val, pairs)
         with stop_if_not_finite(f"evaluation at step {step}", ckpt, args.output_dir):
-            sampled, table = ppo.evaluate(
-                pargs, models, tok, {"policy": state["params"], "value": value}, frozen, eval_sets
+            sampled, table = sample_and_judge(
+                args, graphdef, reward[0], policy.cfg, tok, state["params"], frozen, eval_sets, (eos_id, pad_id)
             )
         for k, v in (metrics := metrics | sampled).items():
             writer.add_scalar(k, v, step)

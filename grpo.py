@@ -65,10 +65,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
-import rlhf_ppo as ppo  # the rollout pieces PPO already has: truncation, the reward model's input, decoding
 from common import head_logprobs, masked_mean, sample
 
-BUILT_IN_REWARDS = ("grpo:positive_sentiment", "grpo:length_band", "grpo:no_repetition")
+BUILT_IN_REWARDS = ("positive_sentiment", "length_band", "no_repetition")  # functions of this file, named alone
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,10 @@ class Args:
     sft_model: str = "models/sft"
     """the SFT checkpoint: initial policy and frozen reference"""
     reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """a reward function "module:function", repeatable: f(prompts, completions, **columns) -> list[float | None]
-    (TRL's signature; columns: the dataset's other fields; None: does not apply). None given and no
-    --reward-model: the default task's built-in positive_sentiment, length_band and no_repetition (this file)"""
+    """a reward function "module:function", or the name alone of a built-in one (positive_sentiment, length_band,
+    no_repetition: this file), repeatable: f(prompts, completions, **columns) -> list[float | None] (TRL's signature;
+    columns: the dataset's other fields; None: does not apply). None given and no --reward-model: the three
+    built-in ones"""
     reward_weights: tuple[float, ...] = ()
     """one weight per --reward-fn (then the reward model's, if any); empty: all 1"""
     reward_model: str | None = None
@@ -191,6 +191,14 @@ def no_repetition(prompts, completions, **columns):
     return out
 
 
+def reward_function(spec: str):
+    """--reward-fn "module:function" -> the function (None if absent); a name alone: this file's built-in one."""
+    module, _, name = spec.rpartition(":")
+    if not module:
+        return globals()[name] if name in BUILT_IN_REWARDS else None
+    return getattr(importlib.import_module(module), name, None)
+
+
 # ---------------------------------------------------------------- data: prompts and their columns
 def read_columns(path, num_prompts: int):
     """The fields other than "prompt" of each JSONL row, as {name: [value per row]}; every row must have the same."""
@@ -220,6 +228,39 @@ def load_prompts(args: Args, tok, chat, path: str | None, split: str, limit: int
 
 
 # ---------------------------------------------------------------- steps 2-3: sampling and log-probs
+def truncated_episodes(queries, query_mask, completions, stop_token_id: int, pad_token_id: int):
+    """Completions [B, R] cut after their first stop token -> the completion mask [B, R] (True through the stop), and
+    the tokens and mask of prompt + truncated completion (padding after the stop), [B, P + R]."""
+    is_stop = completions == stop_token_id
+    comp_mask = (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
+    tokens = jnp.concatenate([queries, jnp.where(comp_mask, completions, pad_token_id)], axis=1)
+    return comp_mask, tokens, jnp.concatenate([query_mask, comp_mask], axis=1)
+
+
+def reward_model_inputs(queries, query_mask, completions, comp_mask, eos_id: int, pad_id: int):
+    """Prompt + truncated completion + EOS (unless it already ends with it), the rows the reward model was trained on
+    (reward_model.py, as rlhf_ppo.py scores them) -> tokens, mask [B, P + R + 1]."""
+    B, R = completions.shape
+    length = comp_mask.sum(1)  # [B]
+    last = jnp.take_along_axis(completions, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+    append = (length == 0) | (last != eos_id)
+    resp = jnp.concatenate([jnp.where(comp_mask, completions, pad_id), jnp.full((B, 1), pad_id)], axis=1)
+    resp = resp.at[jnp.arange(B), length].set(jnp.where(append, eos_id, resp[jnp.arange(B), length]))
+    mask = jnp.arange(R + 1)[None] < (length + append)[:, None]
+    return jnp.concatenate([queries, resp], axis=1), jnp.concatenate([query_mask, mask], axis=1)
+
+
+def last_token_scores(scores, mask):
+    """The score at the last real token of each row [B, L] -> [B]."""
+    last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+def decode(tok, tokens, mask):
+    """Texts of the real tokens of each row."""
+    return tok.decode_batch([t[m].tolist() for t, m in zip(gather(tokens), gather(mask))])
+
+
 def completion_logprobs(graphdef, params, tokens, mask, completions, temperature: float):
     """log π(y_t | x, y_<t) and the entropy of π there, [B, R] each, of softmax(logits / T)."""
     R, model = completions.shape[1], nnx.merge(graphdef, params)
@@ -233,7 +274,7 @@ def score_completions(
 ):
     """Steps 2-4 on the device: truncation, log π_ref (with_ref) and the reward model's score (if any), in one
     compiled call. old_logprobs [B, R]: the sampler's, of the weights that sampled the completions (step 3)."""
-    comp_mask, tokens, mask = ppo.truncated_episodes(
+    comp_mask, tokens, mask = truncated_episodes(
         queries, query_mask, completions, args.stop_token_id, args.pad_token_id
     )  # [B, R], [B, P + R], [B, P + R]
     ref_logprobs = jnp.zeros_like(old_logprobs)  # β = 0: the reference is not read
@@ -241,11 +282,11 @@ def score_completions(
         ref_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens, mask, completions, args.temperature)[0]
     rm_scores = jnp.zeros(completions.shape[0], jnp.float32)
     if reward_graphdef is not None:
-        rm_tokens, rm_mask = ppo.reward_model_inputs(
+        rm_tokens, rm_mask = reward_model_inputs(
             queries, query_mask, completions, comp_mask, args.eos_token_id, args.pad_token_id
         )
         scores, _ = nnx.merge(reward_graphdef, frozen["reward"])(rm_tokens, positions_from_mask(rm_mask), rm_mask)
-        rm_scores = ppo.last_token_scores(scores, rm_mask)
+        rm_scores = last_token_scores(scores, rm_mask)
     return {
         "tokens": tokens, "mask": mask, "completions": completions, "completion_mask": comp_mask,
         "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "rm_scores": rm_scores,
@@ -256,7 +297,7 @@ def score_completions(
 # ---------------------------------------------------------------- steps 4-5: rewards and advantages
 def reward_names(args: Args):
     """The logged name of each reward: the function's name, then "reward_model"."""
-    names = [spec.partition(":")[2] for spec in args.reward_fn]
+    names = [spec.rpartition(":")[2] for spec in args.reward_fn]
     return names + (["reward_model"] if args.reward_model else [])
 
 
@@ -265,8 +306,7 @@ def call_reward_fns(args: Args, prompts, completions, columns):
     function and the completion."""
     out = np.full((len(completions), len(args.reward_fn)), np.nan, np.float32)
     for j, spec in enumerate(args.reward_fn):
-        module, _, name = spec.partition(":")
-        values = getattr(importlib.import_module(module), name)(prompts, completions, **columns)
+        values = reward_function(spec)(prompts, completions, **columns)
         if len(values) != len(completions):
             raise ValueError(f"--reward-fn {spec}: returned {len(values)} values for {len(completions)} completions")
         for i, v in enumerate(values):
@@ -319,7 +359,7 @@ def sample_and_score(
     batch = score_completions(
         args, graphdef, reward_graphdef, frozen, queries, query_mask, completions, old_logprobs, with_ref
     )  # 2, 3 (and the reward model's score)
-    prompts, texts = ppo.decode(tok, queries, query_mask), ppo.decode(tok, completions, batch["completion_mask"])
+    prompts, texts = decode(tok, queries, query_mask), decode(tok, completions, batch["completion_mask"])
     per_function = call_reward_fns(args, prompts, texts, columns)  # 4
     rm_scores = batch.pop("rm_scores")  # zeros without a reward model
     if reward_graphdef is not None:
@@ -509,7 +549,13 @@ def make_optimizer(args: Args):
 def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset and, with neither --reward-fn nor
     --reward-model, the built-in reward functions: the static configuration of the jitted functions is complete."""
-    args = ppo.resolve_token_ids(args, eos_id, pad_id)
+    fill = lambda flag, default: default if flag is None else flag
+    args = dataclasses.replace(
+        args,
+        stop_token_id=fill(args.stop_token_id, eos_id),
+        eos_token_id=fill(args.eos_token_id, eos_id),
+        pad_token_id=fill(args.pad_token_id, pad_id),
+    )
     if not args.reward_fn and not args.reward_model:
         args = dataclasses.replace(args, reward_fn=BUILT_IN_REWARDS)
     return args
@@ -625,11 +671,10 @@ def check_args(args: Args, num_devices: int):
 def check_rewards(args: Args):
     """Each --reward-fn is importable and callable, and --reward-weights has one weight per reward."""
     for spec in args.reward_fn:
-        module, _, name = spec.partition(":")
-        if not name:
-            raise ValueError(f"--reward-fn {spec}: expected module:function")
-        if not callable(getattr(importlib.import_module(module), name, None)):
-            raise ValueError(f"--reward-fn {spec}: module {module} has no function {name}")
+        module, _, name = spec.rpartition(":")
+        if not callable(reward_function(spec)):
+            where = f"module {module} has no function {name}" if module else "not module:function, nor built in"
+            raise ValueError(f"--reward-fn {spec}: {where} (built in: {', '.join(BUILT_IN_REWARDS)})")
     n = len(reward_names(args))
     if args.reward_weights and len(args.reward_weights) != n:
         raise ValueError(

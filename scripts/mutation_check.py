@@ -46,6 +46,8 @@ G_LEARN = T_GRPO + "test_grpo_learns_a_reward_function_and_the_evaluation_starts
 G_REWARDS = T_GRPO + "test_reward_functions_get_their_columns_and_none_adds_nothing"
 G_ITER = T_GRPO + "test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_weights"
 T_DATA_SPLITS = "tests/test_data.py::test_each_stage_reads_the_split_its_docstring_names"
+T_DPO_EVAL = "tests/test_preference_eval.py::test_dpo_evaluates_as_rlhf_ppo_does"
+G_ALONE = T_GRPO + "test_built_in_rewards_are_named_alone_and_the_rollout_helpers_give_rlhf_ppos_arrays"
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,7 @@ MUTANTS = [
            '"eval/rewards/accuracies": float(np.mean(margin > 0))', '"eval/rewards/accuracies": float(np.mean(margin >= 0))',
            (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
     Mutant("dpo evaluation: samples the SFT policy", "dpo.py",
-           '{"policy": state["params"], "value": value}', '{"policy": ref_params, "value": value}',
+           'tok, state["params"], frozen, eval_sets, (eos_id, pad_id)', 'tok, ref_params, frozen, eval_sets, (eos_id, pad_id)',
            (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
     Mutant("dpo: held-out split differs from the reward model's", "dpo.py",
            "    val_fraction: float = 0.1\n", "    val_fraction: float = 0.2\n",
@@ -587,7 +589,7 @@ MUTANTS = [
            "(\"held-out\", val_pairs)):", "(\"held-out\", train_pairs)):",
            ("tests/test_preference_eval.py::test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs",)),
     Mutant("i25 pref: dpo ignores --val-fraction", "dpo.py",
-           "rm.split_by_prompt(pairs, args.val_fraction)", "rm.split_by_prompt(pairs, 0.1)",
+           "split_by_prompt(pairs, args.val_fraction)", "split_by_prompt(pairs, 0.1)",
            ("tests/test_preference_eval.py::test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs",)),
     Mutant("i25 pref: eval/rm/loss of the rejected side", "reward_model.py",
            "np.mean(np.logaddexp(0.0, -margin))", "np.mean(np.logaddexp(0.0, margin))",
@@ -637,8 +639,8 @@ MUTANTS = [
            "    return np.concatenate(out, axis=1)[:, :N]", "    return np.concatenate(out, axis=1)[:, -N:]",
            ("tests/test_preference_eval.py::test_dpo_held_out_preference_metrics_equal_a_naive_computation",)),
     Mutant("i25 pref: dpo evaluation samples at PPO's default temperature", "dpo.py",
-           "        temperature=args.temperature,\n        gold_fn=args.gold_fn,", "        gold_fn=args.gold_fn,",
-           ("tests/test_preference_eval.py::test_dpo_evaluation_is_ppos_with_dpos_flags",)),
+           "temperature=args.temperature, stop_token_id=eos_pad[0]", "temperature=0.7, stop_token_id=eos_pad[0]",
+           (T_DPO_EVAL,)),
     Mutant("i25 pref: dpo summary prints the IMDB set's KL only", "dpo.py",
            "\"eval/proxy_score\", \"eval/kl\")\n", "\"eval/proxy_score\", \"eval/heldout/kl\")\n",
            ("tests/test_preference_eval.py::test_dpo_summary_prints_each_evaluation_value_under_its_name",)),
@@ -777,6 +779,28 @@ MUTANTS = [
     Mutant("i25 grpo: rewards/<name>/std the population std, not TRL's Bessel-corrected nanstd", "grpo.py",
            "np.nanstd(r, ddof=1)", "np.nanstd(r)", (T_GRPO + "test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_never_applies",)),
     # (end of I25-GRPO)
+    # ---- issue 26: each script stands alone (dpo.py's own evaluation, grpo.py's own helpers)
+    Mutant("i26 dpo eval: KL over the padding after the EOS too", "dpo.py",
+           "    kl = (logprobs - ref_logprobs) * resp_mask  #", "    kl = logprobs - ref_logprobs + 0 * resp_mask  #", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: reference log-probs at T = 1", "dpo.py",
+           "head_logprobs(h, ref.head_kernel(), responses, args.temperature)[0]", "head_logprobs(h, ref.head_kernel(), responses, 1.0)[0]", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: no EOS appended for the reward model", "dpo.py",
+           "    append = (length == 0) | (last != eos_id)", "    append = length == 0", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: score read at the last slot", "dpo.py",
+           "    last_real = jnp.argmax(jnp.where(rm_mask, jnp.arange(rm_mask.shape[1]), -1), axis=1)", "    last_real = jnp.full(rm_mask.shape[0], rm_mask.shape[1] - 1)", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: the gold judge gets prompts and completions swapped", "dpo.py",
+           "gold_scores(args, prompts, texts)", "gold_scores(args, texts, prompts)", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: one key for every evaluation set", "dpo.py",
+           "        key = jax.random.fold_in(jax.random.key(1234), i)\n        cache", "        key = jax.random.key(1234)\n        cache", (T_DPO_EVAL,)),
+    Mutant("i26 dpo eval: --eval-prompts takes the last prompts", "dpo.py",
+           "read_prompts(args.eval_dataset, tok, chat)[:n]", "read_prompts(args.eval_dataset, tok, chat)[-n:]", (T_DPO_EVAL,)),
+    Mutant("i26 grpo: any name in the file is a reward function", "grpo.py",
+           "        return globals()[name] if name in BUILT_IN_REWARDS else None", "        return globals().get(name)", (G_ALONE,)),
+    Mutant("i26 grpo: the stop token cut from the completion", "grpo.py",
+           "    comp_mask = (jnp.cumsum(is_stop, axis=1) - is_stop) == 0", "    comp_mask = jnp.cumsum(is_stop, axis=1) == 0", (G_ALONE,)),
+    Mutant("i26 grpo: imports rlhf_ppo again", "grpo.py",
+           "from common import head_logprobs, masked_mean, sample\n", "import rlhf_ppo  # noqa: F401\nfrom common import head_logprobs, masked_mean, sample\n",
+           ("tests/test_standalone.py::test_no_script_imports_another",)),
 ]  # fmt: skip
 
 

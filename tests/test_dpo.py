@@ -184,9 +184,11 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     assert final["eval/rewards/accuracies"] >= 0.9 and 0.5 < final["eval/rewards/gold_accuracies"] < 1.0
     assert final["eval/rewards/margins"] > 0 and final["eval/kl"] > 0
     tok, eos, pad = dpo.load_tokenizer(args.sft_model)
-    pargs, models, value, frozen, eval_sets = dpo.ppo_evaluation(args, tok, eos, pad, jnp.float32, dpo.make_mesh(1))
-    sft_params = nnx.split(dpo.load_model(args.sft_model)[0])[1]
-    expected, _ = ppo.evaluate(pargs, models, tok, {"policy": sft_params, "value": value}, frozen, eval_sets)
+    flags = ("sft_model", "reward_model", "prompt_tokens", "eval_prompts", "eval_dataset", "response_length")
+    flags += ("temperature", "gold_fn", "num_sample_rows")
+    pargs = ppo.resolve_token_ids(ppo.Args(**{k: getattr(args, k) for k in flags}, value_model="shared"), eos, pad)
+    models, params, frozen = ppo.load_models(pargs, jnp.float32)
+    expected, _ = ppo.evaluate(pargs, models, tok, params, frozen, ppo.evaluation_sets(pargs, tok, None))
     for k in ("eval/gold_score", "eval/proxy_score"):
         assert first[k] == pytest.approx(expected[k], abs=1e-5), k
     # measured without dpo.py's own log-prob code: the exported policy moved toward the chosen side of held-out pairs

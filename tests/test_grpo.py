@@ -421,6 +421,40 @@ def test_the_default_task_uses_the_built_in_rewards(tmp_path):
     assert grpo.length_band([""] * 4, ["w " * 4, "w " * 12, "w " * 20, "w " * 30]) == [0.5, 1.0, 0.5, 0.0]
     assert grpo.no_repetition([""] * 3, texts) == [1.0, pytest.approx(1 / 3), None]
     assert grpo.with_defaults(grpo.Args(reward_model="rm"), 3, 0).reward_fn == ()
+    args = grpo.with_defaults(grpo.Args(stop_token_id=5, eos_token_id=6, pad_token_id=7), eos_id=3, pad_id=0)
+    assert (args.stop_token_id, args.eos_token_id, args.pad_token_id) == (5, 6, 7)  # flags win over the tokenizer's
+
+
+def test_built_in_rewards_are_named_alone_and_the_rollout_helpers_give_rlhf_ppos_arrays(rewards_module):
+    """grpo.py imports no other script. Its built-in reward functions are found by their name alone (whatever the file
+    is called), a module's by module:function; its truncation after the stop token, the reward model's input rows
+    (prompt + completion + EOS unless it ends with EOS) and the last-token read equal rlhf_ppo.py's on completions
+    that stop early, at the last slot, at the first, and never."""
+    import rlhf_ppo as ppo
+
+    builtin = [grpo.reward_function(name) for name in grpo.BUILT_IN_REWARDS]
+    assert builtin == [grpo.positive_sentiment, grpo.length_band, grpo.no_repetition]
+    assert grpo.reward_function("grpo_test_rewards:good") is sys.modules["grpo_test_rewards"].good
+    assert grpo.reward_function("main") is None and grpo.reward_function("grpo_test_rewards:nothing") is None
+    rng = np.random.default_rng(0)
+    queries, qmask = jnp.asarray(rng.integers(3, 9, (4, 5))), jnp.asarray(rng.random((4, 5)) < 0.7)
+    completions = rng.integers(3, 9, (4, 6))
+    completions[0, 2] = completions[1, 5] = completions[3, 0] = 2  # row 2 never stops
+    completions = jnp.asarray(completions)
+    for stop, eos in ((2, 2), (2, 8)):  # EOS = the stop token, or a token some completions end with
+        ours = grpo.truncated_episodes(queries, qmask, completions, stop, 0)
+        theirs = ppo.truncated_episodes(queries, qmask, completions, stop, 0)
+        for x, y in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(x, y)
+        rm_ours = grpo.reward_model_inputs(queries, qmask, completions, ours[0], eos, 0)
+        rm_theirs = ppo.reward_model_inputs(queries, qmask, completions, theirs[0], eos, 0)
+        for x, y in zip(rm_ours, rm_theirs, strict=True):
+            np.testing.assert_array_equal(x, y)
+        scores = jnp.asarray(rng.normal(size=rm_ours[1].shape), jnp.float32)
+        np.testing.assert_array_equal(
+            grpo.last_token_scores(scores, rm_ours[1]), ppo.last_token_scores(scores, rm_theirs[1])
+        )
+    assert np.asarray(ours[0]).sum(1).tolist() == [3, 6, 6, 1]  # through the stop token; row 2 keeps every slot
 
 
 # ---------------------------------------------------------------- issue 25: what users read (logs, evaluation, prints)

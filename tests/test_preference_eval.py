@@ -344,34 +344,44 @@ def test_dpo_held_out_preference_metrics_equal_a_naive_computation(dpo_setup):
         )
 
 
-def test_dpo_evaluation_is_ppos_with_dpos_flags(tiny_sft, monkeypatch):
-    """ppo_evaluation hands every evaluation flag to rlhf_ppo.py's set-up (none left at PPO's default), with PPO's
-    shared zero value head and the tokenizer's special tokens."""
+def gold_chars(prompts, completions):  # a gold judge that reads both arguments (--gold-fn)
+    return [0.1 * len(c) - 0.01 * len(p) for p, c in zip(prompts, completions)]
+
+
+def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
+    """DPO's evaluation (its own code, dpo.py imports no other script) gives rlhf_ppo.py's metrics and samples table
+    for the same policy and flags: a policy away from the reference (KL > 0), the reward model and --gold-fn scoring,
+    --eval-dataset prompts, a temperature and response length off PPO's defaults; without a reward model, a proxy
+    score of 0 in both."""
+    import test_ppo_reference
+
     import rlhf_ppo as ppo
 
-    seen = {}
-    monkeypatch.setattr(
-        ppo, "load_models", lambda pargs, dtype: seen.setdefault("models", (pargs, dtype)) and (None, {"value": {}}, {})
-    )
-    monkeypatch.setattr(ppo, "evaluation_sets", lambda pargs, tok, chat: seen.setdefault("data", pargs) and {})
-    flags = dict(
-        sft_model="some/sft",
-        reward_model="some/rm",
-        prompt_tokens=5,
-        eval_prompts=3,
-        eval_dataset="some/prompts.jsonl",
-        response_length=7,
-        temperature=0.9,
-        gold_fn="mod:fn",
-        num_sample_rows=4,
-        dtype="bfloat16",
-    )
-    pargs, *_ = dpo.ppo_evaluation(dpo.Args(**flags), None, 11, 12, jnp.bfloat16, dpo.make_mesh(1))
-    assert seen["models"] == (pargs, jnp.bfloat16) and seen["data"] is pargs
-    assert {k: getattr(pargs, k) for k in flags} == flags
-    assert (pargs.value_model, pargs.stop_token_id, pargs.eos_token_id, pargs.pad_token_id) == ("shared", 11, 11, 12)
-    pargs, *_ = dpo.ppo_evaluation(dpo.Args(reward_model=None), None, 11, 12, jnp.float32, dpo.make_mesh(1))
-    assert pargs.reward_model is None
+    tmp, prompts = tiny_pipeline
+    tok, eos, pad = dpo.load_tokenizer(tmp / "sft")
+    policy = test_ppo_reference.perturbed(nnx.split(dpo.load_model(tmp / "sft")[0])[1], jax.random.key(5), 0.05)
+    for reward_model in (str(tmp / "rm"), None):
+        flags = dict(sft_model=str(tmp / "sft"), reward_model=reward_model, prompt_tokens=5, eval_prompts=6)
+        flags |= dict(eval_dataset=str(prompts), response_length=9, temperature=0.9, num_sample_rows=4)
+        flags |= dict(gold_fn="test_preference_eval:gold_chars")
+        pargs = ppo.resolve_token_ids(ppo.Args(**flags, value_model="shared"), eos, pad)
+        models, params, frozen = ppo.load_models(pargs, jnp.float32)
+        theirs, their_table = ppo.evaluate(
+            pargs, models, tok, params | {"policy": policy}, frozen, ppo.evaluation_sets(pargs, tok, None)
+        )
+        args = dpo.Args(**flags)
+        graphdef = nnx.split(dpo.load_model(args.sft_model)[0])[0]
+        reward = nnx.split(dpo.load_model(reward_model)[0]) if reward_model else (None, None)
+        frozen = {"ref": frozen["ref"], "reward": reward[1]}
+        cfg = dpo.load_model(args.sft_model)[1]
+        eval_sets = dpo.evaluation_sets(args, tok, pad, None)
+        ours, our_table = dpo.sample_and_judge(
+            args, graphdef, reward[0], cfg, tok, policy, frozen, eval_sets, (eos, pad)
+        )
+        assert set(ours) == set(theirs) and our_table == their_table
+        for k in theirs:
+            assert ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), k
+        assert theirs["eval/kl"] > 0.01 and (theirs["eval/proxy_score"] != 0) == (reward_model is not None)
 
 
 def test_dpo_summary_prints_each_evaluation_value_under_its_name():

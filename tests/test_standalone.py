@@ -1,0 +1,74 @@
+"""Each script stands alone: copied with common.py, and nothing else, into an empty directory, it lists its flags and
+trains 2 steps on the tiny models, writing a model (no script imports another; grpo.py's built-in rewards are found
+by name in the copy)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_sft import TINY, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("sft.py", "reward_model.py", "rlhf_ppo.py", "dpo.py", "grpo.py")
+
+
+def test_no_script_imports_another():
+    for script in SCRIPTS:
+        text = (ROOT / script).read_text()
+        assert not re.search(r"^\s*(import|from)\s+(sft|reward_model|rlhf_ppo|dpo|grpo)\b", text, re.M), script
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """48 preference pairs over 12 prompts."""
+    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+    rows = [
+        {"prompt": f"{words[i]} {words[(i + 3) % 14]}", "chosen": f" {words[j % 5 + 3]}", "rejected": f" {words[j]}"}
+        for i in range(12)
+        for j in range(4)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rows)
+
+
+def run_alone(script: str, where: Path, *flags) -> subprocess.CompletedProcess:
+    """`python script flags` in `where`, holding only the script and common.py, with no PYTHONPATH."""
+    where.mkdir(exist_ok=True)
+    for f in (script, "common.py"):
+        shutil.copy(ROOT / f, where / f)
+    assert sorted(p.name for p in where.iterdir() if p.suffix == ".py") == sorted({script, "common.py"})
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAX_COMPILATION_CACHE_DIR")}
+    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, script, *map(str, flags)]
+    return subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=600)
+
+
+def cli(**kw) -> list[str]:
+    return [x for k, v in kw.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_copied_alone_with_common_py_runs(script, tmp_path, tiny_pipeline, pairs_file):
+    pipeline, prompts = tiny_pipeline
+    sft, rm = pipeline / "sft", pipeline / "rm"
+    common = dict(output_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ck", num_devices=1)
+    flags = {
+        "sft.py": {**TINY, "dataset": write_jsonl(tmp_path / "d.jsonl", [{"text": "the film was good"}] * 40)}
+        | dict(max_steps=2, warmup_steps=1, eval_every=2, num_samples=0),
+        "reward_model.py": dict(sft_model=sft, dataset=pairs_file, batch_size=16, num_epochs=1, max_seq_len=24)
+        | dict(norm_prompts=16, response_length=6, eval_every=1),
+        "rlhf_ppo.py": dict(sft_model=sft, reward_model=rm, dataset=prompts, response_length=6, batch_size=8)
+        | dict(total_episodes=16, ppo_epochs=1, num_mini_batches=1, eval_prompts=8, eval_every=2),
+        "dpo.py": dict(sft_model=sft, reward_model=rm, dataset=pairs_file, max_seq_len=24, batch_size=16)
+        | dict(max_steps=2, eval_prompts=8, eval_every=2, response_length=6),
+        "grpo.py": dict(sft_model=sft, dataset=prompts, eval_dataset=prompts, response_length=6, group_size=4)
+        | dict(batch_size=8, max_steps=2, eval_prompts=8, eval_every=2),
+    }[script]
+    shown = run_alone(script, tmp_path / "alone", "--help")
+    assert shown.returncode == 0 and "--output-dir" in shown.stdout, shown.stderr[-3000:]
+    ran = run_alone(script, tmp_path / "alone", *cli(**flags, **common))
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "model.safetensors").exists()

@@ -344,7 +344,6 @@ def dpo_loss(args: Args, logps, ref_logps, lengths):
     return losses, args.beta * ratios
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
 def make_optimizer(args: Args, total_steps: int):
     """Step 4: AdamW (weight decay on matrices only) after a global-norm clip; linear warm-up over 10% of the steps,
     then linear decay to 0 (reward_model.py's)."""
@@ -364,6 +363,7 @@ def make_optimizer(args: Args, total_steps: int):
     return tx, schedule
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
 def frozen_logps(graphdef, params, batch):
     """Step 2: log π(y|x) of chosen and rejected [2, B] with no gradient: π_ref's, and the policy's in evaluation
     (one compiled function for both, so at the reference every implicit reward is exactly 0)."""
@@ -523,6 +523,7 @@ def sample_and_judge(args: Args, graphdef, reward_graphdef, cfg, tok, params, fr
 # ---------------------------------------------------------------- main
 def main(args: Args):
     init_distributed(args)
+    check_output_dir(args)
     mesh = make_mesh(args.num_devices)
     check_args(args, mesh.size)
     writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -542,7 +543,9 @@ def main(args: Args):
     pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
     for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
         data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_params), data, pairs, args.batch_size)
-    reward = nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
+    reward = (
+        nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
+    )
     frozen = shard({"ref": ref_params, "reward": reward[1]}, mesh, args.fsdp)  # the evaluation's (step 5)
     eval_sets = evaluation_sets(args, tok, pad_id, ChatTemplate.load(args.sft_model))
 
@@ -936,12 +939,13 @@ def read_safetensors(ckpt: Path) -> dict:
     return tensors
 
 
-def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
     """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
-    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised).
+    flag: the flag that named `path`, for the error."""
     ckpt = Path(path)
     if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+        raise FileNotFoundError(f"{flag} {path}: {ckpt / 'config.json'} not found; it must be a local HF checkpoint")
     cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
@@ -1129,6 +1133,16 @@ def init_distributed(args):
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def check_output_dir(args):
+    """--output-dir can be written: refused at start-up, not at the export after training."""
+    path = Path(args.output_dir).absolute()
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+        )
 
 
 def on_process_0(what: str, fn, *args):

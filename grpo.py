@@ -533,7 +533,7 @@ def load_models(args: Args, dtype, mesh):
     "reward"} (π_ref: a copy of the SFT policy), sharded over the mesh."""
     graphdef, params = nnx.split(load_model(args.sft_model, dtype)[0])
     reward_graphdef, rm_params = (
-        nnx.split(load_model(args.reward_model, dtype)[0]) if args.reward_model else (None, None)
+        nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
     )
     frozen = {"ref": jax.tree.map(jnp.copy, params), "reward": rm_params}
     return graphdef, reward_graphdef, shard(params, mesh, args.fsdp), shard(frozen, mesh, args.fsdp)
@@ -563,6 +563,7 @@ def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
 
 def main(args: Args):
     init_distributed(args)
+    check_output_dir(args)
     mesh = make_mesh(args.num_devices)
     check_args(args, mesh.size)
     writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -992,12 +993,13 @@ def read_safetensors(ckpt: Path) -> dict:
     return tensors
 
 
-def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
     """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
-    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised).
+    flag: the flag that named `path`, for the error."""
     ckpt = Path(path)
     if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+        raise FileNotFoundError(f"{flag} {path}: {ckpt / 'config.json'} not found; it must be a local HF checkpoint")
     cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
@@ -1185,6 +1187,16 @@ def init_distributed(args):
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def check_output_dir(args):
+    """--output-dir can be written: refused at start-up, not at the export after training."""
+    path = Path(args.output_dir).absolute()
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+        )
 
 
 def on_process_0(what: str, fn, *args):

@@ -332,7 +332,7 @@ def setup_model(args: Args, dtype):
     """-> (model, tokenizer, eos_id, pad_id, tokenizer_dir): a local HF checkpoint, or a BPE tokenizer
     (kept in --checkpoint-dir so a resumed run reuses it) and a tiny Llama from scratch."""
     if args.base_model:
-        model, _ = load_model(args.base_model, dtype)
+        model, _ = load_model(args.base_model, dtype, flag="--base-model")
         return (model, *load_tokenizer(args.base_model), args.base_model)
     tok_dir = Path(args.checkpoint_dir) / "tokenizer"
     if not (args.resume and (tok_dir / "tokenizer.json").exists()):
@@ -357,6 +357,7 @@ def setup_model(args: Args, dtype):
 
 def main(args: Args):
     init_distributed(args)
+    check_output_dir(args)
     mesh = make_mesh(args.num_devices)
     check_args(args, mesh.size)
     writer, t0 = summary_writer(args), time.time()
@@ -755,12 +756,13 @@ def read_safetensors(ckpt: Path) -> dict:
     return tensors
 
 
-def load_model(path, dtype=jnp.float32, architecture=None, seed=0):
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
     """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
-    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised)."""
+    (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised).
+    flag: the flag that named `path`, for the error."""
     ckpt = Path(path)
     if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"{ckpt / 'config.json'}: not found; --base-model must be a local HF checkpoint dir")
+        raise FileNotFoundError(f"{flag} {path}: {ckpt / 'config.json'} not found; it must be a local HF checkpoint")
     cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
@@ -948,6 +950,16 @@ def init_distributed(args):
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def check_output_dir(args):
+    """--output-dir can be written: refused at start-up, not at the export after training."""
+    path = Path(args.output_dir).absolute()
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+        )
 
 
 def on_process_0(what: str, fn, *args):

@@ -801,6 +801,15 @@ MUTANTS = [
     Mutant("i26 grpo: imports rlhf_ppo again", "grpo.py",
            "from common import head_logprobs, masked_mean, sample\n", "import rlhf_ppo  # noqa: F401\nfrom common import head_logprobs, masked_mean, sample\n",
            ("tests/test_standalone.py::test_no_script_imports_another",)),
+    Mutant("i26 dpo: --output-dir checked only at the export", "dpo.py",
+           "    init_distributed(args)\n    check_output_dir(args)\n", "    init_distributed(args)\n",
+           ("tests/test_standalone.py::test_an_output_dir_that_cannot_be_written_is_refused_at_start_up[dpo.py]",)),
+    Mutant("i26 dpo: a file in the way of --output-dir is not refused", "dpo.py",
+           "    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):", "    if not os.access(parent, os.W_OK | os.X_OK):",
+           ("tests/test_standalone.py::test_an_output_dir_that_cannot_be_written_is_refused_at_start_up[dpo.py]",)),
+    Mutant("i26 dpo: a missing reward model named as --sft-model", "dpo.py",
+           'nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0])', "nnx.split(load_model(args.reward_model, dtype)[0])",
+           ("tests/test_standalone.py::test_a_missing_checkpoint_is_named_by_the_flag_of_the_script_that_was_run",)),
 ]  # fmt: skip
 
 

@@ -72,3 +72,30 @@ def test_each_script_copied_alone_with_common_py_runs(script, tmp_path, tiny_pip
     ran = run_alone(script, tmp_path / "alone", *cli(**flags, **common))
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(script, tmp_path):
+    import importlib
+
+    (tmp_path / "a_file").write_text("")
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(PermissionError, match="--output-dir .*a_file/model: cannot be written"):
+        module.main(module.Args(output_dir=str(tmp_path / "a_file" / "model")))  # before anything else is read
+    assert not (tmp_path / "a_file").is_dir()
+
+
+def test_a_missing_checkpoint_is_named_by_the_flag_of_the_script_that_was_run(tmp_path, tiny_pipeline, pairs_file):
+    import dpo
+    import sft
+
+    pipeline, _ = tiny_pipeline
+    with pytest.raises(FileNotFoundError, match="--reward-model .*missing_rm: .*config.json not found"):
+        dpo.main(
+            dpo.Args(
+                sft_model=str(pipeline / "sft"), reward_model=str(tmp_path / "missing_rm"), dataset=str(pairs_file),
+                output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"), max_seq_len=24, batch_size=16,
+            )
+        )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--base-model .*missing_base: .*config.json not found"):
+        sft.main(sft.Args(base_model=str(tmp_path / "missing_base"), output_dir=str(tmp_path / "out2")))

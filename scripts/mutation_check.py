@@ -826,13 +826,16 @@ def repo_copy() -> Path:
     return dst
 
 
-def run_tests(repo: Path, tests, timeout: int, flags=(), cores=None) -> tuple[int, float, str]:
-    """-> (pytest's exit code, seconds, the last lines of its output); exit 124 on timeout. cores: the CPUs it may use."""
+def run_tests(repo: Path, tests, timeout: int, flags=(), cores=None, cache=None) -> tuple[int, float, str]:
+    """-> (pytest's exit code, seconds, the last lines of its output); exit 124 on timeout. cores: the CPUs it may use;
+    cache: an XLA compilation cache directory that no other run uses at the same time (a mutant recompiles only the
+    programs it changed)."""
     t = time.time()
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *flags, *tests]
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     try:
-        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout, preexec_fn=pin)
+        env = os.environ | ({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {})
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=pin)
         code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
         code, out = 124, "timeout"
@@ -865,16 +868,17 @@ def main():
         queue.SimpleQueue()
     )  # with -j N, each running mutant keeps to its own share of the cores (as xdist's workers)
     cores = sorted(os.sched_getaffinity(0))
+    caches = [tempfile.mkdtemp(prefix="jax_cache_") for _ in range(cli.jobs)]  # one XLA cache per job (conftest.py)
     for i in range(cli.jobs):
-        free.put(set(cores[i :: cli.jobs]) or set(cores))
+        free.put((set(cores[i :: cli.jobs]) or set(cores), caches[i]))
 
     def run_mutant(m):
-        repo, mine = repo_copy(), free.get()
+        repo, (mine, cache) = repo_copy(), free.get()
         path = repo / m.file
         path.write_text(path.read_text().replace(m.old, m.new))
-        out = run_tests(repo, m.tests, cli.timeout, cores=mine if cli.jobs > 1 else None)
+        out = run_tests(repo, m.tests, cli.timeout, cores=mine if cli.jobs > 1 else None, cache=cache)
         shutil.rmtree(repo)
-        free.put(mine)
+        free.put((mine, cache))
         return out
 
     rows, t0 = [], time.time()
@@ -897,6 +901,8 @@ def main():
         f"\n{killed} of {len(rows)} mutants killed in {time.time() - t0:.0f}s"
         + ("" if killed == len(rows) else f"; {len(rows) - killed} NOT killed")
     )
+    for cache in caches:
+        shutil.rmtree(cache, ignore_errors=True)
     sys.exit(0 if killed == len(rows) else 1)
 
 

@@ -15,11 +15,13 @@ if "PYTEST_XDIST_WORKER" in os.environ and hasattr(os, "sched_setaffinity"):
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A run compiles many identical programs (a fresh optimizer or model object per test misses jit's in-memory cache):
-# XLA's persistent cache, in a directory of this process's own, compiles each once.
-cache_dir = tempfile.mkdtemp(prefix="jax_cache_")
-atexit.register(shutil.rmtree, cache_dir, True)
-os.environ |= {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# XLA's persistent cache compiles each once. Each xdist worker has a directory of its own (JAX writes its entries
+# unlocked); a plain pytest run uses $JAX_COMPILATION_CACHE_DIR if set (scripts/mutation_check.py gives each of its
+# jobs one, reused from mutant to mutant).
+if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

@@ -358,12 +358,20 @@ def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
     import rlhf_ppo as ppo
 
     tmp, prompts = tiny_pipeline
-    tok, eos, pad = dpo.load_tokenizer(tmp / "sft")
+    tok, _, pad = dpo.load_tokenizer(tmp / "sft")
     policy = test_ppo_reference.perturbed(nnx.split(dpo.load_model(tmp / "sft")[0])[1], jax.random.key(5), 0.05)
+    flags = dict(sft_model=str(tmp / "sft"), prompt_tokens=5, eval_prompts=6, eval_dataset=str(prompts))
+    flags |= dict(response_length=9, temperature=0.9, num_sample_rows=4, gold_fn="test_preference_eval:gold_chars")
+    # the EOS: the token the policy samples most, so that responses end at different positions, some never
+    pargs = ppo.Args(**flags, reward_model=None, value_model="shared", stop_token_id=-1)
+    pargs = ppo.resolve_token_ids(pargs, -1, pad)
+    models, params, _ = ppo.load_models(pargs, jnp.float32)
+    queries, query_mask = ppo.evaluation_sets(pargs, tok, None)["heldout"]
+    key = jax.random.fold_in(jax.random.key(1234), 0)  # the evaluation's key of its first set
+    drawn = ppo.generate(pargs, models, params | {"policy": policy}, queries, query_mask, key)[0]
+    eos = int(np.bincount(np.asarray(drawn).ravel()).argmax())
     for reward_model in (str(tmp / "rm"), None):
-        flags = dict(sft_model=str(tmp / "sft"), reward_model=reward_model, prompt_tokens=5, eval_prompts=6)
-        flags |= dict(eval_dataset=str(prompts), response_length=9, temperature=0.9, num_sample_rows=4)
-        flags |= dict(gold_fn="test_preference_eval:gold_chars")
+        flags["reward_model"] = reward_model
         pargs = ppo.resolve_token_ids(ppo.Args(**flags, value_model="shared"), eos, pad)
         models, params, frozen = ppo.load_models(pargs, jnp.float32)
         theirs, their_table = ppo.evaluate(
@@ -382,6 +390,8 @@ def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
         for k in theirs:
             assert ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), k
         assert abs(theirs["eval/kl"]) > 0.01 and (theirs["eval/proxy_score"] != 0) == (reward_model is not None)
+    stops = (np.asarray(drawn) == eos).any(1)
+    assert 0 < stops.sum() < len(stops)  # some responses stop before the end, some never
 
 
 def test_dpo_summary_prints_each_evaluation_value_under_its_name():

@@ -79,6 +79,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(script, tmp
     import importlib
 
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_file").chmod(0o755)  # a file anyone may write and execute is still no directory
     module = importlib.import_module(script.removesuffix(".py"))
     with pytest.raises(PermissionError, match="--output-dir .*a_file/model: cannot be written"):
         module.main(module.Args(output_dir=str(tmp_path / "a_file" / "model")))  # before anything else is read

@@ -546,7 +546,7 @@ def main(args: Args):
     reward = (
         nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
     )
-    frozen = shard({"ref": ref_params, "reward": reward[1]}, mesh, args.fsdp)  # the evaluation's (step 5)
+    frozen = {"ref": ref_params, "reward": shard(reward[1], mesh, args.fsdp)}  # the evaluation's (step 5)
     eval_sets = evaluation_sets(args, tok, pad_id, ChatTemplate.load(args.sft_model))
 
     def evaluate_and_log(step):  # step 5

@@ -378,10 +378,10 @@ def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
             pargs, models, tok, params | {"policy": policy}, frozen, ppo.evaluation_sets(pargs, tok, None)
         )
         args = dpo.Args(**flags)
-        graphdef = nnx.split(dpo.load_model(args.sft_model)[0])[0]
+        model, cfg = dpo.load_model(args.sft_model)
+        graphdef = nnx.split(model)[0]
         reward = nnx.split(dpo.load_model(reward_model)[0]) if reward_model else (None, None)
         frozen = {"ref": frozen["ref"], "reward": reward[1]}
-        cfg = dpo.load_model(args.sft_model)[1]
         eval_sets = dpo.evaluation_sets(args, tok, pad, None)
         ours, our_table = dpo.sample_and_judge(
             args, graphdef, reward[0], cfg, tok, policy, frozen, eval_sets, (eos, pad)

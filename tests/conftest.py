@@ -19,8 +19,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # unlocked); a plain pytest run uses $JAX_COMPILATION_CACHE_DIR if set (scripts/mutation_check.py gives each of its
 # jobs one, reused from mutant to mutant).
 if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_cache_")
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    caches = tempfile.mkdtemp(prefix="jax_caches_")  # also holds test_multihost's subprocesses' caches
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(caches, "pytest")
+    atexit.register(shutil.rmtree, caches, True)
 os.environ |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

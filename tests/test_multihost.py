@@ -57,7 +57,7 @@ def launch(script: str, args, cwd: Path, crash="-", slurm=False, fails=False, py
     xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     for i in range(2):
         env = {**os.environ, "XLA_FLAGS": xla + " --xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-        env.pop("JAX_COMPILATION_CACHE_DIR")  # the test process's own (conftest.py)
+        env["JAX_COMPILATION_CACHE_DIR"] += f"_process{i}"  # process i's own, kept from launch to launch
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH", "")]))
         flags = cli_flags(args) + ["--distributed"]
         if slurm:

@@ -310,6 +310,9 @@ def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, c
     from test_preference_eval import linear_warmup_decay, reward_model_held_out
 
     rows = rule_pairs(480, seed=0)
+    # two held-out pairs labelled against the rule: only the held-out metrics see them (an error, a large loss)
+    for row in rm.split_by_prompt(rows, rm.Args().val_fraction)[1][:2]:
+        row |= dict(chosen=row["rejected"], rejected=row["chosen"], chosen_gold=0.0, rejected_gold=1.0)
     data = write_jsonl(tmp_path / "rule.jsonl", rows)
     recorder = RecordingWriter()
     monkeypatch.setattr(rm, "summary_writer", lambda args: recorder)

@@ -72,10 +72,11 @@ BUILT_IN_REWARDS = ("positive_sentiment", "length_band", "no_repetition")  # fun
 
 @dataclass(frozen=True)
 class Args:
-    exp_name: str = "grpo"
-    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
-    seed: int = 1
-    """seed of the prompts order and the samples"""
+    run: Annotated["Run", tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: Run("grpo", "models/grpo", "checkpoints/grpo")
+    )
+    """the flags every script shares (the appendix's Run): --output-dir, --checkpoint-dir, --resume, --seed,
+    --dtype, --num-devices, --fsdp, --distributed, ..."""
     sft_model: str = "models/sft"
     """the SFT checkpoint: initial policy and frozen reference"""
     reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
@@ -87,12 +88,6 @@ class Args:
     """one weight per --reward-fn (then the reward model's, if any); empty: all 1"""
     reward_model: str | None = None
     """a reward model checkpoint (reward_model.py) whose score is added to the functions'"""
-    output_dir: str = "models/grpo"
-    """where the final policy is written (Hugging Face format)"""
-    checkpoint_dir: str = "checkpoints/grpo"
-    """where resumable training state (orbax) is written every --checkpoint-every steps"""
-    resume: bool = False
-    """continue from the latest training state in --checkpoint-dir"""
 
     # data and sampling
     dataset: str | None = None
@@ -142,31 +137,14 @@ class Args:
     """AdamW learning rate, decayed linearly to 0 (1e-4 suits the tiny default model; ~1e-6 real checkpoints)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """compute dtype; parameters and optimizer state stay float32"""
 
-    # evaluation, sharding, logging, checkpoints
+    # evaluation and logging
     eval_every: int = 25
     """steps between evaluations on the held-out prompts"""
     eval_prompts: int = 256
     """held-out prompts per evaluation (one completion each)"""
     num_sample_rows: int = 4
     """held-out prompts in the before/after sample table"""
-    num_devices: int | None = None
-    """use the first N devices (default: all)"""
-    fsdp: bool = False
-    """shard parameters and optimizer state over the devices"""
-    distributed: bool = False
-    """multi-host: join the other processes with jax.distributed.initialize() (detected under SLURM, TPU pods and
-    Open MPI; elsewhere give the three flags below)"""
-    coordinator_address: str | None = None
-    """--distributed: host:port of process 0 (None: detected)"""
-    num_processes: int | None = None
-    """--distributed: the number of processes (None: detected)"""
-    process_id: int | None = None
-    """--distributed: this process's index (None: detected)"""
-    checkpoint_every: int = 100
-    """steps between resumable training-state checkpoints"""
 
 
 # ---------------------------------------------------------------- the default task's reward functions
@@ -496,7 +474,9 @@ def prompt_batch(args: Args, train, step: int):
     """Step 1: the B / G prompts of `step` (a pure function of seed and step), each repeated G times: tokens, mask
     [B, P] and the columns, G consecutive rows per prompt."""
     tokens, mask, columns = train
-    idx = np.repeat(batch_indices(step, len(tokens), args.batch_size // args.group_size, args.seed), args.group_size)
+    idx = np.repeat(
+        batch_indices(step, len(tokens), args.batch_size // args.group_size, args.run.seed), args.group_size
+    )
     return tokens[idx], mask[idx], {k: [v[i] for i in idx] for k, v in columns.items()}
 
 
@@ -536,7 +516,7 @@ def load_models(args: Args, dtype, mesh):
         nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
     )
     frozen = {"ref": jax.tree.map(jnp.copy, params), "reward": rm_params}
-    return graphdef, reward_graphdef, shard(params, mesh, args.fsdp), shard(frozen, mesh, args.fsdp)
+    return graphdef, reward_graphdef, shard(params, mesh, args.run.fsdp), shard(frozen, mesh, args.run.fsdp)
 
 
 def make_optimizer(args: Args):
@@ -562,12 +542,10 @@ def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
 
 
 def main(args: Args):
-    init_distributed(args)
-    check_output_dir(args)
-    mesh = make_mesh(args.num_devices)
+    mesh, run = init_devices(args.run), args.run
     check_args(args, mesh.size)
-    writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
+    writer, t0, dtype = summary_writer(args), time.time(), run.compute_dtype
+    ckpt = Checkpoints(run)
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
     args = with_defaults(args, eos_id, pad_id)
     check_rewards(args)
@@ -577,11 +555,11 @@ def main(args: Args):
     eval_set = load_prompts(args, tok, chat, args.eval_dataset, "eval", args.eval_prompts // mesh.size * mesh.size)
     check_data(args, nnx.merge(graphdef, params).cfg, train, eval_set)
     tx = make_optimizer(args)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
-    state, start = restore_latest(ckpt, state, args.resume)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    state, start = ckpt.restore(state)
 
     def evaluate_and_log(step):
-        with stop_if_not_finite(f"evaluation at step {step}", ckpt, args.output_dir):
+        with ckpt.guard(f"evaluation at step {step}"):
             metrics, samples = evaluate(args, graphdef, reward_graphdef, tok, state["params"], frozen, eval_set, rows)
         for k, v in metrics.items():
             writer.add_scalar(k, v, step)
@@ -590,7 +568,7 @@ def main(args: Args):
     def produce(step, params):  # steps 1-5, in the Rollouts thread
         q, qm, columns = prompt_batch(args, train, step)
         q, qm = jax.device_put((q, qm), rows)
-        key = jax.random.fold_in(jax.random.key(args.seed), step)
+        key = jax.random.fold_in(jax.random.key(args.run.seed), step)
         return rollout(args, graphdef, reward_graphdef, tok, params, frozen, q, qm, columns, key)
 
     (first, before), t_train = evaluate_and_log(start), time.time()
@@ -603,7 +581,7 @@ def main(args: Args):
     with progress, ckpt, contextlib.closing(rollouts):
         for step in range(start, args.max_steps):
             rollouts.publish(step, state["params"])
-            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+            with ckpt.guard(f"step {step + 1}"):
                 _, version, (batch, sample_stats) = rollouts.get()
                 state, stats = grpo_step(args, graphdef, tx, state, batch, version, step)
             stats |= {k: float(v) for k, v in sample_stats.items()}
@@ -614,11 +592,10 @@ def main(args: Args):
             if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
                 final, after = evaluate_and_log(step + 1)
                 progress.console.print(f"step {step + 1}: " + summary(final))
-            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            ckpt.save(step + 1, state)
             progress.advance(0)
-        if ckpt.latest_step() != args.max_steps:
-            ckpt.save(args.max_steps, args=ocp.args.StandardSave(state), force=True)
-    on_process_0("exporting", export, args, nnx.merge(graphdef, gather(state["params"])), args.sft_model)
+        ckpt.save(args.max_steps, state, final=True)
+    ckpt.export(nnx.merge(graphdef, gather(state["params"])), args.sft_model)
     table = before_after(first, final, before, after)
     writer.add_text("eval/before_after", table)
     print(table)
@@ -662,7 +639,7 @@ def check_args(args: Args, num_devices: int):
         (args.max_steps >= 1, f"--max-steps {args.max_steps}: must be >= 1"),
         (args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be > 0"),
         (args.eval_prompts >= num_devices, f"--eval-prompts {args.eval_prompts}: at least one per device"),
-        (min(args.eval_every, args.checkpoint_every) >= 1, "--eval-every and --checkpoint-every must be >= 1"),
+        (min(args.eval_every, args.run.checkpoint_every) >= 1, "--eval-every and --checkpoint-every must be >= 1"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -706,7 +683,8 @@ def check_data(args: Args, cfg: "ModelConfig", train, eval_set):
 # ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
-    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network, under config.json's names where
+    it has them (from_hf reads those as they are and derives the rest), and the whole file as `hf`."""
 
     vocab_size: int
     hidden_size: int
@@ -743,33 +721,23 @@ class ModelConfig:
         # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = {}
+        scaling = {} if rope.get("rope_type", rope.get("type", "default")) == "default" else rope  # theta popped
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
             raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
+        bias, heads = hf.get("attention_bias", False), hf["num_attention_heads"]
+        read = dict(
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
-            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
-            o_bias=family == "Llama" and hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
+            qkv_bias=family == "Qwen2" or bias,
+            o_bias=family == "Llama" and bias,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             architecture=arch,
-            reward_gain=hf.get("reward_gain", 1.0),
-            reward_bias=hf.get("reward_bias", 0.0),
             hf=hf,
-        )
+        )  # the rest under config.json's own names
+        return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf} | read)
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
@@ -977,20 +945,19 @@ def _hf_name(path):
 
 
 def read_safetensors(ckpt: Path) -> dict:
+    """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     )
-    tensors = {}
     for f in files:
         if not (ckpt / f).exists():
             raise FileNotFoundError(
                 f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
             )
-        tensors.update(load_file(ckpt / f))
-    return tensors
+    return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
 def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
@@ -1032,39 +999,24 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     directory is renamed over `path`, so a crash never leaves a half-written model."""
     from safetensors.numpy import save_file
 
+    tensors = {}
+    for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
+        (name, transpose), w = _hf_name(p), np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for p, w in params.items():
-        name, transpose = _hf_name(p)
-        w = np.asarray(jax.device_get(w), np.float32)
-        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
-            shutil.rmtree(tmp)
-            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
-        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ):
-        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+    names = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json"
+    for f in names.split() if tokenizer_dir else ():
+        if (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-def export(args, model, tokenizer_dir=None, config_overrides=None):
-    """The finished model to --output-dir, then FINISHED in --checkpoint-dir (a new run may replace that state)."""
-    save_model(args.output_dir, model, tokenizer_dir, config_overrides)
-    (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
 
 
 def load_tokenizer(path):
@@ -1180,23 +1132,62 @@ def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, 
     return enc.ids, trained
 
 
-# ---------------------------------------------------------------- devices, checkpoints, guards
-def init_distributed(args):
-    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
-    collectives of CPU devices go through gloo."""
-    if args.distributed:
+# ---------------------------------------------------------------- the flags every script shares, devices, checkpoints
+@dataclass(frozen=True)
+class Run:
+    """The flags every script shares (each script's Args holds them as `run`; tyro lists them unprefixed)."""
+
+    exp_name: str
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    output_dir: str
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    checkpoint_every: int = 100
+    """steps (PPO: updates) between resumable training-state checkpoints"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir"""
+    seed: int = 1
+    """seed of the initialisation, the data order and the samples"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+    num_devices: int | None = None
+    """use the first N devices (default: all); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
+    distributed: bool = False
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
+
+    @property
+    def compute_dtype(self):
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def init_devices(run: Run) -> Mesh:
+    """Joins the other processes (--distributed; CPU collectives through gloo), refuses an --output-dir that cannot be
+    written (at start-up, not at the export after training) -> the mesh of the first --num-devices devices."""
+    if run.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
-def check_output_dir(args):
-    """--output-dir can be written: refused at start-up, not at the export after training."""
-    path = Path(args.output_dir).absolute()
+        jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id)
+    path = Path(run.output_dir).absolute()
     parent = next(p for p in (path, *path.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
-            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+            f"--output-dir {run.output_dir}: cannot be written ({parent} is not a writable directory)"
         )
+    return make_mesh(run.num_devices)
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    return Mesh(np.array(jax.devices()[: num_devices or len(jax.devices())]), ("data",))
 
 
 def on_process_0(what: str, fn, *args):
@@ -1220,15 +1211,9 @@ def on_process_0(what: str, fn, *args):
         raise RuntimeError(f"process 0 failed in {what}; its error is in its output")
 
 
-def make_mesh(num_devices=None):
-    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
-    devices = jax.devices()[: num_devices or len(jax.devices())]
-    return Mesh(np.array(devices), ("data",))
-
-
-def param_sharding(mesh, fsdp: bool):
-    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
-    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+def shard(tree, mesh, fsdp=False):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the device count divides
+    (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
     n = mesh.shape["data"]
 
     def spec(x):
@@ -1237,11 +1222,6 @@ def param_sharding(mesh, fsdp: bool):
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
 
-    return spec
-
-
-def shard(tree, mesh, fsdp=False):
-    spec = param_sharding(mesh, fsdp)
     return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
 
 
@@ -1257,49 +1237,83 @@ def gather(tree):
     return jax.tree.map(get, tree)
 
 
-def restore_latest(ckpt, state, resume: bool):
-    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
-    if not (resume and ckpt.latest_step() is not None):
-        return state, 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
-    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+class Checkpoints:
+    """Resumable training state in --checkpoint-dir (orbax; each step is written to a temporary dir, then renamed), and
+    the export of the finished model. A fresh run reuses the directory only if the run there finished; unfinished
+    state is never deleted. Used as a context manager: leaving it, even on a crash, finishes the save under way."""
+
+    def __init__(self, run: Run):
+        self.run, directory = run, Path(run.checkpoint_dir).absolute()
+
+        def prepare():
+            if directory.exists() and not run.resume:
+                if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+                    raise FileExistsError(
+                        f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                        "or remove it / choose another --checkpoint-dir"
+                    )
+                shutil.rmtree(directory)
+
+        on_process_0("preparing --checkpoint-dir", prepare)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=run.checkpoint_every)
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def restore(self, state):
+        """-> (state, start step): with --resume the latest saved state (same structure and shardings), else `state`."""
+        step = self.manager.latest_step()
+        if not (self.run.resume and step is not None):
+            return state, 0
+        print(f"resuming from {self.manager.directory} at step {step}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+    def save(self, step: int, state, final=False):
+        """The state after `step` steps, every --checkpoint-every steps (final: whatever the step)."""
+        if not final or self.manager.latest_step() != step:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=final)
+
+    @contextlib.contextmanager
+    def guard(self, where: str):
+        """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+        try:
+            yield
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{where}: {e}. Stopped; the last good training state is step {self.manager.latest_step() or 0} in "
+                f"{self.manager.directory} (--resume), and {self.run.output_dir} was not written"
+            ) from None
+
+    def export(self, model, tokenizer_dir=None, config_overrides=None):
+        """The finished model to --output-dir (process 0), then FINISHED in --checkpoint-dir (a new run may replace
+        that state)."""
+
+        def write():
+            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides)
+            (Path(self.run.checkpoint_dir) / "FINISHED").write_text(f"exported to {self.run.output_dir}\n")
+
+        on_process_0("exporting", write)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.manager.close()
 
 
-def checkpoint_manager(directory, every: int, resume: bool):
-    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
-    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
-    directory = Path(directory).absolute()
-
-    def prepare():
-        if directory.exists() and not resume:
-            if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-                raise FileExistsError(
-                    f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                    "or remove it / choose another --checkpoint-dir"
-                )
-            shutil.rmtree(directory)
-
-    on_process_0("preparing --checkpoint-dir", prepare)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-class NoWriter:
-    """The summary writer of processes other than 0: logs are written once."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def summary_writer(args):
-    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the flags as a table; none on other processes."""
+    flags = {k: v for k, v in vars(args).items() if k != "run"} | vars(args.run)
     if jax.process_index() != 0:
-        return NoWriter()
-    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+        return type("NoWriter", (), {"__getattr__": lambda self, name: lambda *a, **k: None})()
+    writer = SummaryWriter(f"runs/{args.run.exp_name}__{args.run.seed}__{int(time.time())}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     return writer
 
 
@@ -1315,25 +1329,6 @@ def progress_bar(name: str, total: int, completed: int):
     progress = Progress(*columns, disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
-
-
-@contextlib.contextmanager
-def stop_if_not_finite(where: str, ckpt, output_dir):
-    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
-    try:
-        yield
-    except FloatingPointError as e:
-        raise FloatingPointError(
-            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
-            f"{ckpt.directory} (--resume), and {output_dir} was not written"
-        ) from None
-
-
-def check_finite(metrics):
-    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def batch_indices(step: int, n: int, size: int, seed: int):

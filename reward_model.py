@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -49,18 +49,13 @@ from common import sample
 
 @dataclass(frozen=True)
 class Args:
-    exp_name: str = "reward_model"
-    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
-    seed: int = 1
-    """seed of the samples, the labels, the head initialisation and the data order"""
+    run: Annotated["Run", tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: Run("reward_model", "models/reward", "checkpoints/reward")
+    )
+    """the flags every script shares (the appendix's Run): --output-dir, --checkpoint-dir, --resume, --seed,
+    --dtype, --num-devices, --fsdp, --distributed, ..."""
     sft_model: str = "models/sft"
     """the SFT checkpoint the reward model starts from (and, with no --dataset, the policy that writes the pairs)"""
-    output_dir: str = "models/reward"
-    """where the final Hugging Face checkpoint is written"""
-    checkpoint_dir: str = "checkpoints/reward"
-    """where resumable training state (orbax) is written every --checkpoint-every steps"""
-    resume: bool = False
-    """continue from the latest training state in --checkpoint-dir (and reuse --pairs-file)"""
 
     # data
     dataset: str | None = None
@@ -99,8 +94,6 @@ class Args:
     """AdamW weight decay on matrices"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """compute dtype; parameters and optimizer state stay float32"""
     normalize: Literal["gain_bias", "bias", "none"] = "gain_bias"
     """after training, make the rewards of the SFT policy's samples on PPO's training prompts mean 0 and std 1
     (gain_bias: Ziegler et al. 2019, LHP's normalize_after) or only mean 0 (bias; the N+ details code, Huang et al.
@@ -114,26 +107,11 @@ class Args:
     prompts (openings of the IMDB training reviews) with the embedded data, the training pairs' prompts with
     --dataset"""
 
-    # sharding, logging, checkpoints
-    num_devices: int | None = None
-    """use the first N devices (default: all)"""
-    fsdp: bool = False
-    """shard parameters and optimizer state over the devices"""
-    distributed: bool = False
-    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
-    detected from the environment; elsewhere give the three flags below)"""
-    coordinator_address: str | None = None
-    """--distributed: host:port of process 0 (None: detected)"""
-    num_processes: int | None = None
-    """--distributed: the number of processes (None: detected)"""
-    process_id: int | None = None
-    """--distributed: this process's index (None: detected)"""
+    # logging
     log_every: int = 10
     """steps between train/rm/* logs"""
     eval_every: int = 50
     """steps between held-out evaluations"""
-    checkpoint_every: int = 100
-    """steps between resumable training-state checkpoints"""
 
 
 # ---------------------------------------------------------------- data: preference pairs
@@ -244,7 +222,7 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     texts = tok.decode_batch(responses, skip_special_tokens=True)
     gold = vader_scores(texts)
     a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
-    a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.seed))
+    a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.run.seed))
     chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
     Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
     with open(args.pairs_file + ".tmp", "w") as f:
@@ -448,7 +426,7 @@ def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prom
     rlhf_ppo.py scores them (prompt + response + EOS, the sampled ids)."""
     if args.normalize == "none":
         return 1.0, 0.0, None
-    rng = np.random.default_rng([args.seed, 1])
+    rng = np.random.default_rng([args.run.seed, 1])
     prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]
     pgraph, pparams = nnx.split(policy)
     responses = sample_continuations(
@@ -503,28 +481,26 @@ def load_pairs(args: Args, tok, eos_id, pad_id, chat=None):
 
 
 def main(args: Args):
-    init_distributed(args)
-    check_output_dir(args)
-    mesh = make_mesh(args.num_devices)
+    mesh, run = init_devices(args.run), args.run
     check_args(args, mesh.size)
-    writer, t0, dtype = summary_writer(args), time.time(), jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
-    _, label_key, norm_key = jax.random.split(jax.random.key(args.seed), 3)
+    writer, t0, dtype = summary_writer(args), time.time(), run.compute_dtype
+    ckpt = Checkpoints(run)
+    _, label_key, norm_key = jax.random.split(jax.random.key(args.run.seed), 3)
     policy, _ = load_model(args.sft_model, dtype)
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
-    if args.dataset is None and not (args.resume and Path(args.pairs_file).exists()):
+    if args.dataset is None and not (args.run.resume and Path(args.pairs_file).exists()):
         on_process_0("the simulated labeler", simulate_labeler, args, policy, tok, eos_id, pad_id, label_key)  # step 1
     chat = ChatTemplate.load(args.sft_model)
     train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id, chat)
     arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")  # step 2
-    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.seed)[0])
+    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.run.seed)[0])
     pairs_per_step = args.batch_size * args.grad_accum_steps
     check_data(args, policy.cfg, train["tokens"].shape[1], max(train["tokens"].shape[2], val["tokens"].shape[2]))
     total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
     tx, schedule = make_optimizer(args, total_steps)
-    params = shard(params, mesh, args.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
-    state, start = restore_latest(ckpt, state, args.resume)
+    params = shard(params, mesh, args.run.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    state, start = ckpt.restore(state)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
     rows, t_setup, progress = (
         NamedSharding(mesh, PartitionSpec("data")),
@@ -533,16 +509,16 @@ def main(args: Args):
     )
     with progress, ckpt:
         for step in range(start, total_steps):  # step 3
-            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.seed).reshape(
+            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.run.seed).reshape(
                 args.grad_accum_steps, -1
             )
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
-            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+            with ckpt.guard(f"step {step + 1}"):
                 sharded = jax.device_put(batch, batch_sharding)
                 params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
-            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            ckpt.save(step + 1, state)
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 m = {k: float(v) for k, v in metrics.items()}
                 for k in ("loss", "accuracy", "chosen_rewards", "rejected_rewards", "margin"):
@@ -557,8 +533,7 @@ def main(args: Args):
                     f"step {step + 1}: eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}"
                 )
             progress.advance(0)
-        if ckpt.latest_step() != total_steps:
-            ckpt.save(total_steps, args=ocp.args.StandardSave(state), force=True)
+        ckpt.save(total_steps, state, final=True)
     ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
     prompts = ppo_prompts(args, tok, train_pairs, eos_id, chat)  # step 4
     gain, bias, raw = fit_normalization(
@@ -566,7 +541,7 @@ def main(args: Args):
     )
     model = nnx.merge(graphdef, gather(state["params"]))
     model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
-    on_process_0("exporting", export, args, model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
+    ckpt.export(model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
     if raw is not None:
         print(f"normalisation ({args.normalize}): raw SFT-sample rewards mean {raw.mean():.3f} std {raw.std():.3f}")
         print(f"  -> gain {gain:.4f}, bias {bias:.4f}")
@@ -595,7 +570,7 @@ def check_args(args: Args, num_devices: int):
         (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
         (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2"),
         (args.normalize == "none" or args.norm_prompts >= 2, f"--norm-prompts {args.norm_prompts}: must be >= 2"),
-        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+        (min(args.log_every, args.eval_every, args.run.checkpoint_every) >= 1,
          "--log-every, --eval-every and --checkpoint-every must be >= 1"),
     ]  # fmt: skip
     for ok, message in checks:
@@ -625,7 +600,8 @@ def check_data(args: Args, cfg: "ModelConfig", num_train: int, longest: int):
 # ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
-    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network, under config.json's names where
+    it has them (from_hf reads those as they are and derives the rest), and the whole file as `hf`."""
 
     vocab_size: int
     hidden_size: int
@@ -662,33 +638,23 @@ class ModelConfig:
         # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = {}
+        scaling = {} if rope.get("rope_type", rope.get("type", "default")) == "default" else rope  # theta popped
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
             raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
+        bias, heads = hf.get("attention_bias", False), hf["num_attention_heads"]
+        read = dict(
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
-            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
-            o_bias=family == "Llama" and hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
+            qkv_bias=family == "Qwen2" or bias,
+            o_bias=family == "Llama" and bias,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             architecture=arch,
-            reward_gain=hf.get("reward_gain", 1.0),
-            reward_bias=hf.get("reward_bias", 0.0),
             hf=hf,
-        )
+        )  # the rest under config.json's own names
+        return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf} | read)
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
@@ -896,20 +862,19 @@ def _hf_name(path):
 
 
 def read_safetensors(ckpt: Path) -> dict:
+    """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     )
-    tensors = {}
     for f in files:
         if not (ckpt / f).exists():
             raise FileNotFoundError(
                 f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
             )
-        tensors.update(load_file(ckpt / f))
-    return tensors
+    return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
 def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
@@ -951,39 +916,24 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     directory is renamed over `path`, so a crash never leaves a half-written model."""
     from safetensors.numpy import save_file
 
+    tensors = {}
+    for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
+        (name, transpose), w = _hf_name(p), np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for p, w in params.items():
-        name, transpose = _hf_name(p)
-        w = np.asarray(jax.device_get(w), np.float32)
-        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
-            shutil.rmtree(tmp)
-            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
-        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ):
-        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+    names = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json"
+    for f in names.split() if tokenizer_dir else ():
+        if (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-def export(args, model, tokenizer_dir=None, config_overrides=None):
-    """The finished model to --output-dir, then FINISHED in --checkpoint-dir (a new run may replace that state)."""
-    save_model(args.output_dir, model, tokenizer_dir, config_overrides)
-    (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
 
 
 def load_tokenizer(path):
@@ -1099,23 +1049,62 @@ def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, 
     return enc.ids, trained
 
 
-# ---------------------------------------------------------------- devices, checkpoints, guards
-def init_distributed(args):
-    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
-    collectives of CPU devices go through gloo."""
-    if args.distributed:
+# ---------------------------------------------------------------- the flags every script shares, devices, checkpoints
+@dataclass(frozen=True)
+class Run:
+    """The flags every script shares (each script's Args holds them as `run`; tyro lists them unprefixed)."""
+
+    exp_name: str
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    output_dir: str
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    checkpoint_every: int = 100
+    """steps (PPO: updates) between resumable training-state checkpoints"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir"""
+    seed: int = 1
+    """seed of the initialisation, the data order and the samples"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+    num_devices: int | None = None
+    """use the first N devices (default: all); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
+    distributed: bool = False
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
+
+    @property
+    def compute_dtype(self):
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def init_devices(run: Run) -> Mesh:
+    """Joins the other processes (--distributed; CPU collectives through gloo), refuses an --output-dir that cannot be
+    written (at start-up, not at the export after training) -> the mesh of the first --num-devices devices."""
+    if run.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
-def check_output_dir(args):
-    """--output-dir can be written: refused at start-up, not at the export after training."""
-    path = Path(args.output_dir).absolute()
+        jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id)
+    path = Path(run.output_dir).absolute()
     parent = next(p for p in (path, *path.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
-            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+            f"--output-dir {run.output_dir}: cannot be written ({parent} is not a writable directory)"
         )
+    return make_mesh(run.num_devices)
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    return Mesh(np.array(jax.devices()[: num_devices or len(jax.devices())]), ("data",))
 
 
 def on_process_0(what: str, fn, *args):
@@ -1139,15 +1128,9 @@ def on_process_0(what: str, fn, *args):
         raise RuntimeError(f"process 0 failed in {what}; its error is in its output")
 
 
-def make_mesh(num_devices=None):
-    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
-    devices = jax.devices()[: num_devices or len(jax.devices())]
-    return Mesh(np.array(devices), ("data",))
-
-
-def param_sharding(mesh, fsdp: bool):
-    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
-    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+def shard(tree, mesh, fsdp=False):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the device count divides
+    (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
     n = mesh.shape["data"]
 
     def spec(x):
@@ -1156,11 +1139,6 @@ def param_sharding(mesh, fsdp: bool):
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
 
-    return spec
-
-
-def shard(tree, mesh, fsdp=False):
-    spec = param_sharding(mesh, fsdp)
     return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
 
 
@@ -1176,49 +1154,83 @@ def gather(tree):
     return jax.tree.map(get, tree)
 
 
-def restore_latest(ckpt, state, resume: bool):
-    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
-    if not (resume and ckpt.latest_step() is not None):
-        return state, 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
-    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+class Checkpoints:
+    """Resumable training state in --checkpoint-dir (orbax; each step is written to a temporary dir, then renamed), and
+    the export of the finished model. A fresh run reuses the directory only if the run there finished; unfinished
+    state is never deleted. Used as a context manager: leaving it, even on a crash, finishes the save under way."""
+
+    def __init__(self, run: Run):
+        self.run, directory = run, Path(run.checkpoint_dir).absolute()
+
+        def prepare():
+            if directory.exists() and not run.resume:
+                if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+                    raise FileExistsError(
+                        f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                        "or remove it / choose another --checkpoint-dir"
+                    )
+                shutil.rmtree(directory)
+
+        on_process_0("preparing --checkpoint-dir", prepare)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=run.checkpoint_every)
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def restore(self, state):
+        """-> (state, start step): with --resume the latest saved state (same structure and shardings), else `state`."""
+        step = self.manager.latest_step()
+        if not (self.run.resume and step is not None):
+            return state, 0
+        print(f"resuming from {self.manager.directory} at step {step}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+    def save(self, step: int, state, final=False):
+        """The state after `step` steps, every --checkpoint-every steps (final: whatever the step)."""
+        if not final or self.manager.latest_step() != step:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=final)
+
+    @contextlib.contextmanager
+    def guard(self, where: str):
+        """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+        try:
+            yield
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{where}: {e}. Stopped; the last good training state is step {self.manager.latest_step() or 0} in "
+                f"{self.manager.directory} (--resume), and {self.run.output_dir} was not written"
+            ) from None
+
+    def export(self, model, tokenizer_dir=None, config_overrides=None):
+        """The finished model to --output-dir (process 0), then FINISHED in --checkpoint-dir (a new run may replace
+        that state)."""
+
+        def write():
+            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides)
+            (Path(self.run.checkpoint_dir) / "FINISHED").write_text(f"exported to {self.run.output_dir}\n")
+
+        on_process_0("exporting", write)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.manager.close()
 
 
-def checkpoint_manager(directory, every: int, resume: bool):
-    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
-    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
-    directory = Path(directory).absolute()
-
-    def prepare():
-        if directory.exists() and not resume:
-            if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-                raise FileExistsError(
-                    f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                    "or remove it / choose another --checkpoint-dir"
-                )
-            shutil.rmtree(directory)
-
-    on_process_0("preparing --checkpoint-dir", prepare)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-class NoWriter:
-    """The summary writer of processes other than 0: logs are written once."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def summary_writer(args):
-    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the flags as a table; none on other processes."""
+    flags = {k: v for k, v in vars(args).items() if k != "run"} | vars(args.run)
     if jax.process_index() != 0:
-        return NoWriter()
-    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+        return type("NoWriter", (), {"__getattr__": lambda self, name: lambda *a, **k: None})()
+    writer = SummaryWriter(f"runs/{args.run.exp_name}__{args.run.seed}__{int(time.time())}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     return writer
 
 
@@ -1234,25 +1246,6 @@ def progress_bar(name: str, total: int, completed: int):
     progress = Progress(*columns, disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
-
-
-@contextlib.contextmanager
-def stop_if_not_finite(where: str, ckpt, output_dir):
-    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
-    try:
-        yield
-    except FloatingPointError as e:
-        raise FloatingPointError(
-            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
-            f"{ckpt.directory} (--resume), and {output_dir} was not written"
-        ) from None
-
-
-def check_finite(metrics):
-    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def batch_indices(step: int, n: int, size: int, seed: int):

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -46,16 +46,11 @@ from common import logprobs_from_logits, sample
 
 @dataclass(frozen=True)
 class Args:
-    exp_name: str = "sft"
-    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
-    seed: int = 1
-    """seed of the data order, the initialisation and the samples"""
-    output_dir: str = "models/sft"
-    """where the final Hugging Face checkpoint is written"""
-    checkpoint_dir: str = "checkpoints/sft"
-    """where resumable training state (orbax) is written every --checkpoint-every steps"""
-    resume: bool = False
-    """continue from the latest training state in --checkpoint-dir"""
+    run: Annotated["Run", tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: Run("sft", "models/sft", "checkpoints/sft")
+    )
+    """the flags every script shares (the appendix's Run): --output-dir, --checkpoint-dir, --resume, --seed,
+    --dtype, --num-devices, --fsdp, --distributed, ..."""
 
     # data and model
     base_model: str | None = None
@@ -80,8 +75,6 @@ class Args:
     """from scratch: attention heads"""
     num_kv_heads: int = 4
     """from scratch: key/value heads (grouped-query attention when fewer than --num-heads)"""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """compute dtype; parameters and optimizer state stay float32"""
 
     # optimisation
     batch_size: int = 32
@@ -99,21 +92,6 @@ class Args:
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
 
-    # sharding
-    num_devices: int | None = None
-    """use the first N devices (default: all); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N"""
-    fsdp: bool = False
-    """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
-    distributed: bool = False
-    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
-    detected from the environment; elsewhere give the three flags below)"""
-    coordinator_address: str | None = None
-    """--distributed: host:port of process 0 (None: detected)"""
-    num_processes: int | None = None
-    """--distributed: the number of processes (None: detected)"""
-    process_id: int | None = None
-    """--distributed: this process's index (None: detected)"""
-
     # logging and checkpoints
     log_every: int = 20
     """steps between train/loss logs"""
@@ -121,8 +99,6 @@ class Args:
     """steps between held-out evaluations"""
     eval_examples: int = 512
     """held-out examples per evaluation (0: all)"""
-    checkpoint_every: int = 100
-    """steps between resumable training-state checkpoints"""
     num_samples: int = 3
     """sample continuations logged at each evaluation"""
 
@@ -334,8 +310,8 @@ def setup_model(args: Args, dtype):
     if args.base_model:
         model, _ = load_model(args.base_model, dtype, flag="--base-model")
         return (model, *load_tokenizer(args.base_model), args.base_model)
-    tok_dir = Path(args.checkpoint_dir) / "tokenizer"
-    if not (args.resume and (tok_dir / "tokenizer.json").exists()):
+    tok_dir = Path(args.run.checkpoint_dir) / "tokenizer"
+    if not (args.run.resume and (tok_dir / "tokenizer.json").exists()):
         texts = (
             movie_reviews("train")
             if args.dataset is None
@@ -352,17 +328,14 @@ def setup_model(args: Args, dtype):
         num_key_value_heads=args.num_kv_heads,
         head_dim=args.hidden_size // args.num_heads,
     )
-    return Transformer(cfg, dtype, rngs=nnx.Rngs(args.seed)), tok, eos_id, pad_id, tok_dir
+    return Transformer(cfg, dtype, rngs=nnx.Rngs(args.run.seed)), tok, eos_id, pad_id, tok_dir
 
 
 def main(args: Args):
-    init_distributed(args)
-    check_output_dir(args)
-    mesh = make_mesh(args.num_devices)
+    mesh, run = init_devices(args.run), args.run
     check_args(args, mesh.size)
-    writer, t0 = summary_writer(args), time.time()
-    ckpt = checkpoint_manager(args.checkpoint_dir, args.checkpoint_every, args.resume)
-    model, tok, eos_id, pad_id, tok_dir = setup_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    writer, t0, ckpt = summary_writer(args), time.time(), Checkpoints(run)
+    model, tok, eos_id, pad_id, tok_dir = setup_model(args, run.compute_dtype)
     train, val = load_data(args, tok, eos_id, pad_id, ChatTemplate.load(tok_dir))
     check_data(args, model.cfg, len(train["tokens"]))
     print(
@@ -371,9 +344,8 @@ def main(args: Args):
     )
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(args)
-    params = shard(params, mesh, args.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.fsdp)}
-    state, start = restore_latest(ckpt, state, args.resume)
+    params = shard(params, mesh, run.fsdp)
+    state, start = ckpt.restore({"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)})
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))  # [A, B, L]: the batch split over the devices
     sample_prompts = sample_prompt_ids(val, args.num_samples)
 
@@ -386,19 +358,19 @@ def main(args: Args):
         writer.add_text("samples", "\n\n".join(f"**{tok.decode(p)}**{t}" for p, t in zip(sample_prompts, texts)), step)
         return loss, texts
 
-    key, progress = jax.random.key(args.seed), progress_bar("sft", args.max_steps, start)
+    key, progress = jax.random.key(run.seed), progress_bar("sft", args.max_steps, start)
     tokens_seen, t_train, t_last = 0, time.time(), time.time()
     with progress, ckpt:  # closing the manager on a crash finishes the checkpoint being written
         for step in range(start, args.max_steps):
-            idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, args.seed)
+            idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, run.seed)
             batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
-            with stop_if_not_finite(f"step {step + 1}", ckpt, args.output_dir):
+            with ckpt.guard(f"step {step + 1}"):
                 sharded = jax.device_put(batch, batch_sharding)
                 params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
             tokens_seen += int(batch["attention_mask"].sum())
-            ckpt.save(step + 1, args=ocp.args.StandardSave(state))
+            ckpt.save(step + 1, state)
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                 metrics = {k: float(v) for k, v in metrics.items()} | {"lr": float(schedule(step))}
                 metrics["tokens_per_sec"], tokens_seen, t_last = tokens_seen / (time.time() - t_last), 0, time.time()
@@ -410,13 +382,12 @@ def main(args: Args):
                 eval_loss, texts = evaluate_and_sample(state["params"], step + 1, sample_key)
                 progress.console.print(f"step {step + 1}: eval/loss {eval_loss:.4f}")
             progress.advance(0)
-        if ckpt.latest_step() != args.max_steps:
-            ckpt.save(args.max_steps, args=ocp.args.StandardSave(state), force=True)
+        ckpt.save(args.max_steps, state, final=True)
     train_time = time.time() - t_train
     if start >= args.max_steps:  # resumed a finished run: nothing was evaluated yet
         eval_loss, texts = evaluate_and_sample(state["params"], args.max_steps, key)
     overrides = None if args.base_model else {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}
-    on_process_0("exporting", export, args, nnx.merge(graphdef, gather(state["params"])), tok_dir, overrides)
+    ckpt.export(nnx.merge(graphdef, gather(state["params"])), tok_dir, overrides)
     print(f"held-out loss {eval_loss:.4f} nats/token; training {train_time:.0f}s; total {time.time() - t0:.0f}s")
     for p, t in zip(sample_prompts, texts):
         print(f"--- {tok.decode(p)!r} -> {t!r}")
@@ -435,7 +406,7 @@ def check_args(args: Args, num_devices: int):
         (args.warmup_steps >= 0, f"--warmup-steps {args.warmup_steps}: must be >= 0"),
         (args.max_seq_len >= 2, f"--max-seq-len {args.max_seq_len}: must be >= 2 (an input and a target)"),
         (0 < args.val_fraction < 1, f"--val-fraction {args.val_fraction}: must be in (0, 1)"),
-        (min(args.log_every, args.eval_every, args.checkpoint_every) >= 1,
+        (min(args.log_every, args.eval_every, args.run.checkpoint_every) >= 1,
          "--log-every, --eval-every and --checkpoint-every must be >= 1"),
         (args.base_model or args.hidden_size % args.num_heads == 0 and (args.hidden_size // args.num_heads) % 2 == 0,
          f"--hidden-size {args.hidden_size}: must be divisible by --num-heads {args.num_heads} into an even head size"),
@@ -469,7 +440,8 @@ def check_data(args: Args, cfg: "ModelConfig", num_train: int):
 # ---------------------------------------------------------------- the model: Llama / Qwen2 in Flax NNX
 @dataclass(frozen=True)
 class ModelConfig:
-    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network."""
+    """The fields of a Hugging Face Llama / Qwen2 config.json that define the network, under config.json's names where
+    it has them (from_hf reads those as they are and derives the rest), and the whole file as `hf`."""
 
     vocab_size: int
     hidden_size: int
@@ -506,33 +478,23 @@ class ModelConfig:
         # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters with both
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = {}
+        scaling = {} if rope.get("rope_type", rope.get("type", "default")) == "default" else rope  # theta popped
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3"):
             raise ValueError(f"{where}: rope_scaling={scaling} is not supported (default, linear, llama3 are)")
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
+        bias, heads = hf.get("attention_bias", False), hf["num_attention_heads"]
+        read = dict(
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=tuple(sorted(scaling.items())),
-            qkv_bias=family == "Qwen2" or hf.get("attention_bias", False),
-            o_bias=family == "Llama" and hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
+            qkv_bias=family == "Qwen2" or bias,
+            o_bias=family == "Llama" and bias,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             architecture=arch,
-            reward_gain=hf.get("reward_gain", 1.0),
-            reward_bias=hf.get("reward_bias", 0.0),
             hf=hf,
-        )
+        )  # the rest under config.json's own names
+        return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf} | read)
 
     def to_hf(self, **overrides) -> dict:
         family = self.architecture.replace("ForCausalLM", "").replace("ForSequenceClassification", "")
@@ -740,20 +702,19 @@ def _hf_name(path):
 
 
 def read_safetensors(ckpt: Path) -> dict:
+    """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
     index = ckpt / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     )
-    tensors = {}
     for f in files:
         if not (ckpt / f).exists():
             raise FileNotFoundError(
                 f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
             )
-        tensors.update(load_file(ckpt / f))
-    return tensors
+    return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
 def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
@@ -795,39 +756,24 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     directory is renamed over `path`, so a crash never leaves a half-written model."""
     from safetensors.numpy import save_file
 
+    tensors = {}
+    for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
+        (name, transpose), w = _hf_name(p), np.asarray(jax.device_get(w), np.float32)
+        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
+            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
+        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    tensors = {}
-    for p, w in params.items():
-        name, transpose = _hf_name(p)
-        w = np.asarray(jax.device_get(w), np.float32)
-        if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
-            shutil.rmtree(tmp)
-            raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
-        tensors[name] = np.ascontiguousarray(w.T if transpose else w)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
-    for f in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ):
-        if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+    names = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json"
+    for f in names.split() if tokenizer_dir else ():
+        if (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-def export(args, model, tokenizer_dir=None, config_overrides=None):
-    """The finished model to --output-dir, then FINISHED in --checkpoint-dir (a new run may replace that state)."""
-    save_model(args.output_dir, model, tokenizer_dir, config_overrides)
-    (Path(args.checkpoint_dir) / "FINISHED").write_text(f"exported to {args.output_dir}\n")
 
 
 def load_tokenizer(path):
@@ -943,23 +889,62 @@ def encode_chat(tok, chat: ChatTemplate, messages, add_generation_prompt=False, 
     return enc.ids, trained
 
 
-# ---------------------------------------------------------------- devices, checkpoints, guards
-def init_distributed(args):
-    """--distributed: one of several JAX processes (one per host, or per accelerator); the cross-process
-    collectives of CPU devices go through gloo."""
-    if args.distributed:
+# ---------------------------------------------------------------- the flags every script shares, devices, checkpoints
+@dataclass(frozen=True)
+class Run:
+    """The flags every script shares (each script's Args holds them as `run`; tyro lists them unprefixed)."""
+
+    exp_name: str
+    """name of this experiment (run directory: runs/<exp_name>__<seed>__<time>)"""
+    output_dir: str
+    """where the final Hugging Face checkpoint is written"""
+    checkpoint_dir: str
+    """where resumable training state (orbax) is written every --checkpoint-every steps"""
+    checkpoint_every: int = 100
+    """steps (PPO: updates) between resumable training-state checkpoints"""
+    resume: bool = False
+    """continue from the latest training state in --checkpoint-dir"""
+    seed: int = 1
+    """seed of the initialisation, the data order and the samples"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """compute dtype; parameters and optimizer state stay float32"""
+    num_devices: int | None = None
+    """use the first N devices (default: all); on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N"""
+    fsdp: bool = False
+    """shard parameters and optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them"""
+    distributed: bool = False
+    """multi-host: join the other processes with jax.distributed.initialize() (SLURM, TPU pods and Open MPI are
+    detected from the environment; elsewhere give the three flags below)"""
+    coordinator_address: str | None = None
+    """--distributed: host:port of process 0 (None: detected)"""
+    num_processes: int | None = None
+    """--distributed: the number of processes (None: detected)"""
+    process_id: int | None = None
+    """--distributed: this process's index (None: detected)"""
+
+    @property
+    def compute_dtype(self):
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def init_devices(run: Run) -> Mesh:
+    """Joins the other processes (--distributed; CPU collectives through gloo), refuses an --output-dir that cannot be
+    written (at start-up, not at the export after training) -> the mesh of the first --num-devices devices."""
+    if run.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
-def check_output_dir(args):
-    """--output-dir can be written: refused at start-up, not at the export after training."""
-    path = Path(args.output_dir).absolute()
+        jax.distributed.initialize(run.coordinator_address, run.num_processes, run.process_id)
+    path = Path(run.output_dir).absolute()
     parent = next(p for p in (path, *path.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
-            f"--output-dir {args.output_dir}: cannot be written ({parent} is not a writable directory)"
+            f"--output-dir {run.output_dir}: cannot be written ({parent} is not a writable directory)"
         )
+    return make_mesh(run.num_devices)
+
+
+def make_mesh(num_devices=None):
+    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
+    return Mesh(np.array(jax.devices()[: num_devices or len(jax.devices())]), ("data",))
 
 
 def on_process_0(what: str, fn, *args):
@@ -983,15 +968,9 @@ def on_process_0(what: str, fn, *args):
         raise RuntimeError(f"process 0 failed in {what}; its error is in its output")
 
 
-def make_mesh(num_devices=None):
-    """A 1-D mesh over the first `num_devices` devices; the batch is split along its "data" axis."""
-    devices = jax.devices()[: num_devices or len(jax.devices())]
-    return Mesh(np.array(devices), ("data",))
-
-
-def param_sharding(mesh, fsdp: bool):
-    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the
-    device count divides (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
+def shard(tree, mesh, fsdp=False):
+    """Replicated (data parallel) or, with fsdp, each array split along its largest dim that the device count divides
+    (ZeRO-3 / FSDP; GSPMD inserts the all-gathers)."""
     n = mesh.shape["data"]
 
     def spec(x):
@@ -1000,11 +979,6 @@ def param_sharding(mesh, fsdp: bool):
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(x.ndim)]))
 
-    return spec
-
-
-def shard(tree, mesh, fsdp=False):
-    spec = param_sharding(mesh, fsdp)
     return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
 
 
@@ -1020,49 +994,83 @@ def gather(tree):
     return jax.tree.map(get, tree)
 
 
-def restore_latest(ckpt, state, resume: bool):
-    """-> (state, start step): with resume, the latest training state in ckpt (same structure and shardings)."""
-    if not (resume and ckpt.latest_step() is not None):
-        return state, 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    print(f"resuming from {ckpt.directory} at step {ckpt.latest_step()}")
-    return ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract)), ckpt.latest_step()
+class Checkpoints:
+    """Resumable training state in --checkpoint-dir (orbax; each step is written to a temporary dir, then renamed), and
+    the export of the finished model. A fresh run reuses the directory only if the run there finished; unfinished
+    state is never deleted. Used as a context manager: leaving it, even on a crash, finishes the save under way."""
+
+    def __init__(self, run: Run):
+        self.run, directory = run, Path(run.checkpoint_dir).absolute()
+
+        def prepare():
+            if directory.exists() and not run.resume:
+                if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
+                    raise FileExistsError(
+                        f"{directory}: holds the state of an unfinished run; continue it with --resume, "
+                        "or remove it / choose another --checkpoint-dir"
+                    )
+                shutil.rmtree(directory)
+
+        on_process_0("preparing --checkpoint-dir", prepare)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=run.checkpoint_every)
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def restore(self, state):
+        """-> (state, start step): with --resume the latest saved state (same structure and shardings), else `state`."""
+        step = self.manager.latest_step()
+        if not (self.run.resume and step is not None):
+            return state, 0
+        print(f"resuming from {self.manager.directory} at step {step}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+    def save(self, step: int, state, final=False):
+        """The state after `step` steps, every --checkpoint-every steps (final: whatever the step)."""
+        if not final or self.manager.latest_step() != step:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=final)
+
+    @contextlib.contextmanager
+    def guard(self, where: str):
+        """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
+        try:
+            yield
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{where}: {e}. Stopped; the last good training state is step {self.manager.latest_step() or 0} in "
+                f"{self.manager.directory} (--resume), and {self.run.output_dir} was not written"
+            ) from None
+
+    def export(self, model, tokenizer_dir=None, config_overrides=None):
+        """The finished model to --output-dir (process 0), then FINISHED in --checkpoint-dir (a new run may replace
+        that state)."""
+
+        def write():
+            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides)
+            (Path(self.run.checkpoint_dir) / "FINISHED").write_text(f"exported to {self.run.output_dir}\n")
+
+        on_process_0("exporting", write)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.manager.close()
 
 
-def checkpoint_manager(directory, every: int, resume: bool):
-    """Orbax manager for resumable training state (each step is written to a temporary dir, then renamed).
-    A fresh run reuses `directory` only if the run there finished; unfinished state is never deleted."""
-    directory = Path(directory).absolute()
-
-    def prepare():
-        if directory.exists() and not resume:
-            if not (directory / "FINISHED").exists() and any(p.name.isdigit() for p in directory.iterdir()):
-                raise FileExistsError(
-                    f"{directory}: holds the state of an unfinished run; continue it with --resume, "
-                    "or remove it / choose another --checkpoint-dir"
-                )
-            shutil.rmtree(directory)
-
-    on_process_0("preparing --checkpoint-dir", prepare)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-class NoWriter:
-    """The summary writer of processes other than 0: logs are written once."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def check_finite(metrics):
+    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def summary_writer(args):
-    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the hyper-parameters as a table (process 0)."""
+    """tensorboardX writer of runs/<exp_name>__<seed>__<time>, with the flags as a table; none on other processes."""
+    flags = {k: v for k, v in vars(args).items() if k != "run"} | vars(args.run)
     if jax.process_index() != 0:
-        return NoWriter()
-    writer = SummaryWriter(f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+        return type("NoWriter", (), {"__getattr__": lambda self, name: lambda *a, **k: None})()
+    writer = SummaryWriter(f"runs/{args.run.exp_name}__{args.run.seed}__{int(time.time())}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     return writer
 
 
@@ -1078,25 +1086,6 @@ def progress_bar(name: str, total: int, completed: int):
     progress = Progress(*columns, disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
-
-
-@contextlib.contextmanager
-def stop_if_not_finite(where: str, ckpt, output_dir):
-    """A FloatingPointError (a non-finite score, loss or gradient) stops the run, saying where and what is kept."""
-    try:
-        yield
-    except FloatingPointError as e:
-        raise FloatingPointError(
-            f"{where}: {e}. Stopped; the last good training state is step {ckpt.latest_step() or 0} in "
-            f"{ckpt.directory} (--resume), and {output_dir} was not written"
-        ) from None
-
-
-def check_finite(metrics):
-    """A step whose loss or gradient is not finite (its update was not applied) raises FloatingPointError."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} (try a lower --learning-rate)")
 
 
 def batch_indices(step: int, n: int, size: int, seed: int):

@@ -58,11 +58,9 @@ def setup(num_devices: int = 1, dtype: str = "float32", num_iterations: int = 10
         ppo_epochs=W.PPO_EPOCHS,
         learning_rate=W.LR,
         total_episodes=W.BATCH * num_iterations,
-        dtype=dtype,
-        num_devices=num_devices,
-        seed=W.SEED,
+        run=rp.Run("bench", "/tmp/bench_out", "/tmp/bench_ck", dtype=dtype, num_devices=num_devices, seed=W.SEED),
     )
-    mesh = rp.make_mesh(args.num_devices)
+    mesh = rp.make_mesh(args.run.num_devices)
     tok, eos_id, pad_id = rp.load_tokenizer(args.sft_model)
     args = rp.resolve_token_ids(args, eos_id, pad_id)
     models, params, frozen = rp.load_models(args, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)

@@ -1,6 +1,7 @@
 """Test set-up: 4 fake CPU devices (for the sharding tests) and tiny random Hugging Face checkpoints."""
 
 import atexit
+import dataclasses
 import os
 import shutil
 import sys
@@ -129,7 +130,9 @@ def tiny_sft(tmp_path_factory):
     words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
     data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
     sft.main(
-        sft.Args(**{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")})
+        make_args(
+            sft, **{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}
+        )
     )
     return tmp / "sft"
 
@@ -234,3 +237,12 @@ def tree_digest(path):
         if f.is_file():
             h.update(str(f.relative_to(path)).encode() + f.read_bytes())
     return h.hexdigest()
+
+
+def make_args(script, **flags):
+    """script.Args from flags as the command line spells them: those of the appendix's Run (output_dir, seed, ...) go
+    to its `run` (the script's defaults otherwise)."""
+    run = flags.pop("run", None) or script.Args().run
+    names = {f.name for f in dataclasses.fields(script.Run)}
+    shared = {k: flags.pop(k) for k in list(flags) if k in names}
+    return script.Args(**flags, run=dataclasses.replace(run, **shared))

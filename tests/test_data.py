@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_args
 from test_sft import write_jsonl
 from tokenizers import processors
 
@@ -52,10 +53,12 @@ def test_every_stage_starts_its_sequences_with_the_tokenizers_bos(tmp_path, bos_
     assert all(p[0] == bos and len(p) == 9 for p in labeler_prompts)
     pairs, _ = rm.tokenize_pairs(tok, [{"prompt": "the film", "chosen": " good", "rejected": " dull"}], eos, pad, 16)
     assert (pairs["tokens"][:, 0, 0] == bos).all()
-    assert all(p[0] == bos for p in rm.ppo_prompts(rm.Args(), tok, [])[:5])
+    assert all(p[0] == bos for p in rm.ppo_prompts(make_args(rm), tok, [])[:5])
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the film"}, {"prompt": "a dull plot was"}])
     for dataset in (None, str(prompts)):
-        queries, mask, eval_sets = ppo.setup_data(ppo.Args(dataset=dataset, eval_prompts=4, pad_token_id=pad), tok)
+        queries, mask, eval_sets = ppo.setup_data(
+            make_args(ppo, dataset=dataset, eval_prompts=4, pad_token_id=pad), tok
+        )
         for q, m in [(queries, mask), *eval_sets.values()]:
             first_real = np.asarray(q)[np.arange(len(q)), np.argmax(np.asarray(m), axis=1)]
             assert (first_real == bos).all()
@@ -77,18 +80,20 @@ def test_each_stage_reads_the_split_its_docstring_names(tmp_path, tiny_sft, monk
     for script in (ppo, rm):
         monkeypatch.setattr(script, "movie_reviews", first.__getitem__)
     encode = lambda texts, n=None: [prefix + tok.encode(t, add_special_tokens=False).ids[:n] for t in texts]
-    args = ppo.Args(sft_model=str(tiny_sft), prompt_tokens=5, eval_prompts=7, pad_token_id=pad)
+    args = make_args(ppo, sft_model=str(tiny_sft), prompt_tokens=5, eval_prompts=7, pad_token_id=pad)
     queries, mask, eval_sets = ppo.setup_data(args, tok)
     assert rows_of(queries, mask) == encode(first["train"], 5)
     assert list(eval_sets) == ["heldout", "rotten_tomatoes"]
     assert rows_of(*eval_sets["heldout"]) == encode(first["eval"][:7], 5)
     assert rows_of(*eval_sets["rotten_tomatoes"]) == encode(first["rotten_tomatoes"][:7], 5)
-    assert rm.ppo_prompts(rm.Args(prompt_tokens=5), tok, []) == encode(first["train"], 5)
+    assert rm.ppo_prompts(make_args(rm, prompt_tokens=5), tok, []) == encode(first["train"], 5)
 
     texts = ["the film was great", "a dull plot", "good actor", "bad", "the plot was fun"]
     train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": t} for t in texts[:2]])
     eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": t} for t in texts[2:]])
-    args = ppo.Args(**{**vars(args), "dataset": str(train_file), "eval_dataset": str(eval_file), "eval_prompts": 2})
+    args = make_args(
+        ppo, **{**vars(args), "dataset": str(train_file), "eval_dataset": str(eval_file), "eval_prompts": 2}
+    )
     queries, mask, eval_sets = ppo.setup_data(args, tok)
     assert rows_of(queries, mask) == encode(texts[:2])
     assert list(eval_sets) == ["heldout"] and rows_of(*eval_sets["heldout"]) == encode(texts[2:4])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import RecordingWriter, assert_same_params, kill_during_call, read_checkpoint
+from conftest import RecordingWriter, assert_same_params, kill_during_call, make_args, read_checkpoint
 from flax import nnx
 from test_reward_model import rule_pairs
 from test_sft import write_jsonl
@@ -37,7 +37,7 @@ def sigmoid_loss(h, beta, eps=0.0):
 )
 def test_each_loss_equals_its_formula_computed_by_hand(loss_type, label_smoothing, expected):
     beta = 0.5
-    args = dpo.Args(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing)
+    args = make_args(dpo, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing)
     losses, rewards = dpo.dpo_loss(args, jnp.asarray(LOGPS), jnp.asarray(REF), jnp.asarray(LENGTHS))
     for i in range(LOGPS.shape[1]):
         rho_w, rho_l = LOGPS[0, i] - REF[0, i], LOGPS[1, i] - REF[1, i]
@@ -52,7 +52,7 @@ def test_each_loss_equals_its_formula_computed_by_hand(loss_type, label_smoothin
 def test_sigmoid_loss_falls_as_the_chosen_side_gains_probability():
     """The sign and the orientation: more log-probability on y_w (or less on y_l) lowers every loss."""
     for loss_type in ("sigmoid", "hinge", "ipo"):
-        args = dpo.Args(loss_type=loss_type, beta=0.1)
+        args = make_args(dpo, loss_type=loss_type, beta=0.1)
         base = dpo.dpo_loss(args, jnp.asarray(LOGPS), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
         up = dpo.dpo_loss(args, jnp.asarray(LOGPS + [[0.5], [0.0]]), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
         down = dpo.dpo_loss(args, jnp.asarray(LOGPS - [[0.0], [0.5]]), jnp.asarray(REF), jnp.asarray(LENGTHS))[0]
@@ -69,7 +69,7 @@ def rule_data(tiny_sft, tmp_path_factory):
         row["chosen_gold"], row["rejected_gold"] = row["rejected_gold"], row["chosen_gold"]
     path = write_jsonl(tmp / "rule.jsonl", rows)
     tok, eos, pad = dpo.load_tokenizer(tiny_sft)
-    train, val = dpo.load_preferences(dpo.Args(dataset=str(path), max_seq_len=24), tok, eos, pad)
+    train, val = dpo.load_preferences(make_args(dpo, dataset=str(path), max_seq_len=24), tok, eos, pad)
     return path, train, val
 
 
@@ -107,7 +107,7 @@ def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen
     _, train, _ = rule_data
     model, _ = dpo.load_model(tiny_sft)
     graphdef, params = nnx.split(model)
-    args, tx = dpo.Args(batch_size=16), optax.adam(1e-2)  # (the real schedule's first step has lr 0, as HF's)
+    args, tx = make_args(dpo, batch_size=16), optax.adam(1e-2)  # (the real schedule's first step has lr 0, as HF's)
     batch = {k: v[:, :16] for k, v in train.items()}
     batch["ref_logps"] = np.asarray(dpo.frozen_logps(graphdef, params, batch))
     logps = np.asarray(dpo.pair_logps(graphdef, params, batch)[0])
@@ -135,7 +135,7 @@ def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen
 def test_the_held_out_split_is_the_reward_models(tiny_sft, rule_data):
     path, _, val = rule_data
     tok, eos, pad = dpo.load_tokenizer(tiny_sft)
-    _, _, rm_val = rm.load_pairs(rm.Args(dataset=str(path), max_seq_len=24), tok, eos, pad)
+    _, _, rm_val = rm.load_pairs(make_args(rm, dataset=str(path), max_seq_len=24), tok, eos, pad)
     np.testing.assert_array_equal(val["tokens"], rm_val["tokens"])
 
 
@@ -158,7 +158,7 @@ def dpo_args(tmp, tiny_pipeline, data, **kw):
         eval_prompts=8,
         response_length=6,
     )
-    return dpo.Args(**{**base, **kw})
+    return make_args(dpo, **{**base, **kw})
 
 
 def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy(
@@ -186,14 +186,16 @@ def test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_poli
     tok, eos, pad = dpo.load_tokenizer(args.sft_model)
     flags = ("sft_model", "reward_model", "prompt_tokens", "eval_prompts", "eval_dataset", "response_length")
     flags += ("temperature", "gold_fn", "num_sample_rows")
-    pargs = ppo.resolve_token_ids(ppo.Args(**{k: getattr(args, k) for k in flags}, value_model="shared"), eos, pad)
+    pargs = ppo.resolve_token_ids(
+        make_args(ppo, **{k: getattr(args, k) for k in flags}, value_model="shared"), eos, pad
+    )
     models, params, frozen = ppo.load_models(pargs, jnp.float32)
     expected, _ = ppo.evaluate(pargs, models, tok, params, frozen, ppo.evaluation_sets(pargs, tok, None))
     for k in ("eval/gold_score", "eval/proxy_score"):
         assert first[k] == pytest.approx(expected[k], abs=1e-5), k
     # measured without dpo.py's own log-prob code: the exported policy moved toward the chosen side of held-out pairs
     _, _, val = rule_data
-    trained, sft_model = dpo.load_model(args.output_dir)[0], dpo.load_model(args.sft_model)[0]
+    trained, sft_model = dpo.load_model(args.run.output_dir)[0], dpo.load_model(args.sft_model)[0]
 
     def margins(model):  # log π(y_w|x) − log π(y_l|x) of each held-out pair
         return np.subtract(
@@ -230,7 +232,7 @@ def test_the_reference_stays_frozen_precomputed_or_on_the_fly(tmp_path, tiny_pip
     a = dpo_args(tmp_path / "a", tiny_pipeline, path, max_steps=3, eval_every=100)
     b = dpo_args(tmp_path / "b", tiny_pipeline, path, max_steps=3, eval_every=100, reference="on-the-fly")
     dpo.main(a), dpo.main(b)
-    (_, sa), (_, sb) = read_checkpoint(a.checkpoint_dir), read_checkpoint(b.checkpoint_dir)
+    (_, sa), (_, sb) = read_checkpoint(a.run.checkpoint_dir), read_checkpoint(b.checkpoint_dir)
     for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"]), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
     sft_params = nnx.split(dpo.load_model(a.sft_model)[0])[1]
@@ -249,14 +251,14 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy
     kill_during_call(monkeypatch, dpo, "train_step", 5, lambda: dpo.main(args))  # of 6 steps; saved every 2
     with pytest.raises(FileExistsError, match="unfinished run"):
         dpo.main(args)
-    dpo.main(dpo.Args(**{**vars(args), "resume": True}))
-    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    dpo.main(make_args(dpo, **{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.run.checkpoint_dir), read_checkpoint(args.run.checkpoint_dir)
     assert step_a == step_b == 6
     assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {6}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert_same_params(dpo.load_model(args.output_dir)[0], a["params"])
-    AutoModelForCausalLM.from_pretrained(args.output_dir)
+    assert_same_params(dpo.load_model(args.run.output_dir)[0], a["params"])
+    AutoModelForCausalLM.from_pretrained(args.run.output_dir)
 
 
 @pytest.mark.parametrize(

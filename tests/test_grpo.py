@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import RecordingWriter, assert_same_params, kill_during_call, read_checkpoint
+from conftest import RecordingWriter, assert_same_params, kill_during_call, make_args, read_checkpoint
 from flax import nnx
 from test_sft import write_jsonl
 
@@ -40,7 +40,7 @@ def by_hand(advantage, scale):
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_grpo_and_rloo_advantages_equal_their_formulas(advantage, scale):
-    args = grpo.Args(group_size=3, advantage=advantage, scale_rewards=scale)
+    args = make_args(grpo, group_size=3, advantage=advantage, scale_rewards=scale)
     ours = grpo.group_advantages(args, jnp.asarray(REWARDS))
     np.testing.assert_allclose(ours, by_hand(advantage, scale), rtol=1e-5, atol=1e-6)
     # pinned: the first completion of [1, 2, 4]: mean 7/3, std √(7/3); RLOO's baseline (2 + 4) / 2
@@ -79,7 +79,7 @@ def loss_by_hand(loss_type, beta, eps, eps_high):
 def test_each_loss_type_equals_its_formula_computed_by_hand(loss_type, beta, eps_high, monkeypatch):
     """The clipped surrogate (clip-higher included), β·k3 and the three normalisations, with log π given directly."""
     monkeypatch.setattr(grpo, "completion_logprobs", lambda graphdef, params, *a: (params, jnp.zeros_like(params)))
-    args = grpo.Args(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=eps_high, response_length=3)
+    args = make_args(grpo, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=eps_high, response_length=3)
     batch = {"tokens": None, "mask": None, "completions": None, "completion_mask": jnp.asarray(MASK)}
     batch |= {"old_logprobs": jnp.asarray(OLD), "ref_logprobs": jnp.asarray(REF), "advantages": jnp.asarray(ADV)}
     loss, stats = grpo.grpo_loss(jnp.asarray(LOGP), args, None, batch)
@@ -147,11 +147,13 @@ def tiny_args(tiny_sft, tmp, prompts, **kw):
         output_dir=str(tmp / "out"),
         checkpoint_dir=str(tmp / "ckpt"),
     )
-    return grpo.Args(**{**base, **kw})
+    return make_args(grpo, **{**base, **kw})
 
 
 def test_reward_functions_get_their_columns_and_none_adds_nothing(rewards_module):
-    args = grpo.Args(reward_fn=("grpo_test_rewards:aligned_good", "grpo_test_rewards:only_long"), reward_weights=(2, 1))
+    args = make_args(
+        grpo, reward_fn=("grpo_test_rewards:aligned_good", "grpo_test_rewards:only_long"), reward_weights=(2, 1)
+    )
     prompts, completions = ["a b", "c"], ["good good", "good x y z"]
     per_function = grpo.call_reward_fns(args, prompts, completions, {"answer": ["a b", "c"], "index": [0, 1]})
     np.testing.assert_allclose(per_function, [[2.0, np.nan], [1.0, 0.4]], rtol=1e-6)
@@ -160,10 +162,10 @@ def test_reward_functions_get_their_columns_and_none_adds_nothing(rewards_module
         grpo.call_reward_fns(args, prompts, completions, {"answer": ["c", "a b"], "index": [0, 1]})
     rewards_module.good = lambda p, c, **k: [1.0]
     with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
-        grpo.call_reward_fns(grpo.Args(reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
+        grpo.call_reward_fns(make_args(grpo, reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
     rewards_module.good = lambda p, c, **k: [1.0, float("nan")]
     with pytest.raises(FloatingPointError, match="grpo_test_rewards:good returned nan for the completion 'good x y z'"):
-        grpo.call_reward_fns(grpo.Args(reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
+        grpo.call_reward_fns(make_args(grpo, reward_fn=("grpo_test_rewards:good",)), prompts, completions, {})
 
 
 def perturbed(tree, seed: int, scale: float = 0.05):
@@ -267,7 +269,7 @@ def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_we
     batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
     tx = optax.sgd(0.5)
     three, _, stats3 = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch)
-    one, args1, stats1 = params, grpo.Args(**{**vars(args), "num_iterations": 1}), []
+    one, args1, stats1 = params, make_args(grpo, **{**vars(args), "num_iterations": 1}), []
     for _ in range(3):
         one, _, stats = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch)
         stats1.append(stats)
@@ -293,7 +295,7 @@ def plain_loop(args, lag: int):
     opt_state, history = tx.init(params), [params]
     for step in range(args.max_steps):
         q, qm, columns = grpo.prompt_batch(args, train, step)
-        key = jax.random.fold_in(jax.random.key(args.seed), step)
+        key = jax.random.fold_in(jax.random.key(args.run.seed), step)
         sampler = history[max(step - lag, 0)]
         batch, _ = grpo.rollout(args, graphdef, None, tok, sampler, frozen, q, qm, columns, key)
         params, opt_state, _ = grpo.grpo_update(args, graphdef, tx, params, opt_state, batch)
@@ -312,7 +314,7 @@ def test_staleness_0_is_the_synchronous_loop_and_1_samples_with_the_previous_wei
             tiny_sft, tmp_path, prompts_with_answers, max_staleness=k, checkpoint_dir=str(tmp_path / f"ck{k}")
         )
         grpo.main(args)
-        step, state = read_checkpoint(args.checkpoint_dir)
+        step, state = read_checkpoint(args.run.checkpoint_dir)
         assert step == 3
         assert_same_params(state["params"], plain_loop(args, lag=k), rtol=0, atol=1e-6)
         finals[k] = state["params"]
@@ -355,13 +357,13 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy
     grpo.main(straight)
     args = tiny_args(tiny_sft, tmp_path / "b", prompts_with_answers, **kw)
     kill_during_call(monkeypatch, grpo, "grpo_step", 3, lambda: grpo.main(args))
-    assert read_checkpoint(args.checkpoint_dir)[0] == 2
-    grpo.main(grpo.Args(**{**vars(args), "resume": True}))
-    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    assert read_checkpoint(args.run.checkpoint_dir)[0] == 2
+    grpo.main(make_args(grpo, **{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.run.checkpoint_dir), read_checkpoint(args.run.checkpoint_dir)
     assert step_a == step_b == 4
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    assert_same_params(grpo.load_model(args.output_dir)[0], a["params"])
+    assert_same_params(grpo.load_model(args.run.output_dir)[0], a["params"])
 
 
 def test_an_error_in_the_rollout_thread_stops_the_run(tiny_sft, tmp_path, prompts_with_answers, rewards_module):
@@ -383,7 +385,7 @@ def test_an_error_in_the_rollout_thread_stops_the_run(tiny_sft, tmp_path, prompt
         grpo.main(dataclasses.replace(args, reward_weights=()))
     rewards_module.failing = lambda p, c, **k: [float("inf")] * len(c)
     with pytest.raises(FloatingPointError, match="grpo_test_rewards:failing returned inf"):
-        grpo.main(dataclasses.replace(args, reward_weights=(), checkpoint_dir=str(tmp_path / "ck2")))
+        grpo.main(make_args(grpo, **{**vars(args), "reward_weights": (), "checkpoint_dir": str(tmp_path / "ck2")}))
     assert not (tmp_path / "out").exists()
 
 
@@ -413,15 +415,15 @@ def test_a_dataset_row_with_other_columns_names_file_and_line(tiny_sft, tmp_path
 
 
 def test_the_default_task_uses_the_built_in_rewards(tmp_path):
-    args = grpo.with_defaults(grpo.Args(), eos_id=3, pad_id=0)
+    args = grpo.with_defaults(make_args(grpo), eos_id=3, pad_id=0)
     assert args.reward_fn == grpo.BUILT_IN_REWARDS and (args.stop_token_id, args.pad_token_id) == (3, 0)
     texts = ["what a wonderful, great film", "terrible terrible terrible terrible", "ok"]
     sentiment = grpo.positive_sentiment([""] * 3, texts)
     assert sentiment[0] > 0.8 and sentiment[1] < 0.2 and all(0 <= s <= 1 for s in sentiment)
     assert grpo.length_band([""] * 4, ["w " * 4, "w " * 12, "w " * 20, "w " * 30]) == [0.5, 1.0, 0.5, 0.0]
     assert grpo.no_repetition([""] * 3, texts) == [1.0, pytest.approx(1 / 3), None]
-    assert grpo.with_defaults(grpo.Args(reward_model="rm"), 3, 0).reward_fn == ()
-    args = grpo.with_defaults(grpo.Args(stop_token_id=5, eos_token_id=6, pad_token_id=7), eos_id=3, pad_id=0)
+    assert grpo.with_defaults(make_args(grpo, reward_model="rm"), 3, 0).reward_fn == ()
+    args = grpo.with_defaults(make_args(grpo, stop_token_id=5, eos_token_id=6, pad_token_id=7), eos_id=3, pad_id=0)
     assert (args.stop_token_id, args.eos_token_id, args.pad_token_id) == (5, 6, 7)  # flags win over the tokenizer's
 
 
@@ -599,7 +601,8 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
         return out
 
     monkeypatch.setattr(grpo, "sample", recording_sample)
-    args = grpo.Args(
+    args = make_args(
+        grpo,
         sft_model=str(sft_path),
         reward_model=str(rm_path),
         reward_fn=("grpo_i25_rewards:chars", "grpo_i25_rewards:sparse"),
@@ -626,7 +629,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
     tok, eos, _ = grpo.load_tokenizer(sft_path)
     rm, policy, reference = (
         grpo.load_model(rm_path)[0],
-        grpo.load_model(args.output_dir)[0],
+        grpo.load_model(args.run.output_dir)[0],
         grpo.load_model(sft_path)[0],
     )
     names = ("chars", "sparse", "reward_model")
@@ -730,7 +733,8 @@ def test_rollout_statistics_with_a_group_of_equal_rewards_and_a_function_that_ne
     advantages 0), completions stopping at different positions; a function that returns None for every completion
     adds nothing and is not logged."""
     sft_path, _, train_path, _ = stopping_pipeline
-    args = grpo.Args(
+    args = make_args(
+        grpo,
         sft_model=str(sft_path),
         dataset=str(train_path),
         reward_fn=("grpo_i25_rewards:never", "grpo_i25_rewards:first_group_flat"),
@@ -785,7 +789,8 @@ def test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops(stoppi
     and from a different reference: entropy, kl (β > 0), the three clip ratios (ε 0.2, ε_high 0.28), loss and
     grad_norm (the step of SGD(0.5) / 0.5) of grpo_update equal naive loops over the real tokens."""
     sft_path, _, train_path, _ = stopping_pipeline
-    args = grpo.Args(
+    args = make_args(
+        grpo,
         sft_model=str(sft_path),
         dataset=str(train_path),
         reward_fn=("grpo_i25_rewards:first_group_flat",),

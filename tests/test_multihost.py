@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_same_params, read_checkpoint
+from conftest import assert_same_params, make_args, read_checkpoint
 from test_ppo import tiny_args as ppo_args
 from test_sft import TINY, pc_dataset  # noqa: F401 (a fixture)
 
@@ -39,7 +39,7 @@ def free_port():
 def cli_flags(args) -> list[str]:
     """The command line that gives these Args (tyro's spelling)."""
     flags = []
-    for name, value in vars(args).items():
+    for name, value in ({k: v for k, v in vars(args).items() if k != "run"} | vars(args.run)).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
@@ -95,7 +95,7 @@ def assert_same_state(a, b, atol=1e-5):
 def test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly(tmp_path, pc_dataset):  # noqa: F811
     def args(name, **kw):
         out, ck = str(tmp_path / name / "out"), str(tmp_path / name / "ck")
-        return sft.Args(**{**TINY, "dataset": str(pc_dataset), "output_dir": out, "checkpoint_dir": ck, **kw})
+        return make_args(sft, **{**TINY, "dataset": str(pc_dataset), "output_dir": out, "checkpoint_dir": ck, **kw})
 
     one = args("one", num_devices=2)
     loss = sft.main(one)
@@ -103,19 +103,19 @@ def test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly(tmp_
     outputs = launch("sft", two, tmp_path / "two", slurm=True)  # found each other as under srun
     assert abs(float(printed(r"held-out loss ([\d.]+)", outputs)) - loss) < 1e-4
     assert (tmp_path / "two/process0/runs").is_dir() and not (tmp_path / "two/process1/runs").exists()  # logs: once
-    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.checkpoint_dir) for a in (one, two))
+    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.run.checkpoint_dir) for a in (one, two))
     assert step_one == step_two == TINY["max_steps"]
     assert_same_state(state_two, state_one)
-    assert_same_params(sft.load_model(two.output_dir)[0], state_two["params"])  # the export is the trained state
+    assert_same_params(sft.load_model(two.run.output_dir)[0], state_two["params"])  # the export is the trained state
 
     resumed = args("resumed")
     launch("sft", resumed, tmp_path / "resumed", crash="train_step:6", fails=True)  # killed in step 6; saved at 2, 4
-    assert read_checkpoint(resumed.checkpoint_dir)[0] == 4
+    assert read_checkpoint(resumed.run.checkpoint_dir)[0] == 4
     outputs = launch("sft", resumed, tmp_path / "refused", fails=True)  # process 0 refuses; neither waits forever
     assert "FileExistsError" in outputs[0] and "unfinished run" in outputs[0]
     assert "process 0 failed in preparing --checkpoint-dir" in outputs[1]
-    launch("sft", sft.Args(**{**vars(resumed), "resume": True}), tmp_path / "resumed")
-    step, state = read_checkpoint(resumed.checkpoint_dir)
+    launch("sft", make_args(sft, **{**vars(resumed), "resume": True}), tmp_path / "resumed")
+    step, state = read_checkpoint(resumed.run.checkpoint_dir)
     assert step == TINY["max_steps"]
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(state_two), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -123,7 +123,8 @@ def test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly(tmp_
 
 def test_reward_model_two_processes_label_once_and_train_as_one_over_two_devices(tmp_path, tiny_sft):
     def args(name, **kw):
-        return rm.Args(
+        return make_args(
+            rm,
             sft_model=str(tiny_sft),
             output_dir=str(tmp_path / name / "rm"),
             checkpoint_dir=str(tmp_path / name / "ck"),
@@ -147,10 +148,10 @@ def test_reward_model_two_processes_label_once_and_train_as_one_over_two_devices
     assert "simulated labeler:" in outputs[0] and "simulated labeler:" not in outputs[1]  # sampled by process 0 only
     accuracy = printed(r"held-out: accuracy ([\d.]+)", outputs)
     assert float(accuracy) == pytest.approx(ev["accuracy"], abs=1e-4)
-    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.checkpoint_dir) for a in (one, two))
+    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.run.checkpoint_dir) for a in (one, two))
     assert step_one == step_two > 0
     assert_same_state(state_two, state_one)
-    (_, cfg_one), (_, cfg_two) = sft.load_model(one.output_dir), sft.load_model(two.output_dir)
+    (_, cfg_one), (_, cfg_two) = sft.load_model(one.run.output_dir), sft.load_model(two.run.output_dir)
     assert cfg_two.reward_gain == pytest.approx(cfg_one.reward_gain, rel=1e-5)  # the normalisation, fitted once
     assert cfg_two.reward_bias == pytest.approx(cfg_one.reward_bias, rel=1e-5, abs=1e-6)
 
@@ -176,6 +177,6 @@ def test_ppo_two_processes_train_as_one_over_two_devices(tmp_path, tiny_pipeline
     outputs = launch("rlhf_ppo", two, tmp_path / "two", pythonpath=tmp_path)
     gold = printed(r"final: .*eval/gold_score ([-\d.]+)", outputs)  # the same evaluation on both processes
     assert float(gold) == pytest.approx(final["eval/gold_score"], abs=1e-4)
-    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.checkpoint_dir) for a in (one, two))
+    (step_one, state_one), (step_two, state_two) = (read_checkpoint(a.run.checkpoint_dir) for a in (one, two))
     assert step_one == step_two == 2 and float(state_two["kl_coef"]) != pytest.approx(one.kl_coef)  # β moved
     assert_same_state(state_two, state_one)

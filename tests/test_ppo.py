@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_same_params, kill_during_call, read_checkpoint, tree_digest
+from conftest import assert_same_params, kill_during_call, make_args, read_checkpoint, tree_digest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import rlhf_ppo as ppo
@@ -84,7 +84,7 @@ def test_missing_eos_penalty_and_float_scores():
         "entropy": jnp.zeros((3, 2)),
         "contains_stop": has_stop,
     }
-    args = ppo.Args(kl_estimator="k1", whiten_rewards=False, whiten_advantages=False, gamma=1.0, lam=1.0)
+    args = make_args(ppo, kl_estimator="k1", whiten_rewards=False, whiten_advantages=False, gamma=1.0, lam=1.0)
     adv, _, _, stats = ppo.compute_advantages(args, rollout | {"scores": scores}, 0.05)
     assert stats["objective/scores"].dtype == jnp.float32
     np.testing.assert_allclose(
@@ -149,7 +149,7 @@ def test_clipped_losses_match_hand_computed_values(monkeypatch):
         "advantages": jnp.array([[1.0, -1.0, 2.0, 9.0]]),
         "returns": jnp.array([[2.0, 1.0, 1.0, 0.0]]),
     }
-    args = ppo.Args(temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, value_model="reward")
+    args = make_args(ppo, temperature=1.0, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, value_model="reward")
     loss, stats = ppo.ppo_loss(None, args, None, mb)
     # policy: max(-A r, -A clip(r)): t0 max(-1.5, -1.2) = -1.2; t1 max(0.5, 0.8) = 0.8; t2 max(-2.2, -2.2) = -2.2
     pg = (-1.2 + 0.8 - 2.2) / 3
@@ -181,7 +181,7 @@ def tiny_args(tmp, prompts, **kw):
         checkpoint_dir=str(tmp / "ckpt"),
         learning_rate=1e-3,
     )
-    return ppo.Args(**{**base, **kw})
+    return make_args(ppo, **{**base, **kw})
 
 
 def setup(args, devices=1, dtype=jnp.float32):
@@ -424,13 +424,13 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_policy
         tmp, prompts, output_dir=str(tmp / f"r_{value_model}"), checkpoint_dir=str(tmp / f"cr_{value_model}"), **kw
     )
     kill_during_call(monkeypatch, ppo, "ppo_iteration", 3, lambda: ppo.main(args))
-    ppo.main(ppo.Args(**{**vars(args), "resume": True}))
-    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    ppo.main(make_args(ppo, **{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.run.checkpoint_dir), read_checkpoint(args.run.checkpoint_dir)
     assert step_a == step_b == 3 and float(a["kl_coef"]) != pytest.approx(args.kl_coef)  # β moved
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    assert_same_params(ppo.load_model(args.output_dir)[0], a["params"]["policy"])
-    AutoModelForCausalLM.from_pretrained(args.output_dir)
+    assert_same_params(ppo.load_model(args.run.output_dir)[0], a["params"]["policy"])
+    AutoModelForCausalLM.from_pretrained(args.run.output_dir)
 
 
 def test_non_finite_rewards_or_losses_stop_the_run_and_leave_the_output_dir_unchanged(tiny_pipeline, monkeypatch):
@@ -471,7 +471,7 @@ def test_non_finite_rewards_or_losses_stop_the_run_and_leave_the_output_dir_unch
     ):
         ppo.main(args)
     assert tree_digest(out) == digest
-    step, state = read_checkpoint(args.checkpoint_dir)
+    step, state = read_checkpoint(args.run.checkpoint_dir)
     assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import RecordingWriter, read_checkpoint
+from conftest import RecordingWriter, make_args, read_checkpoint
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from test_ppo import setup, tiny_args
@@ -69,7 +69,7 @@ def test_objective_statistics_equal_their_definitions_with_and_without_the_kl_pe
     rng = np.random.default_rng(7)
     lengths, R = [5, 2, 1, 3], 5
     roll = rollout_case(rng, lengths, R)
-    args = ppo.Args(kl_estimator=kl_estimator, whiten_rewards=False, gamma=0.9, lam=0.8)
+    args = make_args(ppo, kl_estimator=kl_estimator, whiten_rewards=False, gamma=0.9, lam=0.8)
     _, _, _, stats = ppo.compute_advantages(args, roll, kl_coef)
     lp, ref = np.asarray(roll["logprobs"], np.float64), np.asarray(roll["ref_logprobs"], np.float64)
     scores = np.asarray(roll["scores"], np.float64)
@@ -156,7 +156,7 @@ def naive_ppo_stats(args, mb, new, num_tokens=None):
     }
 
 
-PPO_ARGS = ppo.Args(temperature=1.0, cliprange=0.2, cliprange_value=0.1, vf_coef=0.3, value_model="reward")
+PPO_ARGS = make_args(ppo, temperature=1.0, cliprange=0.2, cliprange_value=0.1, vf_coef=0.3, value_model="reward")
 
 
 def test_ppo_loss_statistics_at_a_policy_away_from_the_rollouts(monkeypatch):
@@ -197,7 +197,7 @@ def test_the_update_reports_the_token_means_of_its_minibatches(monkeypatch):
         return f32(old) + f32(shift) + 0 * params["w"], f32(entropy), f32(values) + 0 * params["w"]
 
     monkeypatch.setattr(ppo, "policy_and_values", policy_and_values)
-    args = ppo.Args(
+    args = make_args(ppo,
         temperature=1.0, cliprange=0.2, cliprange_value=0.1, vf_coef=0.3, ppo_epochs=3, num_mini_batches=1,
         grad_accum_steps=2, batch_size=B, exp_name="i25-ppo-update-stats",
     )  # fmt: skip
@@ -407,7 +407,7 @@ def test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_
     logged = writer.scalars
     assert logged["objective/kl_coef"] == pytest.approx({8 * (t + 1): b for t, b in enumerate(betas[:4])}, rel=1e-6)
     assert logged["objective/kl"] == pytest.approx({8 * (t + 1): kl for t, kl in enumerate(fed)}, rel=1e-6)
-    step, state = read_checkpoint(args.checkpoint_dir)
+    step, state = read_checkpoint(args.run.checkpoint_dir)
     assert step == 4 and float(state["kl_coef"]) == pytest.approx(betas[4], rel=1e-6)
 
     # the evaluations: before training and of the trained (exported) policy; the gold judge saw 2 sets x 2 calls
@@ -420,7 +420,7 @@ def test_main_adapts_beta_by_ziegler_and_returns_and_prints_the_first_and_final_
         )
     assert abs(first["eval/kl"]) < 1e-4 < abs(final["eval/kl"])  # the policy starts at the reference and moves
     s = setup(args)
-    trained = {"policy": nnx.state(ppo.load_model(args.output_dir)[0], nnx.Param), "value": s.params["value"]}
+    trained = {"policy": nnx.state(ppo.load_model(args.run.output_dir)[0], nnx.Param), "value": s.params["value"]}
     for ev, params in ((first, s.params), (final, trained)):
         again, _ = ppo.evaluate(s.args, s.models, s.tok, params, s.frozen, s.eval_sets)
         assert ev == pytest.approx(again, rel=1e-4, abs=1e-5)

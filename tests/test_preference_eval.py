@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import make_args
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from test_sft import write_jsonl
@@ -99,8 +100,12 @@ def test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs(tmp
     rows = prompt_pairs(counts, seed=2)
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
-    d_train, d_val = dpo.load_preferences(dpo.Args(dataset=str(path), val_fraction=0.25, max_seq_len=32), tok, eos, pad)
-    _, r_train, r_val = rm.load_pairs(rm.Args(dataset=str(path), val_fraction=0.25, max_seq_len=32), tok, eos, pad)
+    d_train, d_val = dpo.load_preferences(
+        make_args(dpo, dataset=str(path), val_fraction=0.25, max_seq_len=32), tok, eos, pad
+    )
+    _, r_train, r_val = rm.load_pairs(
+        make_args(rm, dataset=str(path), val_fraction=0.25, max_seq_len=32), tok, eos, pad
+    )
     for ours, theirs in ((d_train, r_train), (d_val, r_val)):
         assert set(ours) == set(theirs) | {"response_mask"}
         for k in theirs:
@@ -303,7 +308,7 @@ def test_dpo_train_step_logs_trls_metrics_away_from_the_reference(dpo_setup):
     data = s["data"] | {"ref_logps": s["ref"].astype(np.float32)}
     batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in data.items()}  # [A, 2, B, ...], as main builds it
     tx = optax.sgd(1e-3)
-    args = dpo.Args(beta=0.7, batch_size=4, grad_accum_steps=2)
+    args = make_args(dpo, beta=0.7, batch_size=4, grad_accum_steps=2)
     params = jax.tree.map(jnp.copy, s["params"])
     _, _, metrics = dpo.train_step(args, s["graphdef"], tx, params, tx.init(params), None, batch)
     m = {k: float(v) for k, v in metrics.items()}
@@ -333,7 +338,7 @@ def test_dpo_held_out_preference_metrics_equal_a_naive_computation(dpo_setup):
     assert not np.all(np.sign(margin[untied]) == np.sign(gold_margin[untied]))
     sharding = NamedSharding(dpo.make_mesh(1), PartitionSpec(None, "data"))
     for loss_type, eps in (("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)):
-        args = dpo.Args(loss_type=loss_type, beta=0.7, label_smoothing=eps, batch_size=3)
+        args = make_args(dpo, loss_type=loss_type, beta=0.7, label_smoothing=eps, batch_size=3)
         ev = dpo.preference_accuracy(args, s["graphdef"], s["params"], val, sharding)
         losses = naive_losses(loss_type, 0.7, eps, logps, ref, lengths)
         assert ev["eval/loss"] == pytest.approx(losses.mean(), rel=1e-4, abs=1e-5), (loss_type, eps)
@@ -363,7 +368,7 @@ def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
     flags = dict(sft_model=str(tmp / "sft"), prompt_tokens=5, eval_prompts=6, eval_dataset=str(prompts))
     flags |= dict(response_length=9, temperature=0.9, num_sample_rows=4, gold_fn="test_preference_eval:gold_chars")
     # the EOS: the token the policy samples most, so that responses end at different positions, some never
-    pargs = ppo.Args(**flags, reward_model=None, value_model="shared", stop_token_id=-1)
+    pargs = make_args(ppo, **flags, reward_model=None, value_model="shared", stop_token_id=-1)
     pargs = ppo.resolve_token_ids(pargs, -1, pad)
     models, params, _ = ppo.load_models(pargs, jnp.float32)
     queries, query_mask = ppo.evaluation_sets(pargs, tok, None)["heldout"]
@@ -372,12 +377,12 @@ def test_dpo_evaluates_as_rlhf_ppo_does(tiny_pipeline):
     eos = int(np.bincount(np.asarray(drawn).ravel()).argmax())
     for reward_model in (str(tmp / "rm"), None):
         flags["reward_model"] = reward_model
-        pargs = ppo.resolve_token_ids(ppo.Args(**flags, value_model="shared"), eos, pad)
+        pargs = ppo.resolve_token_ids(make_args(ppo, **flags, value_model="shared"), eos, pad)
         models, params, frozen = ppo.load_models(pargs, jnp.float32)
         theirs, their_table = ppo.evaluate(
             pargs, models, tok, params | {"policy": policy}, frozen, ppo.evaluation_sets(pargs, tok, None)
         )
-        args = dpo.Args(**flags)
+        args = make_args(dpo, **flags)
         model, cfg = dpo.load_model(args.sft_model)
         graphdef = nnx.split(model)[0]
         reward = nnx.split(dpo.load_model(reward_model)[0]) if reward_model else (None, None)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_args
 from test_sft import write_jsonl
 
 import reward_model as rm
@@ -183,7 +184,7 @@ def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2, tmp
 
     arithmetic.main(tmp_path / "data", n_sft=16, n_prompts=4, seed=0)
     out = tmp_path / "sft"
-    args = sft.Args(
+    args = make_args(sft,
         base_model=str(smollm2[0]), dataset=str(tmp_path / "data" / "sft.jsonl"), output_dir=str(out),
         checkpoint_dir=str(tmp_path / "ck"), max_seq_len=48, batch_size=2, max_steps=2, warmup_steps=0,
         learning_rate=1e-4, eval_every=2, eval_examples=2, num_samples=0, num_devices=1, val_fraction=0.25,
@@ -220,7 +221,7 @@ def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypat
         return [r + i for i, r in enumerate(exact(prompts, completions))]  # unequal scores: a policy gradient
 
     monkeypatch.setattr(arithmetic, "reward", reward)
-    args = ppo.Args(
+    args = make_args(ppo,
         sft_model=str(smollm2[0]), reward_model=None, value_model="shared", reward_fn="arithmetic:reward",
         dataset=str(tmp_path / "data" / "prompts.jsonl"), eval_dataset=str(tmp_path / "data" / "eval.jsonl"),
         gold_fn="test_real_model:gold_seven", response_length=8, batch_size=2, total_episodes=2,

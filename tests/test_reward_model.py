@@ -14,6 +14,7 @@ from conftest import (
     assert_as_accurate,
     assert_same_params,
     kill_during_call,
+    make_args,
     read_checkpoint,
     tree_digest,
 )
@@ -159,7 +160,8 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
 def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     from transformers import AutoModelForSequenceClassification
 
-    args = rm.Args(
+    args = make_args(
+        rm,
         sft_model=str(tiny_sft),
         output_dir=str(tmp_path / "rm"),
         checkpoint_dir=str(tmp_path / "ck"),
@@ -190,7 +192,7 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     assert hf.config.pad_token_id is not None  # transformers needs it to pool at the last real token
     # the labeler's file reused as --dataset gives the same held-out pairs; the finished checkpoint dir is reused
     ev2 = rm.main(
-        rm.Args(**{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")})
+        make_args(rm, **{**vars(args), "dataset": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "rm2")})
     )
     assert ev2["gold_pairs"] == ev["gold_pairs"]
 
@@ -208,8 +210,8 @@ def test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature(tmp_path, tin
     seen, real = [], rm.sample_continuations
     monkeypatch.setattr(rm, "sample_continuations", lambda *a, **k: seen.append(a) or real(*a, **k))
     for mode in ("gain_bias", "bias"):
-        args = rm.Args(
-            normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6
+        args = make_args(
+            rm, normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6
         )
         gain, bias, raw = rm.fit_normalization(
             args, graphdef, params, policy, eos, pad, prompts, sharding, jax.random.key(0)
@@ -231,8 +233,8 @@ def test_the_default_normalisation_prompts_are_ppos_default_prompts(tiny_sft, mo
     for script in (ppo, rm):
         monkeypatch.setattr(script, "movie_reviews", lambda split, f=script.movie_reviews: f(split)[:50])
     tok, _, pad = sft.load_tokenizer(tiny_sft)
-    ours = rm.ppo_prompts(rm.Args(sft_model=str(tiny_sft)), tok, [])
-    queries, mask, _ = ppo.setup_data(ppo.Args(sft_model=str(tiny_sft), pad_token_id=pad), tok)
+    ours = rm.ppo_prompts(make_args(rm, sft_model=str(tiny_sft)), tok, [])
+    queries, mask, _ = ppo.setup_data(make_args(ppo, sft_model=str(tiny_sft), pad_token_id=pad), tok)
     assert len(ours) == len(queries) == 50
     assert [q[m].tolist() for q, m in zip(queries, mask)] == ours
 
@@ -299,7 +301,7 @@ def rm_args(tmp_path, tiny_sft, **kw):
         response_length=6,
         learning_rate=3e-3,
     )
-    return rm.Args(**{**base, **kw})
+    return make_args(rm, **{**base, **kw})
 
 
 def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, capsys):
@@ -321,7 +323,7 @@ def test_the_reward_model_learns_a_token_rule(tmp_path, tiny_sft, monkeypatch, c
     assert ev["accuracy"] >= 0.9 and ev["gold_accuracy"] >= 0.9, ev
     train_pairs, val_pairs = rm.split_by_prompt(rows, args.val_fraction)  # (tests/test_preference_eval.py pins it)
     tok, eos, _ = sft.load_tokenizer(tiny_sft)
-    expected, total = reward_model_held_out(args.output_dir, tok, eos, val_pairs), 3 * (len(train_pairs) // 16)
+    expected, total = reward_model_held_out(args.run.output_dir, tok, eos, val_pairs), 3 * (len(train_pairs) // 16)
     assert ev["gold_pairs"] == expected["gold_pairs"] == len(val_pairs)
     for k in ("accuracy", "loss", "gold_accuracy"):
         assert ev[k] == pytest.approx(expected[k], abs=1e-4), k
@@ -406,7 +408,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_a_step_lowers_the_preference_loss_and_a_non_finite_one_changes_nothing():
     graphdef, params = nnx.split(tiny_score_model(seed=5))
     batch = tiny_pair_batch()
-    tx, _ = rm.make_optimizer(rm.Args(learning_rate=1e-2), 100)
+    tx, _ = rm.make_optimizer(make_args(rm, learning_rate=1e-2), 100)
     tx = optax.chain(tx, optax.scale(1.0))
     loss = lambda p: float(rm.preference_loss(p, graphdef, {k: v[0] for k, v in batch.items()})[0])  # noqa: E731
     opt_state = tx.init(params)
@@ -429,8 +431,8 @@ def test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model(
     kill_during_call(monkeypatch, rm, "train_step", 12, lambda: rm.main(args))  # of 16 steps; state saved every 2
     with pytest.raises(FileExistsError, match="unfinished run"):
         rm.main(args)
-    rm.main(rm.Args(**{**vars(args), "resume": True}))
-    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    rm.main(make_args(rm, **{**vars(args), "resume": True}))
+    (step_a, a), (step_b, b) = read_checkpoint(straight.run.checkpoint_dir), read_checkpoint(args.run.checkpoint_dir)
     assert step_a == step_b == 16
     assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {16}  # 16 steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -3,6 +3,7 @@
 import copy
 import json
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from conftest import (
     assert_as_accurate,
     assert_same_params,
     kill_during_call,
+    make_args,
     read_checkpoint,
     tree_digest,
 )
@@ -59,7 +61,9 @@ def pc_dataset(tmp_path):
 
 
 def tiny_args(tmp_path, **kw):
-    return sft.Args(**{**TINY, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"), **kw})
+    return make_args(
+        sft, **{**TINY, "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt"), **kw}
+    )
 
 
 @pytest.mark.parametrize(
@@ -158,7 +162,7 @@ def tiny_model_and_batch(seed=0, accum=1, rows=8, length=24, vocab=64):
 def test_sharded_steps_equal_single_device(fsdp):
     """Four real AdamW steps (no warm-up: every step moves the weights) on 1 and on 4 devices."""
     assert jax.device_count() == 4
-    tx, _ = sft.make_optimizer(sft.Args(batch_size=8, learning_rate=1e-2, warmup_steps=0, max_steps=4))
+    tx, _ = sft.make_optimizer(make_args(sft, batch_size=8, learning_rate=1e-2, warmup_steps=0, max_steps=4))
     out = {}
     for n in (1, 4):
         mesh = sft.make_mesh(n)
@@ -202,7 +206,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_a_step_lowers_its_own_loss():
     model, batch = tiny_model_and_batch(seed=2)
     graphdef, params = nnx.split(model)
-    tx, _ = sft.make_optimizer(sft.Args(learning_rate=1e-2, warmup_steps=0))
+    tx, _ = sft.make_optimizer(make_args(sft, learning_rate=1e-2, warmup_steps=0))
     before = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
     params, _, _ = sft.train_step(graphdef, tx, params, tx.init(params), batch)
     after = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
@@ -213,7 +217,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
     model, batch = tiny_model_and_batch(seed=3)
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x * 1e30, params)  # overflows to inf / NaN in the forward pass
-    tx, _ = sft.make_optimizer(sft.Args(learning_rate=1e-2, warmup_steps=0))
+    tx, _ = sft.make_optimizer(make_args(sft, learning_rate=1e-2, warmup_steps=0))
     opt_state = tx.init(params)
     new_params, new_opt_state, metrics = sft.train_step(graphdef, tx, jax.tree.map(jnp.copy, params), opt_state, batch)
     assert not np.isfinite(float(metrics["loss"])) or not np.isfinite(float(metrics["grad_norm"]))
@@ -272,15 +276,26 @@ def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path,
     with pytest.raises(FileExistsError, match="unfinished run"):
         sft.main(args)
     capsys.readouterr()
-    sft.main(sft.Args(**{**vars(args), "resume": True}))
+    sft.main(make_args(sft, **{**vars(args), "resume": True}))
     assert "resuming from" in (out := capsys.readouterr().out) and "at step 4" in out
-    (step_a, a), (step_b, b) = read_checkpoint(straight.checkpoint_dir), read_checkpoint(args.checkpoint_dir)
+    (step_a, a), (step_b, b) = read_checkpoint(straight.run.checkpoint_dir), read_checkpoint(args.run.checkpoint_dir)
     assert step_a == step_b == 6
     assert {int(c) for c in jax.tree.leaves(a["opt_state"]) if np.asarray(c).dtype.kind == "i"} == {6}  # 6 steps taken
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # parameters and AdamW state
         np.testing.assert_array_equal(x, y)
     assert_same_params(sft.load_model(tmp_path / "out")[0], a["params"])  # the export is the trained state
     assert_same_params(sft.load_model(tmp_path / "straight" / "out")[0], a["params"])
+
+
+def test_the_last_step_is_saved_off_the_checkpoint_grid_and_a_finished_run_may_be_replaced(tmp_path, pc_dataset):
+    """3 steps with --checkpoint-every 2: the state after step 3 is saved too; the export marks the checkpoint dir
+    FINISHED, so a new run may replace it (an unfinished one is refused: the resume test)."""
+    args = tiny_args(tmp_path, dataset=str(pc_dataset), max_steps=3, checkpoint_every=2)
+    for _ in range(2):  # the second run replaces the finished first one
+        sft.main(args)
+        assert read_checkpoint(args.run.checkpoint_dir)[0] == 3
+        finished = Path(args.run.checkpoint_dir) / "FINISHED"
+        assert finished.read_text() == f"exported to {args.run.output_dir}\n"
 
 
 def test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged(tmp_path, pc_dataset):
@@ -292,7 +307,7 @@ def test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged(tmp_path, pc_
     with pytest.raises(FloatingPointError, match=r"step \d+: non-finite loss .* was not written"):
         sft.main(args)
     assert tree_digest(out) == digest
-    step, state = read_checkpoint(args.checkpoint_dir)  # the last good state is finite and resumable
+    step, state = read_checkpoint(args.run.checkpoint_dir)  # the last good state is finite and resumable
     assert step >= 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 
@@ -521,7 +536,7 @@ def test_evaluate_is_the_token_mean_nll_of_the_first_eval_examples(eval_examples
         "attention_mask": np.arange(L)[None] < np.array(lengths)[:, None],
         "loss_mask": np.array([tr + [False] * (L - len(tr)) for _, tr in rows]),
     }
-    args = sft.Args(batch_size=3, eval_examples=eval_examples)
+    args = make_args(sft, batch_size=3, eval_examples=eval_examples)
     got = sft.evaluate(graphdef, params, data, args, NamedSharding(sft.make_mesh(1), PartitionSpec("data")))
     nlls = naive_target_nlls(graphdef, params, rows)
     right = token_mean(nlls[:n])

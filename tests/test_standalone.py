@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_args
 from test_sft import TINY, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_at_start_up(script, tmp
     (tmp_path / "a_file").chmod(0o755)  # a file anyone may write and execute is still no directory
     module = importlib.import_module(script.removesuffix(".py"))
     with pytest.raises(PermissionError, match="--output-dir .*a_file/model: cannot be written"):
-        module.main(module.Args(output_dir=str(tmp_path / "a_file" / "model")))  # before anything else is read
+        module.main(make_args(module, output_dir=str(tmp_path / "a_file" / "model")))  # before anything else is read
     assert not (tmp_path / "a_file").is_dir()
 
 
@@ -93,10 +94,38 @@ def test_a_missing_checkpoint_is_named_by_the_flag_of_the_script_that_was_run(tm
     pipeline, _ = tiny_pipeline
     with pytest.raises(FileNotFoundError, match="--reward-model .*missing_rm: .*config.json not found"):
         dpo.main(
-            dpo.Args(
+            make_args(dpo,
                 sft_model=str(pipeline / "sft"), reward_model=str(tmp_path / "missing_rm"), dataset=str(pairs_file),
                 output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"), max_seq_len=24, batch_size=16,
             )
         )  # fmt: skip
     with pytest.raises(FileNotFoundError, match="--base-model .*missing_base: .*config.json not found"):
-        sft.main(sft.Args(base_model=str(tmp_path / "missing_base"), output_dir=str(tmp_path / "out2")))
+        sft.main(make_args(sft, base_model=str(tmp_path / "missing_base"), output_dir=str(tmp_path / "out2")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_shared_flags_keep_their_names_and_are_logged_with_the_scripts_own(script, monkeypatch, tmp_path):
+    """The appendix's Run holds the flags every script shares; the command line spells them as before (--output-dir,
+    not --run.output-dir), and the hyper-parameter table that tensorboard shows lists them with the script's own."""
+    import importlib
+
+    import jax.numpy as jnp
+    import tyro
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    args = tyro.cli(module.Args, args=["--output-dir", "x", "--seed", "7", "--fsdp", "--eval-every", "3"])
+    assert (args.run.output_dir, args.run.seed, args.run.fsdp, args.eval_every) == ("x", 7, True, 3)
+    assert tyro.cli(module.Args, args=["--dtype", "bfloat16"]).run.compute_dtype == jnp.bfloat16
+    assert args.run.compute_dtype == jnp.float32
+    assert module.Args().run.output_dir == "models/" + {"reward_model.py": "reward", "rlhf_ppo.py": "ppo"}.get(
+        script, script.removesuffix(".py")
+    )
+    texts = {}
+    fake = type(
+        "Writer", (), {"__init__": lambda self, logdir: None, "add_text": lambda self, k, v: texts.update({k: v})}
+    )
+    monkeypatch.setattr(module, "SummaryWriter", fake)
+    module.summary_writer(args)
+    rows = dict(re.findall(r"^\|(\w+)\|(.*)\|$", texts["hyperparameters"], re.M))
+    assert (rows["output_dir"], rows["seed"], rows["fsdp"], rows["eval_every"]) == ("x", "7", "True", "3")
+    assert rows.pop("param") == "value" and "run" not in rows and len(rows) == len(vars(args)) - 1 + len(vars(args.run))

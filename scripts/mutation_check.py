@@ -813,13 +813,13 @@ MUTANTS = [
     # ---- issue 26: the flags every script shares (Run), one Checkpoints around orbax
     Mutant("i26 run: the last state not saved off the --checkpoint-every grid", "sft.py",
            "        if not final or self.manager.latest_step() != step:", "        if not final:",
-           (T_SFT + "test_the_last_step_is_saved_off_the_checkpoint_grid_and_a_finished_run_may_be_replaced",)),
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
     Mutant("i26 run: the last state saved only on the --checkpoint-every grid", "sft.py",
            "args=ocp.args.StandardSave(state), force=final)", "args=ocp.args.StandardSave(state), force=False)",
-           (T_SFT + "test_the_last_step_is_saved_off_the_checkpoint_grid_and_a_finished_run_may_be_replaced",)),
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
     Mutant("i26 run: FINISHED not written at the export", "sft.py",
            '            (Path(self.run.checkpoint_dir) / "FINISHED").write_text(', "            (Path(self.run.checkpoint_dir) / 'x').write_text(",
-           (T_SFT + "test_the_last_step_is_saved_off_the_checkpoint_grid_and_a_finished_run_may_be_replaced",)),
+           (T_SFT + "test_smoke_run_exports_a_transformers_checkpoint",)),
     Mutant("i26 run: --dtype bfloat16 computes in float32", "rlhf_ppo.py",
            '        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32', "        return jnp.float32",
            ("tests/test_standalone.py::test_the_shared_flags_keep_their_names_and_are_logged_with_the_scripts_own[rlhf_ppo.py]",)),
@@ -833,10 +833,10 @@ MUTANTS = [
            "        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), step",
            "        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract)), 0",
            (T_RM + "test_resume_gives_the_uninterrupted_run_and_the_export_is_the_trained_model",)),
-    Mutant("i26 run: a non-finite step's message blames the wrong directory", "grpo.py",
+    Mutant("i26 run: a non-finite step's message blames the wrong directory", "sft.py",
            "{self.manager.directory} (--resume), and {self.run.output_dir} was not written",
            "{self.run.output_dir} (--resume), and {self.manager.directory} was not written",
-           (G_ITER,)),
+           (T_SFT + "test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged",)),
 ]  # fmt: skip
 
 

@@ -88,15 +88,6 @@ def make_hf_model(kind: str, path: Path, seed: int = 0, **overrides):
     return model
 
 
-SLOWEST_MODULES = ("test_multihost", "test_real_model", "test_ppo_reference", "test_standalone")
-
-
-def pytest_collection_modifyitems(items):
-    """The slowest modules run first: xdist's workers then even out their loads with the short tests at the end,
-    rather than one worker finishing a 2-minute test while the other waits."""
-    items.sort(key=lambda item: item.path.stem not in SLOWEST_MODULES)  # stable: each module keeps its order
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fresh_jax_caches():
     """Each test module starts with JAX's caches emptied: the compiled programs of 200 tests do not pile up in one

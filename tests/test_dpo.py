@@ -232,7 +232,7 @@ def test_the_reference_stays_frozen_precomputed_or_on_the_fly(tmp_path, tiny_pip
     a = dpo_args(tmp_path / "a", tiny_pipeline, path, max_steps=3, eval_every=100)
     b = dpo_args(tmp_path / "b", tiny_pipeline, path, max_steps=3, eval_every=100, reference="on-the-fly")
     dpo.main(a), dpo.main(b)
-    (_, sa), (_, sb) = read_checkpoint(a.run.checkpoint_dir), read_checkpoint(b.checkpoint_dir)
+    (_, sa), (_, sb) = read_checkpoint(a.run.checkpoint_dir), read_checkpoint(b.run.checkpoint_dir)
     for x, y in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"]), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
     sft_params = nnx.split(dpo.load_model(a.sft_model)[0])[1]

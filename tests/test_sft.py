@@ -227,7 +227,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
 
 def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset, monkeypatch, capsys):
     """A run on 2 devices: every number it logs and prints at the end (check_what_sft_logs_and_prints), then the
-    export opened by transformers, then a --base-model run on it."""
+    export opened by transformers, then a --base-model run on it, in the finished run's checkpoint dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,18 +249,14 @@ def test_smoke_run_exports_a_transformers_checkpoint(tmp_path, pc_dataset, monke
         theirs, exact = (m(torch.tensor(ids)).logits.numpy() for m in (hf, copy.deepcopy(hf).double()))
     mine = np.asarray(ours(jnp.asarray(ids), sft.positions_from_mask(jnp.ones_like(ids)), jnp.ones_like(ids))[0])
     assert_as_accurate(mine, theirs, exact, what="exported model's logits")
-    # fine-tuning the exported checkpoint as a --base-model works too (with its own tokenizer)
-    again = sft.main(
-        tiny_args(
-            tmp_path,
-            dataset=str(pc_dataset),
-            base_model=str(out),
-            max_steps=2,
-            output_dir=str(tmp_path / "out2"),
-            checkpoint_dir=str(tmp_path / "ck2"),
-        )
-    )
+    # fine-tuning the exported checkpoint as a --base-model works too (with its own tokenizer); the first run's
+    # checkpoint dir is marked finished, so this run may replace it; its last step, off the --checkpoint-every grid,
+    # is saved too
+    args = tiny_args(tmp_path, dataset=str(pc_dataset), base_model=str(out), max_steps=3, output_dir=str(out) + "2")
+    again = sft.main(args)
     assert np.isfinite(again) and (tmp_path / "out2" / "tokenizer.json").exists()
+    assert read_checkpoint(args.run.checkpoint_dir)[0] == 3 and args.run.checkpoint_every == 2
+    assert (Path(args.run.checkpoint_dir) / "FINISHED").read_text() == f"exported to {args.run.output_dir}\n"
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path, pc_dataset, monkeypatch, capsys):
@@ -287,25 +283,16 @@ def test_resume_after_interruption_gives_the_uninterrupted_run_exactly(tmp_path,
     assert_same_params(sft.load_model(tmp_path / "straight" / "out")[0], a["params"])
 
 
-def test_the_last_step_is_saved_off_the_checkpoint_grid_and_a_finished_run_may_be_replaced(tmp_path, pc_dataset):
-    """3 steps with --checkpoint-every 2: the state after step 3 is saved too; the export marks the checkpoint dir
-    FINISHED, so a new run may replace it (an unfinished one is refused: the resume test)."""
-    args = tiny_args(tmp_path, dataset=str(pc_dataset), max_steps=3, checkpoint_every=2)
-    for _ in range(2):  # the second run replaces the finished first one
-        sft.main(args)
-        assert read_checkpoint(args.run.checkpoint_dir)[0] == 3
-        finished = Path(args.run.checkpoint_dir) / "FINISHED"
-        assert finished.read_text() == f"exported to {args.run.output_dir}\n"
-
-
 def test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged(tmp_path, pc_dataset):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"a model trained earlier")
     digest = tree_digest(out)
     args = tiny_args(tmp_path, dataset=str(pc_dataset), learning_rate=1e12, max_steps=6, checkpoint_every=1)
-    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite loss .* was not written"):
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite loss .* was not written") as error:
         sft.main(args)
+    kept = f"in {Path(args.run.checkpoint_dir).absolute()} (--resume), and {args.run.output_dir} was not written"
+    assert kept in str(error.value)
     assert tree_digest(out) == digest
     step, state = read_checkpoint(args.run.checkpoint_dir)  # the last good state is finite and resumable
     assert step >= 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state))

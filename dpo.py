@@ -511,10 +511,10 @@ def main(args: Args):
     total_steps = args.max_steps or args.num_epochs * (num_train // pairs_per_step)
     check_data(args, policy.cfg, num_train, max(train["tokens"].shape[2], val["tokens"].shape[2]))
     graphdef, params = nnx.split(policy)
-    ref_params = shard(jax.tree.map(jnp.copy, params), mesh, args.run.fsdp)  # π_ref: the frozen SFT model
+    ref_params = shard(jax.tree.map(jnp.copy, params), mesh, run.fsdp)  # π_ref: the frozen SFT model
     tx, schedule = make_optimizer(args, total_steps)  # step 4
-    params = shard(params, mesh, args.run.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    params = shard(params, mesh, run.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
     state, start = ckpt.restore(state)
     pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
     for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
@@ -522,7 +522,7 @@ def main(args: Args):
     reward = (
         nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
     )
-    frozen = {"ref": ref_params, "reward": shard(reward[1], mesh, args.run.fsdp)}  # the evaluation's (step 5)
+    frozen = {"ref": ref_params, "reward": shard(reward[1], mesh, run.fsdp)}  # the evaluation's (step 5)
     eval_sets = evaluation_sets(args, tok, pad_id, ChatTemplate.load(args.sft_model))
 
     def evaluate_and_log(step):  # step 5
@@ -545,7 +545,7 @@ def main(args: Args):
     progress, t_train = progress_bar("dpo", total_steps, start), time.time()
     with progress, ckpt:
         for step in range(start, total_steps):  # steps 2-4
-            idx = batch_indices(step, num_train, pairs_per_step, args.run.seed).reshape(args.grad_accum_steps, -1)
+            idx = batch_indices(step, num_train, pairs_per_step, run.seed).reshape(args.grad_accum_steps, -1)
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with ckpt.guard(f"step {step + 1}"):
                 ref = ref_params if args.reference == "on-the-fly" else None

@@ -555,7 +555,7 @@ def main(args: Args):
     eval_set = load_prompts(args, tok, chat, args.eval_dataset, "eval", args.eval_prompts // mesh.size * mesh.size)
     check_data(args, nnx.merge(graphdef, params).cfg, train, eval_set)
     tx = make_optimizer(args)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
     state, start = ckpt.restore(state)
 
     def evaluate_and_log(step):
@@ -568,7 +568,7 @@ def main(args: Args):
     def produce(step, params):  # steps 1-5, in the Rollouts thread
         q, qm, columns = prompt_batch(args, train, step)
         q, qm = jax.device_put((q, qm), rows)
-        key = jax.random.fold_in(jax.random.key(args.run.seed), step)
+        key = jax.random.fold_in(jax.random.key(run.seed), step)
         return rollout(args, graphdef, reward_graphdef, tok, params, frozen, q, qm, columns, key)
 
     (first, before), t_train = evaluate_and_log(start), time.time()

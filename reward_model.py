@@ -485,21 +485,21 @@ def main(args: Args):
     check_args(args, mesh.size)
     writer, t0, dtype = summary_writer(args), time.time(), run.compute_dtype
     ckpt = Checkpoints(run)
-    _, label_key, norm_key = jax.random.split(jax.random.key(args.run.seed), 3)
+    _, label_key, norm_key = jax.random.split(jax.random.key(run.seed), 3)
     policy, _ = load_model(args.sft_model, dtype)
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
-    if args.dataset is None and not (args.run.resume and Path(args.pairs_file).exists()):
+    if args.dataset is None and not (run.resume and Path(args.pairs_file).exists()):
         on_process_0("the simulated labeler", simulate_labeler, args, policy, tok, eos_id, pad_id, label_key)  # step 1
     chat = ChatTemplate.load(args.sft_model)
     train_pairs, train, val = load_pairs(args, tok, eos_id, pad_id, chat)
     arch = policy.cfg.architecture.replace("ForCausalLM", "ForSequenceClassification")  # step 2
-    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=args.run.seed)[0])
+    graphdef, params = nnx.split(load_model(args.sft_model, dtype, architecture=arch, seed=run.seed)[0])
     pairs_per_step = args.batch_size * args.grad_accum_steps
     check_data(args, policy.cfg, train["tokens"].shape[1], max(train["tokens"].shape[2], val["tokens"].shape[2]))
     total_steps = args.num_epochs * (train["tokens"].shape[1] // pairs_per_step)
     tx, schedule = make_optimizer(args, total_steps)
-    params = shard(params, mesh, args.run.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    params = shard(params, mesh, run.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
     state, start = ckpt.restore(state)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
     rows, t_setup, progress = (
@@ -509,7 +509,7 @@ def main(args: Args):
     )
     with progress, ckpt:
         for step in range(start, total_steps):  # step 3
-            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, args.run.seed).reshape(
+            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, run.seed).reshape(
                 args.grad_accum_steps, -1
             )
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]

@@ -578,8 +578,8 @@ def main(args: Args):
     check_context(args, models, frozen, queries, eval_sets)
     num_updates = args.total_episodes // args.batch_size
     tx, schedule = make_optimizer(args, num_updates)
-    params, frozen = shard(params, mesh, args.run.fsdp), shard(frozen, mesh, args.run.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, args.run.fsdp)}
+    params, frozen = shard(params, mesh, run.fsdp), shard(frozen, mesh, run.fsdp)
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
     state, start = ckpt.restore(state | {"kl_coef": shard(np.float32(args.kl_coef), mesh)})
     rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
 
@@ -596,9 +596,9 @@ def main(args: Args):
     progress, t_train = progress_bar("ppo", num_updates, start), time.time()
     with progress, ckpt:
         for update in range(start, num_updates):
-            idx = batch_indices(update, len(queries), args.batch_size, args.run.seed)
+            idx = batch_indices(update, len(queries), args.batch_size, run.seed)
             q, qm = jax.device_put((queries[idx], query_mask[idx]), rows)
-            key = jax.random.fold_in(jax.random.key(args.run.seed), update)
+            key = jax.random.fold_in(jax.random.key(run.seed), update)
             with ckpt.guard(f"PPO update {update + 1}"):
                 state, stats = ppo_iteration(args, models, tx, rows, tok, state, frozen, q, qm, key)
             stats["lr"] = float(schedule(update * args.ppo_epochs * args.num_mini_batches))

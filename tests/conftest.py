@@ -24,6 +24,10 @@ if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(caches, "pytest")
     atexit.register(shutil.rmtree, caches, True)
 os.environ |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+# The tests' programs are tiny: compiling them takes seconds, running them milliseconds. So XLA's backend (LLVM)
+# optimisations are off, in subprocesses too (the suite's CPU time -25%). Results move by float32 rounding only
+# (a tiny model's loss and gradients: 1e-9), which every tolerance here allows for.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -108,47 +112,61 @@ def hf_model(request, tmp_path_factory):
     return request.param, make_hf_model(request.param, path), path
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """build(directory) -> paths, run once per test run: under pytest-xdist the first worker to ask builds it and the
+    others wait for it and share it (a file lock in the directory the workers' temporary directories share)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    import pickle
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{root}.lock"):
+        if not (root / "built.pickle").exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+            root.mkdir()
+            (root / "built.pickle").write_bytes(pickle.dumps(build(root)))
+        return pickle.loads((root / "built.pickle").read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_sft(tmp_path_factory):
     """A tiny SFT checkpoint (its own BPE tokenizer) trained a few steps on random movie-review words."""
-    import numpy as np
     from test_sft import TINY, write_jsonl
 
     import sft
 
-    tmp = tmp_path_factory.mktemp("tiny_sft")
-    rng = np.random.default_rng(0)
-    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
-    data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
-    sft.main(
-        make_args(
-            sft, **{**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}
-        )
-    )
-    return tmp / "sft"
+    def build(tmp):
+        rng = np.random.default_rng(0)
+        words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+        data = write_jsonl(tmp / "d.jsonl", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
+        flags = {**TINY, "dataset": str(data), "output_dir": str(tmp / "sft"), "checkpoint_dir": str(tmp / "ck")}
+        sft.main(make_args(sft, **flags))
+        return tmp / "sft"
+
+    return once_per_run(tmp_path_factory, "tiny_sft", build)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory, tiny_sft):
     """The tiny SFT checkpoint, a reward model saved from its backbone, and a prompts file."""
-    import shutil
-
     from test_sft import write_jsonl
 
     import sft
 
-    tmp = tmp_path_factory.mktemp("ppo")
-    shutil.copytree(tiny_sft, tmp / "sft")
-    rng = np.random.default_rng(0)
-    words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
-    rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
-    rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
-    tok, eos, pad = sft.load_tokenizer(tmp / "sft")
-    sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
-    prompts = write_jsonl(
-        tmp / "prompts.jsonl", [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)]
-    )
-    return tmp, prompts
+    def build(tmp):
+        shutil.copytree(tiny_sft, tmp / "sft")
+        rng = np.random.default_rng(0)
+        words = "the film was great good bad awful boring loved hated plot actor fun dull".split()
+        rm, _ = sft.load_model(tmp / "sft", architecture="LlamaForSequenceClassification", seed=1)
+        rm.cfg = sft.ModelConfig(**{**vars(rm.cfg), "reward_gain": 1.5, "reward_bias": 0.25})
+        tok, eos, pad = sft.load_tokenizer(tmp / "sft")
+        sft.save_model(tmp / "rm", rm, tmp / "sft", {"pad_token_id": pad, "eos_token_id": eos})
+        rows = [{"prompt": " ".join(rng.choice(words, n))} for n in rng.integers(2, 6, 40)]
+        return tmp, write_jsonl(tmp / "prompts.jsonl", rows)
+
+    return once_per_run(tmp_path_factory, "ppo", build)
 
 
 class RecordingWriter:

@@ -122,6 +122,7 @@ def rewards_module(monkeypatch):
 
     module.aligned_good, module.only_long = aligned_good, only_long
     module.good = lambda prompts, completions, **columns: [float(c.count("good")) for c in completions]
+    module.chars = lambda prompts, completions, **columns: [len(c) / 10 for c in completions]  # varies in every group
     monkeypatch.setitem(sys.modules, "grpo_test_rewards", module)
     return module
 
@@ -308,11 +309,12 @@ def test_staleness_0_is_the_synchronous_loop_and_1_samples_with_the_previous_wei
 ):
     """main with --max-staleness 0 ends at the plain loop's weights; with 1, at those of the plain loop whose batch s
     is sampled by the weights of step s − 1 (the ratio then to those weights); the two differ."""
-    finals = {}
-    for k in (0, 1):
-        args = tiny_args(
-            tiny_sft, tmp_path, prompts_with_answers, max_staleness=k, checkpoint_dir=str(tmp_path / f"ck{k}")
+    finals, fns = {}, tuple(f"grpo_test_rewards:{f}" for f in ("aligned_good", "only_long", "chars"))
+    for k in (0, 1):  # chars: no group's rewards are all equal (with only the others, a batch can have no signal)
+        kw = dict(
+            max_staleness=k, checkpoint_dir=str(tmp_path / f"ck{k}"), reward_fn=fns, reward_weights=(1.0, 0.5, 0.3)
         )
+        args = tiny_args(tiny_sft, tmp_path, prompts_with_answers, **kw)
         grpo.main(args)
         step, state = read_checkpoint(args.run.checkpoint_dir)
         assert step == 3

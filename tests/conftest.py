@@ -25,7 +25,7 @@ if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.
     atexit.register(shutil.rmtree, caches, True)
 os.environ |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 # The tests' programs are tiny: compiling them takes seconds, running them milliseconds. So XLA's backend (LLVM)
-# optimisations are off, in subprocesses too (the suite's CPU time -25%). Results move by float32 rounding only
+# optimisations are off, in subprocesses too (the suite's time: -24%). Results move by float32 rounding only
 # (a tiny model's loss and gradients: 1e-9), which every tolerance here allows for.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

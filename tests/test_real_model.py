@@ -3,7 +3,6 @@ template, and TRL's conversational formats in every script. One conversion per t
 
 import gc
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -81,16 +80,15 @@ def smollm2_2_layers(smollm2, tmp_path_factory):
     steps (which then compile and run in seconds); the whole model is checked against transformers above."""
     from safetensors.numpy import load_file, save_file
 
-    def build(tmp):
+    def build(tmp, layers=2):
         out = tmp / "smollm2-2-layers"
         shutil.copytree(smollm2[0], out, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
-        tensors = load_file(smollm2[0] / "model.safetensors")
+        kept = lambda name: not name.startswith("model.layers.") or int(name.split(".")[2]) < layers
         save_file(
-            {k: v for k, v in tensors.items() if not re.match(r"model\.layers\.([2-9]|\d\d)\.", k)},
-            out / "model.safetensors",
+            {k: v for k, v in load_file(smollm2[0] / "model.safetensors").items() if kept(k)}, out / "model.safetensors"
         )
         config = json.loads((out / "config.json").read_text())
-        (out / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+        (out / "config.json").write_text(json.dumps(config | {"num_hidden_layers": layers}))
         return out
 
     return once_per_run(tmp_path_factory, "smollm2_2_layers", build)

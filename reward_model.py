@@ -206,7 +206,7 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     Each row keeps the sampled token ids ("prompt_ids", "chosen_ids", "rejected_ids"), on which the reward model trains
     (as LHP does: a policy's samples need not be the canonical tokenisation of their text), and their text to read."""
     graphdef, params = nnx.split(policy)
-    prompts = encode_prompts(tok, movie_reviews("labeler"), args.prompt_tokens)[: args.num_prompts or None]
+    prompts = encode_prompts(tok, movie_reviews("labeler")[: args.num_prompts or None], args.prompt_tokens)
     repeated = [p for p in prompts for _ in range(2 * args.pairs_per_prompt)]
     responses = sample_continuations(
         step_function(graphdef),
@@ -409,25 +409,31 @@ def evaluate(graphdef, params, data, sharding, batch_size: int):
     }
 
 
-def ppo_prompts(args: Args, tok, train_pairs, eos_id: int | None = None, chat=None):
+def ppo_prompts(args: Args, tok, train_pairs, eos_id: int | None = None, chat=None, n: int | None = None):
     """The prompts PPO trains on, as token ids: --norm-dataset, or rlhf_ppo.py's default prompts (the first
-    --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts."""
+    --prompt-tokens tokens of the IMDB training reviews) with the embedded data, or the training pairs' prompts.
+    With n: n of them drawn at random without replacement (seeded by --seed), and only those encoded."""
+
+    def pick(xs):
+        if n is None:
+            return xs
+        drawn = np.random.default_rng([args.run.seed, 1]).choice(len(xs), min(n, len(xs)), replace=False)
+        return [xs[i] for i in drawn]
+
     if args.norm_dataset:
-        return read_prompts(args.norm_dataset, tok, chat)
+        return pick(read_prompts(args.norm_dataset, tok, chat))
     if args.dataset is None:
-        return encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
-    return pair_token_ids(tok, train_pairs, eos_id, chat)[0]
+        return encode_prompts(tok, pick(movie_reviews("train")), args.prompt_tokens)
+    return pick(pair_token_ids(tok, train_pairs, eos_id, chat)[0])
 
 
 def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prompts, sharding, key):
     """(gain, bias) that make the rewards of the SFT policy's samples mean 0 / std 1 ("gain_bias": Ziegler et al.
     2019, LHP's normalize_after) or mean 0 ("bias"), and those raw rewards. The samples are those PPO starts from:
-    --norm-prompts of PPO's training prompts (token ids) drawn at random, sampled at --norm-temperature, scored as
-    rlhf_ppo.py scores them (prompt + response + EOS, the sampled ids)."""
+    the prompts (--norm-prompts of PPO's, ppo_prompts), sampled at --norm-temperature, scored as rlhf_ppo.py scores
+    them (prompt + response + EOS, the sampled ids)."""
     if args.normalize == "none":
         return 1.0, 0.0, None
-    rng = np.random.default_rng([args.run.seed, 1])
-    prompts = [prompts[i] for i in rng.choice(len(prompts), min(args.norm_prompts, len(prompts)), replace=False)]
     pgraph, pparams = nnx.split(policy)
     responses = sample_continuations(
         step_function(pgraph),
@@ -535,7 +541,7 @@ def main(args: Args):
             progress.advance(0)
         ckpt.save(total_steps, state, final=True)
     ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
-    prompts = ppo_prompts(args, tok, train_pairs, eos_id, chat)  # step 4
+    prompts = ppo_prompts(args, tok, train_pairs, eos_id, chat, n=args.norm_prompts)  # step 4
     gain, bias, raw = fit_normalization(
         args, graphdef, state["params"], policy, eos_id, pad_id, prompts, rows, norm_key
     )
@@ -543,8 +549,8 @@ def main(args: Args):
     model.cfg = dataclasses.replace(model.cfg, reward_gain=gain, reward_bias=bias)
     ckpt.export(model, args.sft_model, {"pad_token_id": pad_id, "eos_token_id": eos_id})
     if raw is not None:
-        print(f"normalisation ({args.normalize}): raw SFT-sample rewards mean {raw.mean():.3f} std {raw.std():.3f}")
-        print(f"  -> gain {gain:.4f}, bias {bias:.4f}")
+        print(f"normalisation ({args.normalize}): raw rewards of {len(raw)} SFT samples: mean {raw.mean():.3f}")
+        print(f"  std {raw.std():.3f} -> gain {gain:.4f}, bias {bias:.4f}")
     print(
         f"held-out: accuracy {ev['accuracy']:.4f} (labels), {ev['gold_accuracy']:.4f} (gold ordering, "
         f"{ev['gold_pairs']} untied pairs); {train['tokens'].shape[1]} training pairs; setup {t_setup:.0f}s, "

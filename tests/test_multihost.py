@@ -122,11 +122,6 @@ def test_sft_two_processes_train_as_one_over_two_devices_and_resume_exactly(tmp_
 
 
 def test_reward_model_two_processes_label_once_and_train_as_one_over_two_devices(tmp_path, tiny_sft):
-    """The normalisation samples a small --norm-dataset: PPO's default prompts, IMDB's 22,412 training reviews, take
-    20 s to encode in each of the three runs (tests/test_reward_model.py's smoke run reads them)."""
-    norm = tmp_path / "norm.jsonl"
-    norm.write_text("".join(f'{{"prompt": "the film {w}"}}\n' for w in "was is had got made saw great dull".split()))
-
     def args(name, **kw):
         return make_args(
             rm,
@@ -140,8 +135,7 @@ def test_reward_model_two_processes_label_once_and_train_as_one_over_two_devices
             num_epochs=1,
             eval_every=2,
             log_every=2,
-            norm_prompts=6,
-            norm_dataset=str(norm),
+            norm_prompts=16,
             max_seq_len=24,
             **kw,
         )

@@ -157,7 +157,7 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
     assert_as_accurate(normalised, 2.0 * theirs - 0.5, 2.0 * exact - 0.5, what="normalised scores")
 
 
-def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
+def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft, capsys):
     from transformers import AutoModelForSequenceClassification
 
     args = make_args(
@@ -177,6 +177,7 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
         num_devices=2,
     )
     ev = rm.main(args)
+    assert "normalisation (gain_bias): raw rewards of 48 SFT samples" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
     assert len(rows) == 64 * args.pairs_per_prompt and {
         "prompt",
@@ -197,46 +198,57 @@ def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft):
     assert ev2["gold_pairs"] == ev["gold_pairs"]
 
 
-def test_normalisation_is_fitted_on_ppo_prompts_at_ppo_temperature(tmp_path, tiny_sft, monkeypatch):
-    """mean 0 / std 1 (or mean 0) on a random sample of the given prompts (PPO's), sampled at --norm-temperature."""
+def test_normalisation_is_fitted_on_the_given_prompts_at_ppo_temperature(tmp_path, tiny_sft, monkeypatch):
+    """mean 0 / std 1 (or mean 0) on samples of the given prompts (ppo_prompts' draw), at --norm-temperature."""
     policy, _ = sft.load_model(tiny_sft)
     tok, eos, pad = sft.load_tokenizer(tiny_sft)
     score_model, _ = sft.load_model(tiny_sft, architecture="LlamaForSequenceClassification", seed=5)
     graphdef, params = nnx.split(score_model)
     prompts = sft.encode_prompts(
-        tok, [f"the film {w} {v}" for w in "was is had got made saw".split() for v in "a the".split()]
+        tok, [f"the film {w} {v}" for w in "was is had got made".split() for v in "a the".split()]
     )
     sharding = jax.sharding.NamedSharding(sft.make_mesh(1), jax.sharding.PartitionSpec())
     seen, real = [], rm.sample_continuations
     monkeypatch.setattr(rm, "sample_continuations", lambda *a, **k: seen.append(a) or real(*a, **k))
     for mode in ("gain_bias", "bias"):
         args = make_args(
-            rm, normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=8, norm_temperature=0.6
+            rm, normalize=mode, response_length=6, batch_size=8, max_seq_len=16, norm_prompts=4, norm_temperature=0.6
         )
         gain, bias, raw = rm.fit_normalization(
             args, graphdef, params, policy, eos, pad, prompts, sharding, jax.random.key(0)
         )
         normalised = gain * raw + bias
-        assert abs(normalised.mean()) < 1e-5 and len(raw) == 8
+        assert abs(normalised.mean()) < 1e-5 and len(raw) == 10
         assert (abs(normalised.std() - 1) < 1e-4) if mode == "gain_bias" else (gain == 1.0)
     sampled, temperature = seen[-1][3], seen[-1][6]
-    assert temperature == 0.6 and len(sampled) == 8 and all(p in prompts for p in sampled)
-    assert sampled != prompts[:8] and sampled != sorted(sampled)  # a random sample, not the first or the smallest
+    assert temperature == 0.6 and sampled == prompts
 
 
-def test_the_default_normalisation_prompts_are_ppos_default_prompts(tiny_sft, monkeypatch):
+def test_the_normalisation_prompts_are_a_random_draw_of_ppos_prompts(tmp_path, tiny_sft, monkeypatch, capsys):
     """Each script's own movie_reviews, cut to the first 50 texts of each split (the 22,412 training reviews encode
-    slowly with a BPE of 300 tokens)."""
+    slowly with a BPE of 300 tokens): ppo_prompts is PPO's default prompts, and with n, n of them drawn at random
+    (not the first n, not in order), for the embedded data, a --norm-dataset and the training pairs alike."""
     import rlhf_ppo as ppo
 
     assert len(sft.movie_reviews("train")) == 22_412
     for script in (ppo, rm):
         monkeypatch.setattr(script, "movie_reviews", lambda split, f=script.movie_reviews: f(split)[:50])
-    tok, _, pad = sft.load_tokenizer(tiny_sft)
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
     ours = rm.ppo_prompts(make_args(rm, sft_model=str(tiny_sft)), tok, [])
     queries, mask, _ = ppo.setup_data(make_args(ppo, sft_model=str(tiny_sft), pad_token_id=pad), tok)
     assert len(ours) == len(queries) == 50
     assert [q[m].tolist() for q, m in zip(queries, mask)] == ours
+    texts = [f"the film {w} {v}" for w in "was is had got made".split() for v in "a the".split()]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in texts])
+    pairs = [{"prompt": t, "chosen": " good", "rejected": " bad"} for t in texts]  # their prompts: 10 distinct texts
+    for every, kw, train_pairs in [
+        (ours, {}, []),
+        (sft.encode_prompts(tok, texts), dict(norm_dataset=str(prompts)), pairs),
+        (sft.encode_prompts(tok, texts), dict(dataset="pairs.jsonl"), pairs),
+    ]:
+        drawn = rm.ppo_prompts(make_args(rm, sft_model=str(tiny_sft), **kw), tok, train_pairs, eos, n=8)
+        assert len(drawn) == 8 and all(p in every for p in drawn) and len({tuple(p) for p in drawn}) == 8
+        assert drawn != every[:8] and drawn != [p for p in every if p in drawn]  # not the first, not in order
 
 
 def test_pairs_with_token_ids_train_on_those_ids(tmp_path, tiny_sft):

@@ -1,6 +1,6 @@
 """One PPO iteration of rlhf_ppo.py against a deliberately naive reference written from the papers.
 
-The reference runs the model on each episode alone (no padding, no batching, the full [T, V] logits), and does
+The reference runs the model on each episode alone (no padding mask, no batching, the full [T, V] logits), and does
 the RL arithmetic in float64 numpy with Python loops over rows and tokens:
 
     L_b      = responses truncated after the first stop token (N+ details "truncate after the EOS")
@@ -50,47 +50,51 @@ def full_forward(graphdef, params, seq):
     return nnx.merge(graphdef, params)(seq[None], jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), bool))[0][0]
 
 
-@partial(jax.jit, static_argnames=("graphdefs", "value_model", "prompt_len", "temperature"))
-def episode_logprobs_and_values(graphdefs, value_model, params, seq, prompt_len, temperature):
-    """log π_t and V_t of one episode seq = prompt + response, read token by token at the position before each."""
+@partial(jax.jit, static_argnames=("graphdefs", "value_model", "temperature"))
+def next_token_logprobs_and_values(graphdefs, value_model, params, seq, temperature):
+    """At each position i of one unpadded sequence seq [T]: log π(seq[i + 1] | seq[:i + 1]) and V(seq[:i + 1])."""
     policy = nnx.merge(graphdefs.policy, params["policy"])
     h, _ = policy.hidden_states(seq[None], jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), bool))
     logits = policy.head(h)[0]  # [T, V], the full logits
     if value_model == "shared":  # a value head on the policy's last hidden state
-        v_all = nnx.merge(graphdefs.value, params["value"])(h)[0, :, 0]
+        values = nnx.merge(graphdefs.value, params["value"])(h)[0, :, 0]
     else:
-        v_all = full_forward(graphdefs.value, params["value"], seq)
-    logps, values = [], []
-    for t in range(len(seq) - prompt_len):  # the position P - 1 + t predicts response token t
-        logps.append(jax.nn.log_softmax(logits[prompt_len - 1 + t] / temperature)[seq[prompt_len + t]])
-        values.append(v_all[prompt_len - 1 + t])
-    return jnp.stack(logps), jnp.stack(values)
+        values = full_forward(graphdefs.value, params["value"], seq)
+    logps = jax.nn.log_softmax(logits[:-1] / temperature)[jnp.arange(len(seq) - 1), seq[1:]]
+    return logps, values[:-1]
 
 
 class Naive:
-    """The reference: per-episode forward passes, loops over rows and tokens."""
+    """The reference: per-episode forward passes, loops over rows and tokens. Each episode runs alone, followed by
+    filler tokens up to one common length (one compiled program for all): a causal model's earlier positions do not
+    see them, and only positions inside the episode are read."""
 
     def __init__(self, args, graphdefs, eos):
         self.args, self.graphdefs, self.eos = args, graphdefs, eos
 
+    def filled(self, episodes, seq):
+        width = max(len(p) for p, _ in episodes) + self.args.response_length + 1
+        return jnp.asarray(np.pad(np.asarray(seq), (0, width - len(seq))), jnp.int32)
+
     def forward(self, params, episodes):
-        """[(prompt ids, truncated response ids)] -> per row: logπ_t [L], V_t [L] (jnp, differentiable in params)."""
-        return [
-            episode_logprobs_and_values(
-                self.graphdefs,
-                self.args.value_model,
-                params,
-                jnp.asarray(np.concatenate([prompt, resp]), jnp.int32),
-                len(prompt),
-                self.args.temperature,
+        """[(prompt ids, truncated response ids)] -> per row: logπ_t [L], V_t [L] (jnp, differentiable in params);
+        the position P - 1 + t predicts response token t."""
+        out = []
+        for prompt, resp in episodes:
+            seq = self.filled(episodes, np.concatenate([prompt, resp]))
+            logps, values = next_token_logprobs_and_values(
+                self.graphdefs, self.args.value_model, params, seq, self.args.temperature
             )
-            for prompt, resp in episodes
-        ]
+            P, L = len(prompt), len(resp)
+            out.append((logps[P - 1 : P - 1 + L], values[P - 1 : P - 1 + L]))
+        return out
 
     def ref_logprobs(self, ref_params, episodes):
         out = []
         for prompt, resp in episodes:
-            logits = full_forward(self.graphdefs.policy, ref_params, jnp.asarray(np.concatenate([prompt, resp])))
+            logits = full_forward(
+                self.graphdefs.policy, ref_params, self.filled(episodes, np.concatenate([prompt, resp]))
+            )
             logp = log_softmax64(np.asarray(logits) / self.args.temperature)
             out.append(np.array([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(resp)]))
         return out
@@ -99,7 +103,7 @@ class Naive:
         out = []
         for (prompt, resp), stop in zip(episodes, has_stop):
             seq = list(prompt) + list(resp) + ([] if len(resp) and resp[-1] == self.eos else [self.eos])
-            score = float(full_forward(self.graphdefs.reward, rm_params, jnp.asarray(seq, jnp.int32))[-1])
+            score = float(full_forward(self.graphdefs.reward, rm_params, self.filled(episodes, seq))[len(seq) - 1])
             penalty = self.args.missing_eos_penalty
             out.append(score if stop or penalty is None else penalty)
         return np.array(out)

@@ -494,7 +494,7 @@ def chars_value(text):
 
 
 def sparse_value(text):  # None (does not apply) for the empty completions and a third of the others
-    return None if len(text) % 3 == 0 else float(len(text) % 5) - 1.0
+    return None if len(text) % 3 == 0 else float(len(text) % 5) - 0.7
 
 
 @pytest.fixture
@@ -675,7 +675,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
     assert "kl" not in logged and all(set(log[k]) == {1, 2, 3} for k in logged)  # β = 0: no reference in training
 
     # evaluation at steps 0, 2 and 3 (--eval-every 2 and the last step) on the first 6 held-out prompts
-    evaluations = {}
+    evaluations, sparse_nans = {}, []
     for step, (q, qm, comp), call in zip((0, 2, 3), sampled["eval"], eval_calls):
         rows = naive_episodes(tok, q, qm, comp, eos)
         assert [" ".join(r["prompt_text"].split()) for r in rows] == held_out
@@ -683,6 +683,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
         lengths = {len(r["completion"]) for r in rows}
         assert step != 3 or (min(lengths) < 6 and 6 in lengths), lengths  # some stop early (eval/kl's mask matters)
         per, total = naive_sources(rows, naive_rm_scores(rm, rows, eos))
+        sparse_nans.append(np.nanmean(per[:, 1]) != np.mean(np.nan_to_num(per[:, 1])))  # a None counts in no mean
         expected = {
             "eval/reward": total.mean(),
             "eval/completions/mean_length": np.mean([len(r["completion"]) for r in rows]),
@@ -695,6 +696,7 @@ def test_grpo_with_a_reward_model_and_reward_functions_logs_evaluates_and_prints
         for k, v in expected.items():
             assert log[k][step] == pytest.approx(v, rel=1e-4, abs=2e-4), (k, step)
         evaluations[step] = rows, total, expected
+    assert any(sparse_nans)  # a discriminating case: a held-out mean that skips the Nones
     assert first == {k: log[k][0] for k in first} and final == {k: log[k][3] for k in final}
     assert final["eval/kl"] > 0.02 and abs(first["eval/kl"]) < 1e-4
 

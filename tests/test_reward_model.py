@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,19 @@ def test_export_opens_in_transformers_with_the_same_raw_scores(tmp_path):
     g2, p2 = nnx.split(again)
     normalised = np.asarray(rm.rewards(p2, g2, jnp.asarray(tokens), jnp.asarray(mask)))
     assert_as_accurate(normalised, 2.0 * theirs - 0.5, 2.0 * exact - 0.5, what="normalised scores")
+
+
+def test_the_held_out_metrics_on_scores_given_by_hand(monkeypatch):
+    """evaluate's definitions, each score given by hand (the row's first token id − 5): accuracy counts a strict win of
+    the chosen side (a tie is an error), the loss is −log σ(chosen − rejected), the gold accuracy and its pair count
+    cover the pairs with known, untied gold scores."""
+    chosen, rejected = [7, 5, 6, 4, 5], [6, 5, 8, 3, 5]  # margins 1, 0, -2, 1, 0
+    tokens = np.stack([np.array([chosen, rejected]).T] * 3, axis=-1).transpose(1, 0, 2)  # [2, 5, 3]
+    gold = np.array([[1.0, 0.3, 0.0, np.nan, 2.0], [0.0, 0.1, 1.0, 0.5, 2.0]])  # untied and known: pairs 0, 1, 2
+    monkeypatch.setattr(rm, "score_all", lambda graphdef, params, tokens, *a: tokens[:, 0].astype(np.float64) - 5)
+    ev = rm.evaluate(None, None, {"tokens": tokens, "mask": np.ones_like(tokens, bool), "gold": gold}, None, 4)
+    loss = np.mean([math.log1p(math.exp(-m)) for m in (1, 0, -2, 1, 0)])
+    assert ev == {"accuracy": 0.4, "loss": pytest.approx(loss, rel=1e-9), "gold_accuracy": 2 / 3, "gold_pairs": 3}
 
 
 def test_smoke_run_with_simulated_labeler(tmp_path, tiny_sft, capsys):

@@ -126,6 +126,16 @@ def test_loss_only_on_completion_tokens(tmp_path, pc_dataset):
     assert int(count) == targets.sum() == n_completion + 1 + data["loss_mask"][1].sum() - 1
 
 
+def test_the_logged_samples_prompts_are_the_untrained_tokens_or_a_texts_first_8():
+    """A prompt (loss from token 4, or 2) gives its untrained tokens; a text, trained from token 0 or after a BOS (from
+    token 1), gives its first 8 tokens, not a lone BOS; only the first n held-out examples."""
+    tokens, loss_mask = np.arange(50).reshape(5, 10), np.zeros((5, 10), bool)
+    for row, first in enumerate([0, 1, 4, 2, 3]):
+        loss_mask[row, first:] = True
+    expected = [list(range(8)), list(range(10, 18)), [20, 21, 22, 23], [30, 31]]
+    assert sft.sample_prompt_ids({"tokens": tokens, "loss_mask": loss_mask}, 4) == expected
+
+
 def test_truncation_is_reported(tmp_path, capsys, pc_dataset):
     tok = sft.train_tokenizer(["a b c d e f g"], 300, tmp_path)
     data, truncated = sft.tokenize(tok, [{"prompt": "", "completion": "a b c d e f g " * 20}], 0, 1, 8)

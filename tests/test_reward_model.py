@@ -163,7 +163,7 @@ def test_the_held_out_metrics_on_scores_given_by_hand(monkeypatch):
     the chosen side (a tie is an error), the loss is −log σ(chosen − rejected), the gold accuracy and its pair count
     cover the pairs with known, untied gold scores."""
     chosen, rejected = [7, 5, 6, 4, 5], [6, 5, 8, 3, 5]  # margins 1, 0, -2, 1, 0
-    tokens = np.stack([np.array([chosen, rejected]).T] * 3, axis=-1).transpose(1, 0, 2)  # [2, 5, 3]
+    tokens = np.repeat(np.array([chosen, rejected])[:, :, None], 3, axis=2)  # [2, 5, 3]: the pairs' sides, 3 tokens
     gold = np.array([[1.0, 0.3, 0.0, np.nan, 2.0], [0.0, 0.1, 1.0, 0.5, 2.0]])  # untied and known: pairs 0, 1, 2
     monkeypatch.setattr(rm, "score_all", lambda graphdef, params, tokens, *a: tokens[:, 0].astype(np.float64) - 5)
     ev = rm.evaluate(None, None, {"tokens": tokens, "mask": np.ones_like(tokens, bool), "gold": gold}, None, 4)
@@ -238,7 +238,7 @@ def test_normalisation_is_fitted_on_the_given_prompts_at_ppo_temperature(tmp_pat
     assert temperature == 0.6 and sampled == prompts
 
 
-def test_the_normalisation_prompts_are_a_random_draw_of_ppos_prompts(tmp_path, tiny_sft, monkeypatch, capsys):
+def test_the_normalisation_prompts_are_a_random_draw_of_ppos_prompts(tmp_path, tiny_sft, monkeypatch):
     """Each script's own movie_reviews, cut to the first 50 texts of each split (the 22,412 training reviews encode
     slowly with a BPE of 300 tokens): ppo_prompts is PPO's default prompts, and with n, n of them drawn at random
     (not the first n, not in order), for the embedded data, a --norm-dataset and the training pairs alike."""

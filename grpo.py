@@ -322,18 +322,10 @@ def sample_and_score(
     """Steps 2-4 for B rows: completions sampled with `params`, their log-probs (and the reference's, with_ref), the
     texts and each reward [B, F] (NaN: does not apply)."""
     cache = init_cache(nnx.merge(graphdef, params).cfg, queries.shape[0], queries.shape[1] + args.response_length)
-    completions, old_logprobs = sample(
-        step_function(graphdef),
-        params,
-        cache,
-        queries,
-        query_mask,
-        key,
-        max_new_tokens=args.response_length,
-        temperature=args.temperature,
-        stop_token_id=args.stop_token_id,
-        pad_token_id=args.pad_token_id,
-    )  # 2, 3: log π_old from the sampler
+    completions, old_logprobs = sample(step_function(graphdef), params, cache, queries, query_mask, key,
+                                       max_new_tokens=args.response_length, temperature=args.temperature,
+                                       stop_token_id=args.stop_token_id, pad_token_id=args.pad_token_id)  # fmt: skip
+    # 2, 3: log π_old from the sampler
     batch = score_completions(
         args, graphdef, reward_graphdef, frozen, queries, query_mask, completions, old_logprobs, with_ref
     )  # 2, 3 (and the reward model's score)
@@ -896,9 +888,8 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
-                shape
-            )
+            score = self.score(h)[:, 0].astype(jnp.float32)
+            return (score * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -948,15 +939,12 @@ def read_safetensors(ckpt: Path) -> dict:
     """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
+    index, files = ckpt / "model.safetensors.index.json", ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(
-                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
-            )
+            raise FileNotFoundError(f"{ckpt / f}: missing (an HF checkpoint needs model.safetensors or an index)")
     return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
@@ -1030,18 +1018,15 @@ def load_tokenizer(path):
     tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
 
-    def token_id(name):
-        t = tc.get(name)
-        t = t.get("content") if isinstance(t, dict) else t
-        return tok.token_to_id(t) if t is not None else None
+    def token_id(name):  # tokenizer_config.json's token (a string or {"content": ...}), else config.json's id
+        t = tc.get(name + "_token")
+        t = tok.token_to_id(t.get("content") if isinstance(t, dict) else t) if t is not None else None
+        t = cfg.get(name + "_token_id") if t is None else t
+        return t[0] if isinstance(t, list) else t
 
-    eos = token_id("eos_token")
-    eos = eos if eos is not None else cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos, pad = token_id("eos"), token_id("pad")
     if eos is None:
         raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
-    pad = token_id("pad_token")
-    pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
 
 
@@ -1072,10 +1057,8 @@ class ChatTemplate:
         return cls(source, special, str(where)) if source else None
 
     def render(self, messages, add_generation_prompt=False) -> str:
-        template = _compile_chat_template(self.source)
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
-        )
+        kwargs = dict(self.special_tokens, messages=messages, add_generation_prompt=add_generation_prompt)
+        return _compile_chat_template(self.source).render(**kwargs)
 
 
 @cache
@@ -1319,14 +1302,8 @@ def summary_writer(args):
 
 def progress_bar(name: str, total: int, completed: int):
     """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics (process 0's only)."""
-    columns = (
-        TextColumn(name),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    )
-    progress = Progress(*columns, disable=jax.process_index() != 0)
+    bar, info = (BarColumn(), MofNCompleteColumn()), TextColumn("{task.fields[info]}")
+    progress = Progress(TextColumn(name), *bar, info, TimeRemainingColumn(), disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
 
@@ -1344,16 +1321,13 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):

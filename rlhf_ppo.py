@@ -208,19 +208,9 @@ def generate(args: Args, models: Models, params, queries, query_mask, key):
     their log-probs [B, R] under the sampling distribution: log π_old of step 9, equal to a forward pass's within
     float32 error (tests/test_ppo_reference.py), so the rollout needs no policy forward pass of its own."""
     cache = init_cache(models.config, queries.shape[0], queries.shape[1] + args.response_length)
-    step_fn = step_function(models.policy)
-    return sample(
-        step_fn,
-        params["policy"],
-        cache,
-        queries,
-        query_mask,
-        key,
-        max_new_tokens=args.response_length,
-        temperature=args.temperature,
-        stop_token_id=args.stop_token_id,
-        pad_token_id=args.pad_token_id,
-    )
+    return sample(step_function(models.policy), params["policy"], cache, queries, query_mask, key,
+                  max_new_tokens=args.response_length, temperature=args.temperature,
+                  stop_token_id=args.stop_token_id, pad_token_id=args.pad_token_id)  # fmt: skip
 
 
 def response_mask(responses, stop_token_id: int):
@@ -529,14 +519,8 @@ def load_models(args: Args, dtype):
     if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
         value = load_model(args.reward_model, dtype, flag="--reward-model")[0]
     else:  # a value head on the policy trunk, zero-initialised as LHP's
-        value = nnx.Linear(
-            cfg.hidden_size,
-            1,
-            kernel_init=nnx.initializers.zeros,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=nnx.Rngs(args.run.seed),
-        )
+        zeros, rngs = nnx.initializers.zeros, nnx.Rngs(args.run.seed)
+        value = nnx.Linear(cfg.hidden_size, 1, kernel_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     graph_value, value_params = nnx.split(value)
     ref_params = jax.tree.map(jnp.copy, policy_params)  # a frozen copy of the SFT policy
     models = Models(graph_policy, graph_value, graph_reward, cfg)
@@ -896,9 +880,8 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
-                shape
-            )
+            score = self.score(h)[:, 0].astype(jnp.float32)
+            return (score * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -948,15 +931,12 @@ def read_safetensors(ckpt: Path) -> dict:
     """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
+    index, files = ckpt / "model.safetensors.index.json", ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(
-                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
-            )
+            raise FileNotFoundError(f"{ckpt / f}: missing (an HF checkpoint needs model.safetensors or an index)")
     return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
@@ -1030,18 +1010,15 @@ def load_tokenizer(path):
     tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
 
-    def token_id(name):
-        t = tc.get(name)
-        t = t.get("content") if isinstance(t, dict) else t
-        return tok.token_to_id(t) if t is not None else None
+    def token_id(name):  # tokenizer_config.json's token (a string or {"content": ...}), else config.json's id
+        t = tc.get(name + "_token")
+        t = tok.token_to_id(t.get("content") if isinstance(t, dict) else t) if t is not None else None
+        t = cfg.get(name + "_token_id") if t is None else t
+        return t[0] if isinstance(t, list) else t
 
-    eos = token_id("eos_token")
-    eos = eos if eos is not None else cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos, pad = token_id("eos"), token_id("pad")
     if eos is None:
         raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
-    pad = token_id("pad_token")
-    pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
 
 
@@ -1072,10 +1049,8 @@ class ChatTemplate:
         return cls(source, special, str(where)) if source else None
 
     def render(self, messages, add_generation_prompt=False) -> str:
-        template = _compile_chat_template(self.source)
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
-        )
+        kwargs = dict(self.special_tokens, messages=messages, add_generation_prompt=add_generation_prompt)
+        return _compile_chat_template(self.source).render(**kwargs)
 
 
 @cache
@@ -1319,14 +1294,8 @@ def summary_writer(args):
 
 def progress_bar(name: str, total: int, completed: int):
     """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics (process 0's only)."""
-    columns = (
-        TextColumn(name),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    )
-    progress = Progress(*columns, disable=jax.process_index() != 0)
+    bar, info = (BarColumn(), MofNCompleteColumn()), TextColumn("{task.fields[info]}")
+    progress = Progress(TextColumn(name), *bar, info, TimeRemainingColumn(), disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
 
@@ -1344,16 +1313,13 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):

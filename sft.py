@@ -289,18 +289,8 @@ def sample_texts(step_fn, params, cfg, tok, eos_id, pad_id, prompts, key, max_ne
     tokens, mask = left_pad(prompts, pad_id)
     P = tokens.shape[1]
     cache = init_cache(cfg, len(prompts), P + max_new_tokens)
-    out, _ = sample(
-        step_fn,
-        params,
-        cache,
-        tokens,
-        mask,
-        key,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        stop_token_id=eos_id,
-        pad_token_id=pad_id,
-    )
+    out, _ = sample(step_fn, params, cache, tokens, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
+                    stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
     return [tok.decode([t for t in row if t != pad_id]) for row in np.asarray(out)]
 
 
@@ -319,15 +309,8 @@ def setup_model(args: Args, dtype):
         )
         on_process_0("training the tokenizer", train_tokenizer, texts, args.vocab_size, tok_dir)
     tok, eos_id, pad_id = load_tokenizer(tok_dir)
-    cfg = ModelConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        head_dim=args.hidden_size // args.num_heads,
-    )
+    cfg = ModelConfig(tok.get_vocab_size(), args.hidden_size, args.intermediate_size, args.num_layers, args.num_heads,
+                      args.num_kv_heads, head_dim=args.hidden_size // args.num_heads)  # fmt: skip
     return Transformer(cfg, dtype, rngs=nnx.Rngs(args.run.seed)), tok, eos_id, pad_id, tok_dir
 
 
@@ -653,9 +636,8 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> float32 logits [B, T, V], or normalised scores [B, T]."""
         shape, h = h.shape[:-1], h.reshape(-1, h.shape[-1])  # [B * T, D]
         if self.cfg.is_score_model:
-            return (self.score(h)[:, 0].astype(jnp.float32) * self.cfg.reward_gain + self.cfg.reward_bias).reshape(
-                shape
-            )
+            score = self.score(h)[:, 0].astype(jnp.float32)
+            return (score * self.cfg.reward_gain + self.cfg.reward_bias).reshape(shape)
         logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32).reshape(*shape, -1)
 
@@ -705,15 +687,12 @@ def read_safetensors(ckpt: Path) -> dict:
     """The tensors of model.safetensors, or of the shards its index names."""
     from safetensors.flax import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
+    index, files = ckpt / "model.safetensors.index.json", ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     for f in files:
         if not (ckpt / f).exists():
-            raise FileNotFoundError(
-                f"{ckpt / f}: missing (a Hugging Face checkpoint needs model.safetensors or an index)"
-            )
+            raise FileNotFoundError(f"{ckpt / f}: missing (an HF checkpoint needs model.safetensors or an index)")
     return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
@@ -787,18 +766,15 @@ def load_tokenizer(path):
     tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
 
-    def token_id(name):
-        t = tc.get(name)
-        t = t.get("content") if isinstance(t, dict) else t
-        return tok.token_to_id(t) if t is not None else None
+    def token_id(name):  # tokenizer_config.json's token (a string or {"content": ...}), else config.json's id
+        t = tc.get(name + "_token")
+        t = tok.token_to_id(t.get("content") if isinstance(t, dict) else t) if t is not None else None
+        t = cfg.get(name + "_token_id") if t is None else t
+        return t[0] if isinstance(t, list) else t
 
-    eos = token_id("eos_token")
-    eos = eos if eos is not None else cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos, pad = token_id("eos"), token_id("pad")
     if eos is None:
         raise ValueError(f"{path}: no eos_token in tokenizer_config.json and no eos_token_id in config.json")
-    pad = token_id("pad_token")
-    pad = pad if pad is not None else cfg.get("pad_token_id")
     return tok, eos, (eos if pad is None else pad)
 
 
@@ -829,10 +805,8 @@ class ChatTemplate:
         return cls(source, special, str(where)) if source else None
 
     def render(self, messages, add_generation_prompt=False) -> str:
-        template = _compile_chat_template(self.source)
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **dict(self.special_tokens)
-        )
+        kwargs = dict(self.special_tokens, messages=messages, add_generation_prompt=add_generation_prompt)
+        return _compile_chat_template(self.source).render(**kwargs)
 
 
 @cache
@@ -1076,14 +1050,8 @@ def summary_writer(args):
 
 def progress_bar(name: str, total: int, completed: int):
     """A rich progress bar with one task (id 0) whose `info` field shows the latest metrics (process 0's only)."""
-    columns = (
-        TextColumn(name),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    )
-    progress = Progress(*columns, disable=jax.process_index() != 0)
+    bar, info = (BarColumn(), MofNCompleteColumn()), TextColumn("{task.fields[info]}")
+    progress = Progress(TextColumn(name), *bar, info, TimeRemainingColumn(), disable=jax.process_index() != 0)
     progress.add_task("", total=total, completed=completed, info="")
     return progress
 
@@ -1101,16 +1069,13 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                ) from None
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):

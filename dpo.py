@@ -258,13 +258,12 @@ def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None
 def split_by_prompt(pairs, val_fraction: float):
     """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
     key = lambda pair: pair["prompt"] if isinstance(pair["prompt"], str) else json.dumps(pair["prompt"])  # noqa: E731
+    held_out = lambda xs: set(np.random.default_rng(0).permutation(xs)[: max(1, int(len(xs) * val_fraction))].tolist())
     prompts = sorted({key(p) for p in pairs})
-    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
     if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
-        val_idx = set(
-            np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist()
-        )
-        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
+        val = held_out(np.arange(len(pairs)))
+        return [p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val]
+    val = held_out(prompts)
     return [p for p in pairs if key(p) not in val], [p for p in pairs if key(p) in val]
 
 
@@ -325,14 +324,9 @@ def dpo_loss(args: Args, logps, ref_logps, lengths):
 def make_optimizer(args: Args, total_steps: int):
     """Step 4: AdamW (weight decay on matrices only) after a global-norm clip; linear warm-up over 10% of the steps,
     then linear decay to 0 (reward_model.py's)."""
-    warmup = max(1, total_steps // 10)
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, args.learning_rate, warmup),
-            optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup),
-        ],
-        [warmup],
-    )
+    warmup, lr = max(1, total_steps // 10), args.learning_rate
+    up, down = optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total_steps - warmup)
+    schedule = optax.join_schedules([up, down], [warmup])
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm),
@@ -407,13 +401,12 @@ def preference_accuracy(args: Args, graphdef, params, data, sharding):
     losses, rewards = dpo_loss(args, jnp.asarray(logps), jnp.asarray(data["ref_logps"]), jnp.asarray(lengths))
     margin, gold_margin = np.asarray(rewards[0] - rewards[1]), data["gold"][0] - data["gold"][1]
     untied = ~np.isnan(gold_margin) & (gold_margin != 0)
+    gold_accuracy = np.mean(np.sign(margin[untied]) == np.sign(gold_margin[untied])) if untied.any() else np.nan
     return {
         "eval/loss": float(np.mean(losses)),
         "eval/rewards/accuracies": float(np.mean(margin > 0)),
         "eval/rewards/margins": float(np.mean(margin)),
-        "eval/rewards/gold_accuracies": float(np.mean(np.sign(margin[untied]) == np.sign(gold_margin[untied])))
-        if untied.any()
-        else float("nan"),
+        "eval/rewards/gold_accuracies": float(gold_accuracy),
     }
 
 
@@ -537,10 +530,8 @@ def main(args: Args):
         return metrics
 
     first = final = evaluate_and_log(start)
-    print(
-        f"{num_train} training pairs, {total_steps} steps; setup {time.time() - t0:.0f}s; at step {start}: "
-        + summary(first)
-    )
+    setup = f"{num_train} training pairs, {total_steps} steps; setup {time.time() - t0:.0f}s"
+    print(f"{setup}; at step {start}: {summary(first)}")
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, ...]
     progress, t_train = progress_bar("dpo", total_steps, start), time.time()
     with progress, ckpt:

@@ -252,9 +252,10 @@ def score_completions(
 ):
     """Steps 2-4 on the device: truncation, log π_ref (with_ref) and the reward model's score (if any), in one
     compiled call. old_logprobs [B, R]: the sampler's, of the weights that sampled the completions (step 3)."""
+    # [B, R], [B, P + R], [B, P + R]
     comp_mask, tokens, mask = truncated_episodes(
         queries, query_mask, completions, args.stop_token_id, args.pad_token_id
-    )  # [B, R], [B, P + R], [B, P + R]
+    )
     ref_logprobs = jnp.zeros_like(old_logprobs)  # β = 0: the reference is not read
     if with_ref:
         ref_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens, mask, completions, args.temperature)[0]
@@ -466,9 +467,8 @@ def prompt_batch(args: Args, train, step: int):
     """Step 1: the B / G prompts of `step` (a pure function of seed and step), each repeated G times: tokens, mask
     [B, P] and the columns, G consecutive rows per prompt."""
     tokens, mask, columns = train
-    idx = np.repeat(
-        batch_indices(step, len(tokens), args.batch_size // args.group_size, args.run.seed), args.group_size
-    )
+    idx = batch_indices(step, len(tokens), args.batch_size // args.group_size, args.run.seed)
+    idx = np.repeat(idx, args.group_size)
     return tokens[idx], mask[idx], {k: [v[i] for i in idx] for k, v in columns.items()}
 
 
@@ -521,13 +521,8 @@ def make_optimizer(args: Args):
 def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset and, with neither --reward-fn nor
     --reward-model, the built-in reward functions: the static configuration of the jitted functions is complete."""
-    fill = lambda flag, default: default if flag is None else flag
-    args = dataclasses.replace(
-        args,
-        stop_token_id=fill(args.stop_token_id, eos_id),
-        eos_token_id=fill(args.eos_token_id, eos_id),
-        pad_token_id=fill(args.pad_token_id, pad_id),
-    )
+    ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    args = dataclasses.replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in ids.items()})
     if not args.reward_fn and not args.reward_model:
         args = dataclasses.replace(args, reward_fn=BUILT_IN_REWARDS)
     return args
@@ -566,10 +561,8 @@ def main(args: Args):
     (first, before), t_train = evaluate_and_log(start), time.time()
     final, after = first, before
     print(f"{len(train[0])} training prompts, {args.max_steps} steps; setup {t_train - t0:.0f}s; " + summary(first))
-    rollouts, progress = (
-        Rollouts(produce, start, args.max_steps, args.max_staleness),
-        progress_bar("grpo", args.max_steps, start),
-    )
+    rollouts = Rollouts(produce, start, args.max_steps, args.max_staleness)
+    progress = progress_bar("grpo", args.max_steps, start)
     with progress, ckpt, contextlib.closing(rollouts):
         for step in range(start, args.max_steps):
             rollouts.publish(step, state["params"])

@@ -179,10 +179,8 @@ def sample_continuations(
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        P = max(map(len, chunk))
-        tokens = np.array([[pad_id] * (P - len(p)) + p for p in chunk], np.int32)  # left padding
-        mask = np.array([[False] * (P - len(p)) + [True] * len(p) for p in chunk])
-        cache = init_cache(cfg, len(chunk), P + response_length)
+        tokens, mask = left_pad(chunk, pad_id)
+        cache = init_cache(cfg, len(chunk), tokens.shape[1] + response_length)
         key, k = jax.random.split(key)
         new, _ = sample(step_fn, params, cache, tokens, mask, k, max_new_tokens=response_length,
                         temperature=temperature, stop_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
@@ -208,16 +206,9 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
     with open(args.pairs_file + ".tmp", "w") as f:
         for c, r in zip(chosen, rejected):
-            row = {
-                "prompt": tok.decode(repeated[c]),
-                "chosen": texts[c],
-                "rejected": texts[r],
-                "chosen_gold": float(gold[c]),
-                "rejected_gold": float(gold[r]),
-                "prompt_ids": repeated[c],
-                "chosen_ids": responses[c],
-                "rejected_ids": responses[r],
-            }
+            row = {"prompt": tok.decode(repeated[c]), "chosen": texts[c], "rejected": texts[r],
+                   "chosen_gold": float(gold[c]), "rejected_gold": float(gold[r]),
+                   "prompt_ids": repeated[c], "chosen_ids": responses[c], "rejected_ids": responses[r]}  # fmt: skip
             f.write(json.dumps(row) + "\n")
     os.replace(args.pairs_file + ".tmp", args.pairs_file)
     agree = np.mean((gold[chosen] > gold[rejected])[gold[chosen] != gold[rejected]])
@@ -302,13 +293,12 @@ def tokenize_pairs(tok, pairs, eos_id: int, pad_id: int, max_len: int, chat=None
 def split_by_prompt(pairs, val_fraction: float):
     """Held-out pairs are those of a random val_fraction of the prompts (no prompt is in both splits)."""
     key = lambda pair: pair["prompt"] if isinstance(pair["prompt"], str) else json.dumps(pair["prompt"])  # noqa: E731
+    held_out = lambda xs: set(np.random.default_rng(0).permutation(xs)[: max(1, int(len(xs) * val_fraction))].tolist())
     prompts = sorted({key(p) for p in pairs})
-    val = set(np.random.default_rng(0).permutation(prompts)[: max(1, int(len(prompts) * val_fraction))].tolist())
     if len(prompts) == 1:  # implicit-prompt data: split the pairs themselves
-        val_idx = set(
-            np.random.default_rng(0).permutation(len(pairs))[: max(1, int(len(pairs) * val_fraction))].tolist()
-        )
-        return [p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx]
+        val = held_out(np.arange(len(pairs)))
+        return [p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val]
+    val = held_out(prompts)
     return [p for p in pairs if key(p) not in val], [p for p in pairs if key(p) in val]
 
 
@@ -375,17 +365,14 @@ def score_all(graphdef, params, tokens, mask, sharding, batch_size: int):
 def evaluate(graphdef, params, data, sharding, batch_size: int):
     """Held-out accuracy against the labels and, where gold scores exist, against the noiseless gold ordering."""
     _, N, L = data["tokens"].shape
-    r = score_all(
-        graphdef, params, data["tokens"].reshape(2 * N, L), data["mask"].reshape(2 * N, L), sharding, batch_size
-    )
+    r = score_all(graphdef, params, *(data[k].reshape(2 * N, L) for k in ("tokens", "mask")), sharding, batch_size)
     margin, gold_margin = r[:N] - r[N:], data["gold"][0] - data["gold"][1]
     strict = ~np.isnan(gold_margin) & (gold_margin != 0)
+    gold_accuracy = np.mean((margin > 0)[strict] == (gold_margin > 0)[strict]) if strict.any() else np.nan
     return {
         "accuracy": float(np.mean(margin > 0)),
         "loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin)
-        "gold_accuracy": float(np.mean((margin > 0)[strict] == (gold_margin > 0)[strict]))
-        if strict.any()
-        else float("nan"),
+        "gold_accuracy": float(gold_accuracy),
         "gold_pairs": int(strict.sum()),
     }
 
@@ -430,14 +417,9 @@ def fit_normalization(args: Args, graphdef, params, policy, eos_id, pad_id, prom
 
 
 def make_optimizer(args: Args, total_steps: int):
-    warmup = max(1, total_steps // 10)
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, args.learning_rate, warmup),
-            optax.linear_schedule(args.learning_rate, 0.0, total_steps - warmup),
-        ],
-        [warmup],
-    )
+    warmup, lr = max(1, total_steps // 10), args.learning_rate
+    up, down = optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total_steps - warmup)
+    schedule = optax.join_schedules([up, down], [warmup])
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm),
@@ -480,16 +462,12 @@ def main(args: Args):
     state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
     state, start = ckpt.restore(state)
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, None, "data"))  # [A, 2, B, L]: pairs split over devices
-    rows, t_setup, progress = (
-        NamedSharding(mesh, PartitionSpec("data")),
-        time.time() - t0,
-        progress_bar("reward model", total_steps, start),
-    )
+    rows, t_setup = NamedSharding(mesh, PartitionSpec("data")), time.time() - t0
+    progress = progress_bar("reward model", total_steps, start)
     with progress, ckpt:
         for step in range(start, total_steps):  # step 3
-            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, run.seed).reshape(
-                args.grad_accum_steps, -1
-            )
+            idx = batch_indices(step, train["tokens"].shape[1], pairs_per_step, run.seed)
+            idx = idx.reshape(args.grad_accum_steps, -1)
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with ckpt.guard(f"step {step + 1}"):
                 sharded = jax.device_put(batch, batch_sharding)
@@ -507,9 +485,8 @@ def main(args: Args):
                 ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)
                 for k in ("accuracy", "gold_accuracy", "loss"):
                     writer.add_scalar(f"eval/rm/{k}", ev[k], step + 1)
-                progress.console.print(
-                    f"step {step + 1}: eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}"
-                )
+                accuracies = f"eval/rm/accuracy {ev['accuracy']:.3f}  gold {ev['gold_accuracy']:.3f}"
+                progress.console.print(f"step {step + 1}: {accuracies}")
             progress.advance(0)
         ckpt.save(total_steps, state, final=True)
     ev = evaluate(graphdef, state["params"], val, rows, args.batch_size)

@@ -177,11 +177,8 @@ def setup_data(args: Args, tok):
         prompts = encode_prompts(tok, movie_reviews("train"), args.prompt_tokens)
     queries, query_mask = left_pad(prompts, args.pad_token_id)
     eval_sets = evaluation_sets(args, tok, chat)
-    print(
-        f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on "
-        + " and ".join(f"{len(q)} {name}" for name, (q, _) in eval_sets.items())
-        + " prompts"
-    )
+    sets = " and ".join(f"{len(q)} {name}" for name, (q, _) in eval_sets.items())
+    print(f"{len(prompts)} training prompts of up to {queries.shape[1]} tokens; eval on {sets} prompts")
     return queries, query_mask, eval_sets
 
 
@@ -513,9 +510,8 @@ def load_models(args: Args, dtype):
     """-> Models, the trainable params {"policy", "value"}, the frozen ones {"ref", "reward"}."""
     policy, cfg = load_model(args.sft_model, dtype)
     graph_policy, policy_params = nnx.split(policy)
-    graph_reward, rm_params = (
-        nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
-    )
+    reward = load_model(args.reward_model, dtype, flag="--reward-model")[0] if args.reward_model else None
+    graph_reward, rm_params = nnx.split(reward) if reward else (None, None)
     if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
         value = load_model(args.reward_model, dtype, flag="--reward-model")[0]
     else:  # a value head on the policy trunk, zero-initialised as LHP's
@@ -544,10 +540,8 @@ def make_optimizer(args: Args, num_updates: int):
 def resolve_token_ids(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset: the static configuration of the
     jitted functions is then complete."""
-    stop = args.stop_token_id if args.stop_token_id is not None else eos_id
-    eos = args.eos_token_id if args.eos_token_id is not None else eos_id
-    pad = args.pad_token_id if args.pad_token_id is not None else pad_id
-    return dataclasses.replace(args, stop_token_id=stop, eos_token_id=eos, pad_token_id=pad)
+    ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    return dataclasses.replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in ids.items()})
 
 
 def main(args: Args):
@@ -590,9 +584,8 @@ def main(args: Args):
             stats["eps"] = (update + 1 - start) * args.batch_size / (time.time() - t_train)
             for k, v in stats.items():
                 writer.add_scalar(k, v, episode)
-            progress.update(
-                0, info=f"score {stats['objective/scores']:.3f} kl {stats['objective/kl']:.2f} {stats['eps']:.1f} eps"
-            )
+            info = f"score {stats['objective/scores']:.3f} kl {stats['objective/kl']:.2f} {stats['eps']:.1f} eps"
+            progress.update(0, info=info)
             if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
                 final = evaluate_and_log(update + 1)
                 progress.console.print(f"update {update + 1}: " + summary(final))

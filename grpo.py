@@ -252,10 +252,9 @@ def score_completions(
 ):
     """Steps 2-4 on the device: truncation, log π_ref (with_ref) and the reward model's score (if any), in one
     compiled call. old_logprobs [B, R]: the sampler's, of the weights that sampled the completions (step 3)."""
-    # [B, R], [B, P + R], [B, P + R]
     comp_mask, tokens, mask = truncated_episodes(
         queries, query_mask, completions, args.stop_token_id, args.pad_token_id
-    )
+    )  # [B, R], [B, P + R], [B, P + R]
     ref_logprobs = jnp.zeros_like(old_logprobs)  # β = 0: the reference is not read
     if with_ref:
         ref_logprobs = completion_logprobs(graphdef, frozen["ref"], tokens, mask, completions, args.temperature)[0]
@@ -522,7 +521,7 @@ def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset and, with neither --reward-fn nor
     --reward-model, the built-in reward functions: the static configuration of the jitted functions is complete."""
     ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
-    args = dataclasses.replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in ids.items()})
+    args = dataclasses.replace(args, **{k: v for k, v in ids.items() if getattr(args, k) is None})
     if not args.reward_fn and not args.reward_model:
         args = dataclasses.replace(args, reward_fn=BUILT_IN_REWARDS)
     return args
@@ -1314,10 +1313,10 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                if not (line := raw.decode("utf-8")).strip():
+                    continue
+                row = json.loads(line)
             except UnicodeDecodeError as e:
                 where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None

@@ -1201,10 +1201,10 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                if not (line := raw.decode("utf-8")).strip():
+                    continue
+                row = json.loads(line)
             except UnicodeDecodeError as e:
                 where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None

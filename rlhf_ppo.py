@@ -541,7 +541,7 @@ def resolve_token_ids(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset: the static configuration of the
     jitted functions is then complete."""
     ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
-    return dataclasses.replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in ids.items()})
+    return dataclasses.replace(args, **{k: v for k, v in ids.items() if getattr(args, k) is None})
 
 
 def main(args: Args):
@@ -1306,10 +1306,10 @@ def jsonl_rows(path):
     not an object stops the run with FILE:LINE: what is wrong."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                if not (line := raw.decode("utf-8")).strip():
+                    continue
+                row = json.loads(line)
             except UnicodeDecodeError as e:
                 where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text ({where})") from None

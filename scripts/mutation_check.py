@@ -212,7 +212,7 @@ MUTANTS = [
            "        tensors[name] = np.ascontiguousarray(w.T if transpose else w)", "        tensors[name] = np.ascontiguousarray(w)",
            (T_MODEL + "test_save_load_roundtrip_is_exact",)),
     Mutant("data: a file that is not UTF-8 is read as Latin-1", "sft.py",
-           'row = json.loads(raw.decode("utf-8"))', 'row = json.loads(raw.decode("latin-1"))',
+           'line := raw.decode("utf-8")', 'line := raw.decode("latin-1")',
            (T_SFT + "test_a_file_that_is_not_utf8_names_file_and_line",)),
     # ---- sharding
     Mutant("sharding: --num-devices ignored (one device)", "sft.py",

@@ -48,6 +48,23 @@ G_ITER = T_GRPO + "test_num_iterations_are_steps_on_the_same_batch_and_a_nan_los
 T_DATA_SPLITS = "tests/test_data.py::test_each_stage_reads_the_split_its_docstring_names"
 T_DPO_EVAL = "tests/test_preference_eval.py::test_dpo_evaluates_as_rlhf_ppo_does"
 G_ALONE = T_GRPO + "test_built_in_rewards_are_named_alone_and_the_rollout_helpers_give_rlhf_ppos_arrays"
+T_LORA = "tests/test_lora.py::"
+L_INIT, L_PEFT = (
+    T_LORA + "test_at_init_the_lora_model_is_the_base_bit_for_bit",
+    T_LORA + "test_the_merged_export_and_peft_give_the_adapter_models_logits",
+)
+L_SEQ, L_REF = (
+    T_LORA + "test_a_reward_models_adapter_and_score_head_load_in_peft_as_seq_cls",
+    T_LORA + "test_the_reference_is_the_base_with_the_adapters_off",
+)
+L_TRAIN = T_LORA + "test_only_the_adapters_and_a_score_head_train_and_the_base_stays_bit_identical"
+L_WIRE = T_LORA + "test_ppo_grpo_and_dpo_read_pi_ref_as_the_sft_model_with_lora"
+L_SMOKE = T_LORA + "test_each_script_trains_adapters_on_the_targets_alone_and_exports_both"
+L_BAD, L_FLOAT = (
+    T_LORA + "test_bad_lora_flags_are_refused_at_start_up_naming_the_flag",
+    T_LORA + "test_lora_from_scratch_and_on_non_float_weights_are_refused",
+)
+L_RESUME = T_LORA + "test_resume_is_bit_exact_with_lora"
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ MUTANTS = [
            "max_new_tokens=args.response_length, temperature=args.temperature,\n                  stop",
            "max_new_tokens=args.response_length, temperature=1.0,\n                  stop", (T_PPO + "test_the_sampler_draws_at_the_rollout_temperature",)),
     Mutant("temperature: reference log-probs at T = 1", "rlhf_ppo.py",
-           "frozen[\"ref\"], tokens, mask, responses, args.temperature)", "frozen[\"ref\"], tokens, mask, responses, 1.0)", (REF,)),
+           "response_logprobs(models.policy, ref, tokens, mask, responses, args.temperature)", "response_logprobs(models.policy, ref, tokens, mask, responses, 1.0)", (REF,)),
     Mutant("temperature: fused head ignores T", "common.py",
            ".astype(jnp.float32) / temperature  # [B * c, V]", ".astype(jnp.float32)  # [B * c, V]", (REF,)),
     # ---- score placement and the reward model's input
@@ -417,7 +434,7 @@ MUTANTS = [
            '"eval/rewards/accuracies": float(np.mean(margin > 0))', '"eval/rewards/accuracies": float(np.mean(margin >= 0))',
            (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
     Mutant("dpo evaluation: samples the SFT policy", "dpo.py",
-           'tok, state["params"], frozen, eval_sets, (eos_id, pad_id)', 'tok, ref_params, frozen, eval_sets, (eos_id, pad_id)',
+           'policy.cfg, tok, state["params"],', 'policy.cfg, tok, ref_params,',
            (T_DPO + "test_dpo_learns_the_preferred_side_and_the_evaluation_starts_at_the_sft_policy",)),
     Mutant("dpo: held-out split differs from the reward model's", "dpo.py",
            "    val_fraction: float = 0.1\n", "    val_fraction: float = 0.2\n",
@@ -466,7 +483,7 @@ MUTANTS = [
     Mutant("grpo loss: β·KL not added", "grpo.py",
            "        per_token = per_token + args.beta * kl", "        per_token = per_token", (G_LOSS,)),
     Mutant("grpo loss: tokens after the stop token counted", "grpo.py",
-           '    m = batch["completion_mask"]\n    logprobs, entropy', '    m = jnp.ones_like(batch["completion_mask"])\n    logprobs, entropy',
+           '    m, params = batch["completion_mask"], params', '    m, params = jnp.ones_like(batch["completion_mask"]), params',
            (G_LOSS,)),
     Mutant("grpo loss: --loss-type grpo without the per-sequence length", "grpo.py",
            "loss = ((per_token * m).sum(1) / jnp.maximum(m.sum(1), 1)).mean()", "loss = (per_token * m).sum(1).mean()",
@@ -859,6 +876,62 @@ MUTANTS = [
            "{self.manager.directory} (--resume), and {self.run.output_dir} was not written",
            "{self.run.output_dir} (--resume), and {self.manager.directory} was not written",
            (T_SFT + "test_a_diverging_run_stops_and_leaves_the_output_dir_unchanged",)),
+    # ---- issue 27: LoRA
+    Mutant("lora: the scale α / r dropped", "sft.py",
+           "return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)", "return super().__call__(x) + lora", (L_PEFT,)),
+    Mutant("lora: the scale inverted (r / α)", "sft.py", "self.scale = alpha / rank", "self.scale = rank / alpha", (L_PEFT,)),
+    Mutant("lora: B initialised non-zero", "sft.py",
+           "jnp.zeros((rank, d_out), jnp.float32)", "jnp.full((rank, d_out), 0.01, jnp.float32)", (L_INIT,)),
+    Mutant("lora: A drawn with 3x PEFT's variance", "sft.py",
+           'variance_scaling(1 / 3, "fan_in", "uniform")', 'variance_scaling(1.0, "fan_in", "uniform")', (L_INIT,)),
+    Mutant("lora: adapters on every projection, whatever --lora-targets", "sft.py",
+           "if cfg is not None and name in cfg.lora_targets:", "if cfg is not None and cfg.lora_rank:", (L_INIT,)),
+    Mutant("lora: the merge transposed", "sft.py",
+           'lora = state.pop(a) @ state.pop(a[:-1] + ("lora_b",))', 'lora = (state.pop(a) @ state.pop(a[:-1] + ("lora_b",))).T', (L_PEFT,)),
+    Mutant("lora: the merge without the scale", "sft.py",
+           "+ model.cfg.lora_alpha / model.cfg.lora_rank * lora", "+ lora", (L_PEFT,)),
+    Mutant("lora: PEFT's A and B names swapped", "sft.py",
+           "lora_{p[-1][-1].upper()}.weight", "lora_{'B' if p[-1] == 'lora_a' else 'A'}.weight", (L_PEFT,)),
+    Mutant("lora: adapter_config.json's lora_alpha is r", "sft.py",
+           '"lora_alpha": cfg.lora_alpha,', '"lora_alpha": cfg.lora_rank,', (L_PEFT,)),
+    Mutant("lora: the score head left out of the PEFT adapter", "sft.py",
+           '        elif p[0] == "score":', "        elif False:", (L_SEQ,)),
+    Mutant("lora: the base trains too", "sft.py",
+           'nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ...', "nnx.Everything() if lora else ...", (L_TRAIN,)),
+    Mutant("lora: the reward model's score head frozen", "sft.py",
+           'nnx.Any(nnx.LoRAParam, nnx.PathContains("score"))', "nnx.Any(nnx.LoRAParam)", (L_TRAIN,)),
+    Mutant("lora: the reference reads the adapters", "sft.py",
+           "jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam))", "nnx.filter_state(params, nnx.LoRAParam)", (L_REF,)),
+    Mutant("lora: the optimizer state covers the frozen base", "sft.py",
+           "opt_state = shard(jax.jit(tx.init)(split_trained(params)[0]), mesh, run.fsdp)",
+           "opt_state = shard(jax.jit(tx.init)(params), mesh, run.fsdp)", (L_RESUME,)),
+    Mutant("lora: non-float weights loaded (cast)", "sft.py",
+           "if name in tensors and not jnp.issubdtype(tensors[name].dtype, jnp.floating):", "if False:", (L_FLOAT,)),
+    Mutant("lora flags: a negative rank accepted", "sft.py", "(run.lora_rank >= 0,", "(run.lora_rank >= -1,", (L_BAD,)),
+    Mutant("lora flags: an unknown target accepted", "sft.py", "        (not unknown, f", "        (True, f", (L_BAD,)),
+    Mutant("lora sft: --base-model loaded without adapters", "sft.py",
+           'flag="--base-model", lora=args.run)', 'flag="--base-model")', (L_SMOKE + "[sft.py]",)),
+    Mutant("lora rm: the reward model loaded without adapters", "reward_model.py",
+           "seed=run.seed, lora=run)[0]", "seed=run.seed)[0]", (L_SMOKE + "[reward_model.py]",)),
+    Mutant("lora ppo: π_ref read with the adapters on", "rlhf_ppo.py",
+           'ref = reference(params["policy"], frozen["ref"])', 'ref = frozen["ref"] if frozen["ref"] is not None else params["policy"]',
+           (L_WIRE,)),
+    Mutant("lora ppo: the policy loaded without adapters", "rlhf_ppo.py",
+           "policy, cfg = load_model(args.sft_model, dtype, lora=args.run)", "policy, cfg = load_model(args.sft_model, dtype)",
+           (L_SMOKE + "[rlhf_ppo.py]",)),
+    Mutant("lora grpo: π_ref read with the adapters on", "grpo.py",
+           'frozen = frozen | {"ref": reference(params, frozen["ref"])}',
+           'frozen = frozen | {"ref": frozen["ref"] if frozen["ref"] is not None else params}', (L_WIRE,)),
+    Mutant("lora grpo: the policy loaded without adapters", "grpo.py",
+           "load_model(args.sft_model, dtype, lora=args.run)", "load_model(args.sft_model, dtype)", (L_SMOKE + "[grpo.py]",)),
+    Mutant("lora dpo: π_ref of the loss read with the adapters on", "dpo.py",
+           "ref_params, (params, frozen) = reference(params, ref_params), split_trained(params)",
+           "ref_params, (params, frozen) = (params if ref_params is None else ref_params), split_trained(params)", (L_WIRE,)),
+    Mutant("lora dpo: π_ref of the evaluation is the policy", "dpo.py",
+           'ref_now = lambda: reference(state["params"], ref_params)', 'ref_now = lambda: ref_params or state["params"]',
+           (L_SMOKE + "[dpo.py]",)),
+    Mutant("lora dpo: the policy loaded without adapters", "dpo.py",
+           "load_model(args.sft_model, dtype, lora=run)", "load_model(args.sft_model, dtype)", (L_SMOKE + "[dpo.py]",)),
 ]  # fmt: skip
 
 

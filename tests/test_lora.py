@@ -4,6 +4,7 @@ resume, every script's run, and the errors."""
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ import pytest
 from conftest import kill_during_call, make_args, make_hf_model, read_checkpoint
 from flax import nnx, traverse_util
 from test_sft import TINY, write_jsonl
-from test_standalone import cli, run_alone
 
+import dpo
+import grpo
 import reward_model as rm
 import rlhf_ppo as ppo
 import sft
@@ -203,9 +205,9 @@ SMOKE = {
 
 
 @pytest.mark.parametrize("script", list(SMOKE))
-def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(script, tmp_path, tiny_pipeline):
-    """Each script copied alone runs with --lora-rank on the attention's q and v projections: its merged export
-    differs from the base in those weights (and a reward model's score head) and nowhere else."""
+def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(script, tmp_path, tiny_pipeline, capsys):
+    """Each script runs with --lora-rank on the attention's q and v projections: its merged export differs from the
+    base in those weights (and a reward model's score head) and nowhere else, and the PEFT adapter is written."""
     pipeline, _ = tiny_pipeline
     words = "the film was great good bad awful boring".split()
     rows = [
@@ -214,8 +216,11 @@ def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(scrip
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     flags = SMOKE[script](pipeline, tmp_path) | dict(lora_rank=2, lora_alpha=64.0, lora_targets="q_proj,v_proj")
     flags |= dict(output_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ck", num_devices=1, learning_rate=0.05)
-    ran = run_alone(script, tmp_path / "alone", *cli(**flags), "--save-adapter")
-    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    module = {"sft.py": sft, "reward_model.py": rm, "rlhf_ppo.py": ppo, "dpo.py": dpo, "grpo.py": grpo}[script]
+    module.main(
+        make_args(module, **{k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}, save_adapter=True)
+    )
+    printed = capsys.readouterr().out
     from safetensors.numpy import load_file
 
     base_dir = pipeline / "sft"
@@ -227,7 +232,7 @@ def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(scrip
     adapter = json.loads((tmp_path / "model" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base_dir) and adapter["r"] == 2
     if script in ("rlhf_ppo.py", "dpo.py"):  # π_ref, the base: the trained policy's final KL to it is not 0
-        assert float(re.search(r"^final: .*?kl (-?[\d.]+)", ran.stdout, re.M).group(1)) > 1e-3, ran.stdout[-1500:]
+        assert float(re.search(r"^final: .*?kl (-?[\d.]+)", printed, re.M).group(1)) > 1e-3, printed[-1500:]
 
 
 @pytest.mark.parametrize(
@@ -274,9 +279,6 @@ def test_ppo_grpo_and_dpo_read_pi_ref_as_the_sft_model_with_lora(tiny_pipeline, 
     from test_grpo import tiny_args as grpo_args
     from test_ppo import setup as ppo_setup
     from test_ppo import tiny_args as ppo_args
-
-    import dpo
-    import grpo
 
     pipeline, prompts = tiny_pipeline
     base_graph, base_params = nnx.split(sft.load_model(pipeline / "sft")[0])

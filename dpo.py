@@ -345,7 +345,7 @@ def frozen_logps(graphdef, params, batch):
 def loss_sum(params, args: Args, graphdef, batch, ref_logps, frozen):
     """Steps 2-3 on a micro-batch: the summed loss over its pairs, with (log π, implicit rewards) [2, B]. frozen: the
     weights that do not train (LoRA's base)."""
-    logps, lengths = pair_logps(graphdef, nnx.merge_state(params, frozen), batch)
+    logps, lengths = pair_logps(graphdef, merge_trained(params, frozen), batch)
     losses, rewards = dpo_loss(args, logps, ref_logps, lengths)
     return losses.sum(), (logps, rewards)
 
@@ -382,7 +382,7 @@ def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
     # a non-finite loss or gradient leaves the state as it was; main stops the run
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return nnx.merge_state(params, frozen), opt_state, metrics
+    return merge_trained(params, frozen), opt_state, metrics
 
 
 # ---------------------------------------------------------------- step 5: evaluation
@@ -1319,10 +1319,17 @@ class Checkpoints:
 
 
 def split_trained(params):
-    """-> (trained, frozen) parts of a model's weights (nnx.merge_state joins them). With LoRA adapters: the adapters
-    and a score head train, the base is frozen and has no optimizer state; else every weight trains."""
-    lora = bool(jax.tree.leaves(nnx.filter_state(params, nnx.LoRAParam)))
-    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ..., ...)
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def reference(params, ref=None):

@@ -365,7 +365,7 @@ def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries,
 def grpo_loss(params, args: Args, graphdef, batch, frozen=None):
     """Step 6: the clipped surrogate plus β·k3 per token, normalised as --loss-type, and TRL's statistics. frozen: the
     weights that do not train (LoRA's base), if any."""
-    m, params = batch["completion_mask"], params if frozen is None else nnx.merge_state(params, frozen)
+    m, params = batch["completion_mask"], merge_trained(params, frozen)
     logprobs, entropy = completion_logprobs(
         graphdef, params, batch["tokens"], batch["mask"], batch["completions"], args.temperature
     )
@@ -413,7 +413,7 @@ def grpo_update(args: Args, graphdef, tx, params, opt_state, batch):
         return carry, stats | {"loss": loss, "grad_norm": grad_norm}
 
     (params, opt_state), stats = jax.lax.scan(iteration, (params, opt_state), length=args.num_iterations)
-    return nnx.merge_state(params, frozen), opt_state, jax.tree.map(jnp.mean, stats)
+    return merge_trained(params, frozen), opt_state, jax.tree.map(jnp.mean, stats)
 
 
 # ---------------------------------------------------------------- asynchronous rollouts (step 2's weights)
@@ -1368,10 +1368,17 @@ class Checkpoints:
 
 
 def split_trained(params):
-    """-> (trained, frozen) parts of a model's weights (nnx.merge_state joins them). With LoRA adapters: the adapters
-    and a score head train, the base is frozen and has no optimizer state; else every weight trains."""
-    lora = bool(jax.tree.leaves(nnx.filter_state(params, nnx.LoRAParam)))
-    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ..., ...)
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def reference(params, ref=None):

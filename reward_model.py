@@ -314,7 +314,7 @@ def preference_loss(params, graphdef, batch, frozen=None):
     """-log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (InstructGPT eq. 1); batch tokens/mask [2, B, L]. frozen: the
     weights that do not train (LoRA's base), if any."""
     _, B, L = batch["tokens"].shape
-    params = params if frozen is None else nnx.merge_state(params, frozen)
+    params = merge_trained(params, frozen)
     r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L)).reshape(2, B)
     margin = r[0] - r[1]
     gold_margin = batch["gold"][0] - batch["gold"][1]
@@ -349,7 +349,7 @@ def train_step(graphdef, tx, params, opt_state, batch):
     # a non-finite loss or gradient leaves the state as it was; main stops the run
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return nnx.merge_state(params, frozen), opt_state, metrics
+    return merge_trained(params, frozen), opt_state, metrics
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -1255,10 +1255,17 @@ class Checkpoints:
 
 
 def split_trained(params):
-    """-> (trained, frozen) parts of a model's weights (nnx.merge_state joins them). With LoRA adapters: the adapters
-    and a score head train, the base is frozen and has no optimizer state; else every weight trains."""
-    lora = bool(jax.tree.leaves(nnx.filter_state(params, nnx.LoRAParam)))
-    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ..., ...)
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def reference(params, ref=None):

@@ -394,7 +394,7 @@ def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None, frozen=Non
     this micro-batch divided by `num_tokens`, the token count of the whole minibatch (default: this one), so the
     gradients of a minibatch's micro-batches add up to exactly its token mean. frozen: the weights of each model that
     do not train (LoRA's base), if any."""
-    params = params if frozen is None else {k: nnx.merge_state(params[k], frozen[k]) for k in params}
+    params = params if frozen is None else {k: merge_trained(params[k], frozen[k]) for k in params}
     m = mb["response_mask"]
     n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
 
@@ -457,7 +457,7 @@ def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, k
 
     (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, args.ppo_epochs))
     nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
-    params = {k: nnx.merge_state(params[k], frozen[k]) for k in params}
+    params = {k: merge_trained(params[k], frozen[k]) for k in params}
     return params, opt_state, jax.tree.map(jnp.mean, stats) | {"nonfinite": nonfinite}
 
 
@@ -1365,10 +1365,17 @@ class Checkpoints:
 
 
 def split_trained(params):
-    """-> (trained, frozen) parts of a model's weights (nnx.merge_state joins them). With LoRA adapters: the adapters
-    and a score head train, the base is frozen and has no optimizer state; else every weight trains."""
-    lora = bool(jax.tree.leaves(nnx.filter_state(params, nnx.LoRAParam)))
-    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ..., ...)
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def reference(params, ref=None):

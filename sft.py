@@ -225,10 +225,10 @@ def make_optimizer(args: Args):
     return tx, schedule
 
 
-def nll(params, graphdef, batch, frozen=()):
+def nll(params, graphdef, batch, frozen=None):
     """Summed next-token negative log-likelihood over the loss-masked tokens of batch [B, L], and their count. frozen:
     the weights that do not train (LoRA's base), if any."""
-    model = nnx.merge(graphdef, params, *frozen)
+    model = nnx.merge(graphdef, merge_trained(params, frozen))
     mask = batch["attention_mask"]
     logits, _ = model(batch["tokens"][:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])  # [B, L-1, V]
     logp = logprobs_from_logits(logits, batch["tokens"][:, 1:])  # [B, L-1]: log p(x_{t+1} | x_{<=t})
@@ -244,7 +244,7 @@ def train_step(graphdef, tx, params, opt_state, batch):
     params, frozen = split_trained(params)
 
     def micro_step(grad_sum, micro_batch):
-        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch, (frozen,))
+        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch, frozen)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss_sum, count)
 
     grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
@@ -256,7 +256,7 @@ def train_step(graphdef, tx, params, opt_state, batch):
     # a non-finite loss or gradient leaves the state as it was; main stops the run
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return nnx.merge_state(params, frozen), opt_state, metrics
+    return merge_trained(params, frozen), opt_state, metrics
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -1124,10 +1124,17 @@ class Checkpoints:
 
 
 def split_trained(params):
-    """-> (trained, frozen) parts of a model's weights (nnx.merge_state joins them). With LoRA adapters: the adapters
-    and a score head train, the base is frozen and has no optimizer state; else every weight trains."""
-    lora = bool(jax.tree.leaves(nnx.filter_state(params, nnx.LoRAParam)))
-    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")) if lora else ..., ...)
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def reference(params, ref=None):

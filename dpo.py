@@ -285,22 +285,23 @@ def load_preferences(args: Args, tok, eos_id: int, pad_id: int, chat=None):
 
 
 # ---------------------------------------------------------------- steps 2-4: the DPO loss and its optimizer step
-def sequence_logps(graphdef, params, tokens, mask, response_mask):
+def sequence_logps(graphdef, params, tokens, mask, response_mask, key=None):
     """Step 2: log π(y|x) = Σ_t log π(y_t | x, y_<t) over each row's response tokens, and their number: [N, L] -> [N],
-    [N]. Right-padded rows; the LM head is fused with the log-prob (common.head_logprobs: no [N, L, V] logits)."""
-    model = nnx.merge(graphdef, params)
+    [N]. Right-padded rows; the LM head is fused with the log-prob (common.head_logprobs: no [N, L, V] logits). key:
+    --lora-dropout's, in training."""
+    model = lora_dropout(nnx.merge(graphdef, params), key)
     h = model.hidden_states(tokens[:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])[0]  # [N, L-1, D]
     logp = head_logprobs(h, model.head_kernel(), tokens[:, 1:])[0]  # [N, L-1]: log π(token t+1 | tokens ≤ t)
     scored = response_mask[:, 1:]
     return jnp.sum(jnp.where(scored, logp, 0.0), axis=1), scored.sum(1)
 
 
-def pair_logps(graphdef, params, batch):
+def pair_logps(graphdef, params, batch, key=None):
     """Step 2: chosen and rejected in one forward pass: batch [2, B, L] -> log π(y|x), lengths [2, B]."""
     _, B, L = batch["tokens"].shape
     flat = lambda x: x.reshape(2 * B, L)  # noqa: E731  [2, B, L] -> [2B, L]: chosen rows, then rejected rows
     logps, lengths = sequence_logps(
-        graphdef, params, flat(batch["tokens"]), flat(batch["mask"]), flat(batch["response_mask"])
+        graphdef, params, flat(batch["tokens"]), flat(batch["mask"]), flat(batch["response_mask"]), key
     )
     return logps.reshape(2, B), lengths.reshape(2, B)
 
@@ -342,28 +343,30 @@ def frozen_logps(graphdef, params, batch):
     return jax.lax.stop_gradient(pair_logps(graphdef, params, batch)[0])
 
 
-def loss_sum(params, args: Args, graphdef, batch, ref_logps, frozen):
+def loss_sum(params, args: Args, graphdef, batch, ref_logps, frozen, key):
     """Steps 2-3 on a micro-batch: the summed loss over its pairs, with (log π, implicit rewards) [2, B]. frozen: the
-    weights that do not train (LoRA's base)."""
-    logps, lengths = pair_logps(graphdef, merge_trained(params, frozen), batch)
+    weights that do not train (LoRA's base); key: --lora-dropout's."""
+    logps, lengths = pair_logps(graphdef, merge_trained(params, frozen), batch, key)
     losses, rewards = dpo_loss(args, logps, ref_logps, lengths)
     return losses.sum(), (logps, rewards)
 
 
 @partial(jax.jit, static_argnames=("args", "graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
+def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch, key):
     """Step 4: one AdamW step on batch [A, 2, B, ...] (A accumulated micro-batches): the gradient of the mean loss over
     the A·B pairs. π_ref's log-probs are the batch's "ref_logps" (precomputed) or computed here from ref_params (with
-    LoRA: the base, the adapters off). With LoRA, the gradient and the update are the adapters' (split_trained)."""
+    LoRA: the base, the adapters off). With LoRA, the gradient and the update are the adapters' (split_trained); key:
+    --lora-dropout's (π_ref's log-probs have no dropout)."""
     ref_params, (params, frozen) = reference(params, ref_params), split_trained(params)
 
-    def micro_step(grad_sum, mb):
+    def micro_step(grad_sum, xs):  # xs: a micro-batch and its dropout key
+        (mb, key), loss_and_grad = xs, jax.value_and_grad(loss_sum, has_aux=True)
         ref = mb["ref_logps"] if args.reference == "precompute" else frozen_logps(graphdef, ref_params, mb)
-        loss_and_grad = jax.value_and_grad(loss_sum, has_aux=True)
-        (total, (logps, rewards)), grads = loss_and_grad(params, args, graphdef, mb, ref, frozen)
+        (total, (logps, rewards)), grads = loss_and_grad(params, args, graphdef, mb, ref, frozen, key)
         return jax.tree.map(jnp.add, grad_sum, grads), (total, logps, rewards)
 
-    grads, (total, logps, rewards) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    keys = jax.random.split(key, batch["tokens"].shape[0])  # one per micro-batch
+    grads, (total, logps, rewards) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (batch, keys))
     n = batch["tokens"].shape[0] * batch["tokens"].shape[2]  # A·B pairs
     grads = jax.tree.map(lambda g: g / n, grads)
     chosen, rejected = rewards[:, 0], rewards[:, 1]  # [A, B]
@@ -545,9 +548,9 @@ def main(args: Args):
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with ckpt.guard(f"step {step + 1}"):
                 ref = ref_params if args.reference == "on-the-fly" else None
-                sharded = jax.device_put(batch, batch_sharding)
+                sharded, key = jax.device_put(batch, batch_sharding), dropout_key(jax.random.key(run.seed), step)
                 params, opt_state, metrics = train_step(
-                    args, graphdef, tx, state["params"], state["opt_state"], ref, sharded
+                    args, graphdef, tx, state["params"], state["opt_state"], ref, sharded, key
                 )
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
@@ -647,6 +650,7 @@ class ModelConfig:
     lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -740,15 +744,19 @@ class LoRALinear(nnx.Linear):
     """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
     Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
 
-    def __init__(self, d_in, d_out, rank: int, alpha: float, *, rngs, **kwargs):
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
         super().__init__(d_in, d_out, rngs=rngs, **kwargs)
         init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
         self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-        self.scale = alpha / rank
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
 
     def __call__(self, x):
-        lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
         return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
 
 
@@ -756,7 +764,7 @@ def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
     """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
     kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
     if cfg is not None and name in cfg.lora_targets:
-        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, **kw)
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
     return nnx.Linear(d_in, d_out, **kw)
 
 
@@ -881,8 +889,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -930,8 +941,8 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
     if lora is not None and lora.lora_rank:
-        targets = tuple(lora.lora_targets.split(","))
-        cfg = dataclasses.replace(cfg, lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_targets=targets)
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -1012,7 +1023,7 @@ def save_adapter(path, model, base: str):
         elif p[0] == "score":
             tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
-              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
               "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
     Path(path).mkdir(parents=True)
     save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -1167,6 +1178,8 @@ class Run:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
     down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
     save_adapter: bool = False
     """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
     the merged model)"""
@@ -1193,6 +1206,7 @@ def init_devices(run: Run) -> Mesh:
     checks = [
         (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
         (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
         (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
         (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
     ]  # fmt: skip
@@ -1340,6 +1354,21 @@ def reference(params, ref=None):
         if ref is not None
         else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
     )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

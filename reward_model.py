@@ -303,19 +303,19 @@ def split_by_prompt(pairs, val_fraction: float):
 
 
 # ---------------------------------------------------------------- reward model: loss and steps
-def rewards(params, graphdef, tokens, mask):
-    """Score at the last real token of each row (the EOS), whatever the padding side: tokens, mask [B, L] -> [B]."""
-    scores, _ = nnx.merge(graphdef, params)(tokens, positions_from_mask(mask), mask)  # [B, L]
+def rewards(params, graphdef, tokens, mask, key=None):
+    """Score at the last real token of each row (the EOS), whatever the padding side: tokens, mask [B, L] -> [B].
+    key: --lora-dropout's, in training."""
+    scores, _ = lora_dropout(nnx.merge(graphdef, params), key)(tokens, positions_from_mask(mask), mask)  # [B, L]
     last = jnp.argmax(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1)  # [B]
     return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
 
 
-def preference_loss(params, graphdef, batch, frozen=None):
+def preference_loss(params, graphdef, batch, frozen=None, key=None):
     """-log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (InstructGPT eq. 1); batch tokens/mask [2, B, L]. frozen: the
-    weights that do not train (LoRA's base), if any."""
-    _, B, L = batch["tokens"].shape
-    params = merge_trained(params, frozen)
-    r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L)).reshape(2, B)
+    weights that do not train (LoRA's base), if any; key: --lora-dropout's."""
+    (_, B, L), params = batch["tokens"].shape, merge_trained(params, frozen)
+    r = rewards(params, graphdef, batch["tokens"].reshape(2 * B, L), batch["mask"].reshape(2 * B, L), key).reshape(2, B)
     margin = r[0] - r[1]
     gold_margin = batch["gold"][0] - batch["gold"][1]
     known = ~jnp.isnan(gold_margin) & (gold_margin != 0)  # pairs with a strict gold ordering
@@ -332,16 +332,18 @@ def preference_loss(params, graphdef, batch, frozen=None):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(graphdef, tx, params, opt_state, batch):
+def train_step(graphdef, tx, params, opt_state, batch, key):
     """One optimizer step on batch [A, 2, B, L]: gradients averaged over A micro-batches. With LoRA, the gradient and
-    the update are the adapters' and the score head's alone (split_trained)."""
+    the update are the adapters' and the score head's alone (split_trained); key: --lora-dropout's."""
     params, frozen = split_trained(params)
 
-    def micro_step(grad_sum, micro_batch):
-        (_, metrics), grads = jax.value_and_grad(preference_loss, has_aux=True)(params, graphdef, micro_batch, frozen)
+    def micro_step(grad_sum, xs):  # xs: a micro-batch and its dropout key
+        (micro_batch, key), loss_and_grad = xs, jax.value_and_grad(preference_loss, has_aux=True)
+        (_, metrics), grads = loss_and_grad(params, graphdef, micro_batch, frozen, key)
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
-    grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    keys = jax.random.split(key, batch["tokens"].shape[0])  # one per micro-batch
+    grads, metrics = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (batch, keys))
     grads = jax.tree.map(lambda g: g / batch["tokens"].shape[0], grads)
     metrics = jax.tree.map(jnp.mean, metrics) | {"grad_norm": optax.tree.norm(grads)}
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -474,8 +476,10 @@ def main(args: Args):
             idx = idx.reshape(args.grad_accum_steps, -1)
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with ckpt.guard(f"step {step + 1}"):
-                sharded = jax.device_put(batch, batch_sharding)
-                params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
+                sharded, drop = jax.device_put(batch, batch_sharding), dropout_key(jax.random.key(run.seed), step)
+                params, opt_state, metrics = train_step(
+                    graphdef, tx, state["params"], state["opt_state"], sharded, drop
+                )
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
             ckpt.save(step + 1, state)
@@ -583,6 +587,7 @@ class ModelConfig:
     lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -676,15 +681,19 @@ class LoRALinear(nnx.Linear):
     """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
     Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
 
-    def __init__(self, d_in, d_out, rank: int, alpha: float, *, rngs, **kwargs):
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
         super().__init__(d_in, d_out, rngs=rngs, **kwargs)
         init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
         self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-        self.scale = alpha / rank
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
 
     def __call__(self, x):
-        lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
         return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
 
 
@@ -692,7 +701,7 @@ def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
     """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
     kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
     if cfg is not None and name in cfg.lora_targets:
-        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, **kw)
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
     return nnx.Linear(d_in, d_out, **kw)
 
 
@@ -817,8 +826,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -866,8 +878,8 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
     if lora is not None and lora.lora_rank:
-        targets = tuple(lora.lora_targets.split(","))
-        cfg = dataclasses.replace(cfg, lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_targets=targets)
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -948,7 +960,7 @@ def save_adapter(path, model, base: str):
         elif p[0] == "score":
             tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
-              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
               "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
     Path(path).mkdir(parents=True)
     save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -1103,6 +1115,8 @@ class Run:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
     down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
     save_adapter: bool = False
     """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
     the merged model)"""
@@ -1129,6 +1143,7 @@ def init_devices(run: Run) -> Mesh:
     checks = [
         (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
         (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
         (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
         (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
     ]  # fmt: skip
@@ -1276,6 +1291,21 @@ def reference(params, ref=None):
         if ref is not None
         else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
     )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

@@ -224,22 +224,24 @@ def truncated_episodes(queries, query_mask, responses, stop_token_id: int, pad_t
     return resp_mask, tokens, jnp.concatenate([query_mask, resp_mask], axis=1)
 
 
-def policy_and_values(args: Args, models: Models, params, tokens, mask, responses):
+def policy_and_values(args: Args, models: Models, params, tokens, mask, responses, key=None):
     """Step 9: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
-    the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits."""
+    the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits. key:
+    --lora-dropout's, in training."""
     R, positions = responses.shape[1], positions_from_mask(mask)
-    policy = nnx.merge(models.policy, params["policy"])
+    keys = (None, None) if key is None else jax.random.split(key)  # the policy's, the value model's
+    policy = lora_dropout(nnx.merge(models.policy, params["policy"]), keys[0])
     h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
     logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, args.temperature)  # the same T everywhere
-    return logprobs, entropy, state_values(args, models, params, tokens, positions, mask, R, h)
+    return logprobs, entropy, state_values(args, models, params, tokens, positions, mask, R, h, keys[1])
 
 
-def state_values(args: Args, models: Models, params, tokens, positions, mask, R: int, policy_hidden=None):
+def state_values(args: Args, models: Models, params, tokens, positions, mask, R: int, policy_hidden=None, key=None):
     """Steps 3 and 9: V_t [B, R] at the positions that predict the R response tokens: the separate value model's
     forward pass, or (--value-model shared) a value head on the policy's hidden states there, [B, R, D], computed
-    here unless given."""
+    here unless given. key: --lora-dropout's, in training."""
     if args.value_model != "shared":
-        value = nnx.merge(models.value, params["value"])
+        value = lora_dropout(nnx.merge(models.value, params["value"]), key)
         return value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
     if policy_hidden is None:
         policy_hidden = nnx.merge(models.policy, params["policy"]).hidden_states(tokens, positions, mask)[0]
@@ -389,11 +391,11 @@ def compute_advantages(args: Args, rollout, kl_coef):
 
 
 # ---------------------------------------------------------------- step 9: the PPO update
-def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None, frozen=None):
+def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None, frozen=None, key=None):
     """Step 9: the clipped surrogate + c_v × the clipped value loss, averaged over the response tokens: sums over
     this micro-batch divided by `num_tokens`, the token count of the whole minibatch (default: this one), so the
     gradients of a minibatch's micro-batches add up to exactly its token mean. frozen: the weights of each model that
-    do not train (LoRA's base), if any."""
+    do not train (LoRA's base), if any; key: --lora-dropout's."""
     params = params if frozen is None else {k: merge_trained(params[k], frozen[k]) for k in params}
     m = mb["response_mask"]
     n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
@@ -401,7 +403,9 @@ def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None, frozen=Non
     def token_mean(x):  # over the minibatch's response tokens
         return jnp.sum(x * m) / n
 
-    new_logprobs, entropy, values = policy_and_values(args, models, params, mb["tokens"], mb["mask"], mb["responses"])
+    new_logprobs, entropy, values = policy_and_values(
+        args, models, params, mb["tokens"], mb["mask"], mb["responses"], key
+    )
 
     v_clipped = mb["values"] + jnp.clip(values - mb["values"], -args.cliprange_value, args.cliprange_value)
     vf_losses1, vf_losses2 = jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"])
@@ -432,17 +436,17 @@ def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, k
     B, parts = batch["responses"].shape[0], {k: split_trained(v) for k, v in params.items()}
     params, frozen = {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
 
-    def minibatch_step(carry, idx):  # idx [A, micro]: one minibatch as A accumulated micro-batches
-        params, opt_state = carry
+    def minibatch_step(carry, xs):  # xs: idx [A, micro], one minibatch as A accumulated micro-batches, and A keys
+        (params, opt_state), (idx, keys) = carry, xs
         num_tokens = batch["response_mask"][idx.reshape(-1)].sum()
 
-        def micro_step(grad_sum, micro_idx):
-            mb = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[micro_idx], batch), rows)
+        def micro_step(grad_sum, xs):  # xs: a micro-batch's rows and its dropout key
+            mb = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[xs[0]], batch), rows)
             loss_and_grad = jax.value_and_grad(ppo_loss, has_aux=True)
-            (loss, stats), grads = loss_and_grad(params, args, models, mb, num_tokens, frozen)
+            (loss, stats), grads = loss_and_grad(params, args, models, mb, num_tokens, frozen, xs[1])
             return jax.tree.map(jnp.add, grad_sum, grads), stats | {"loss": loss}
 
-        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), idx)
+        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (idx, keys))
         stats = jax.tree.map(jnp.sum, stats)  # token sums / minibatch tokens, added over micro-batches: minibatch means
         updates, new_opt_state = tx.update(grads, opt_state, params)
         # a non-finite loss or gradient leaves the weights as they were; ppo_iteration stops the run
@@ -453,7 +457,7 @@ def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, k
 
     def epoch(carry, key):
         perm = jax.random.permutation(key, B).reshape(args.num_mini_batches, args.grad_accum_steps, -1)  # [M, A, micro]
-        return jax.lax.scan(minibatch_step, carry, perm)
+        return jax.lax.scan(minibatch_step, carry, (perm, jax.random.split(dropout_key(key), perm.shape[:2])))
 
     (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, args.ppo_epochs))
     nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
@@ -693,6 +697,7 @@ class ModelConfig:
     lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -786,15 +791,19 @@ class LoRALinear(nnx.Linear):
     """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
     Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
 
-    def __init__(self, d_in, d_out, rank: int, alpha: float, *, rngs, **kwargs):
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
         super().__init__(d_in, d_out, rngs=rngs, **kwargs)
         init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
         self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-        self.scale = alpha / rank
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
 
     def __call__(self, x):
-        lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
         return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
 
 
@@ -802,7 +811,7 @@ def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
     """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
     kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
     if cfg is not None and name in cfg.lora_targets:
-        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, **kw)
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
     return nnx.Linear(d_in, d_out, **kw)
 
 
@@ -927,8 +936,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -976,8 +988,8 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
     if lora is not None and lora.lora_rank:
-        targets = tuple(lora.lora_targets.split(","))
-        cfg = dataclasses.replace(cfg, lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_targets=targets)
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -1058,7 +1070,7 @@ def save_adapter(path, model, base: str):
         elif p[0] == "score":
             tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
-              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
               "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
     Path(path).mkdir(parents=True)
     save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -1213,6 +1225,8 @@ class Run:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
     down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
     save_adapter: bool = False
     """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
     the merged model)"""
@@ -1239,6 +1253,7 @@ def init_devices(run: Run) -> Mesh:
     checks = [
         (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
         (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
         (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
         (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
     ]  # fmt: skip
@@ -1386,6 +1401,21 @@ def reference(params, ref=None):
         if ref is not None
         else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
     )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

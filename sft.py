@@ -225,10 +225,10 @@ def make_optimizer(args: Args):
     return tx, schedule
 
 
-def nll(params, graphdef, batch, frozen=None):
+def nll(params, graphdef, batch, frozen=None, key=None):
     """Summed next-token negative log-likelihood over the loss-masked tokens of batch [B, L], and their count. frozen:
-    the weights that do not train (LoRA's base), if any."""
-    model = nnx.merge(graphdef, merge_trained(params, frozen))
+    the weights that do not train (LoRA's base), if any; key: --lora-dropout's, in training."""
+    model = lora_dropout(nnx.merge(graphdef, merge_trained(params, frozen)), key)
     mask = batch["attention_mask"]
     logits, _ = model(batch["tokens"][:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])  # [B, L-1, V]
     logp = logprobs_from_logits(logits, batch["tokens"][:, 1:])  # [B, L-1]: log p(x_{t+1} | x_{<=t})
@@ -237,17 +237,19 @@ def nll(params, graphdef, batch, frozen=None):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(graphdef, tx, params, opt_state, batch):
+def train_step(graphdef, tx, params, opt_state, batch, key):
     """One optimizer step on batch [A, B, L]: gradients summed over A micro-batches, then divided by the
     total number of loss tokens, so accumulation gives exactly the token-mean loss of the full batch. With LoRA, the
-    gradient and the update are the adapters' alone (split_trained)."""
+    gradient and the update are the adapters' alone (split_trained); key: --lora-dropout's."""
     params, frozen = split_trained(params)
 
-    def micro_step(grad_sum, micro_batch):
-        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch, frozen)
+    def micro_step(grad_sum, xs):  # xs: a micro-batch and its dropout key
+        micro_batch, key = xs
+        (loss_sum, count), grads = jax.value_and_grad(nll, has_aux=True)(params, graphdef, micro_batch, frozen, key)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss_sum, count)
 
-    grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    keys = jax.random.split(key, batch["tokens"].shape[0])  # one per micro-batch
+    grads, (loss_sum, count) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (batch, keys))
     count = jnp.maximum(count.sum(), 1)
     grads = jax.tree.map(lambda g: g / count, grads)
     metrics = {"loss": loss_sum.sum() / count, "grad_norm": optax.tree.norm(grads)}
@@ -352,8 +354,10 @@ def main(args: Args):
             idx = batch_indices(step, len(train["tokens"]), args.batch_size * args.grad_accum_steps, run.seed)
             batch = {k: v[idx].reshape(args.grad_accum_steps, args.batch_size, -1) for k, v in train.items()}
             with ckpt.guard(f"step {step + 1}"):
-                sharded = jax.device_put(batch, batch_sharding)
-                params, opt_state, metrics = train_step(graphdef, tx, state["params"], state["opt_state"], sharded)
+                sharded, drop = jax.device_put(batch, batch_sharding), dropout_key(jax.random.key(run.seed), step)
+                params, opt_state, metrics = train_step(
+                    graphdef, tx, state["params"], state["opt_state"], sharded, drop
+                )
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
             tokens_seen += int(batch["attention_mask"].sum())
@@ -452,6 +456,7 @@ class ModelConfig:
     lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -545,15 +550,19 @@ class LoRALinear(nnx.Linear):
     """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
     Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
 
-    def __init__(self, d_in, d_out, rank: int, alpha: float, *, rngs, **kwargs):
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
         super().__init__(d_in, d_out, rngs=rngs, **kwargs)
         init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
         self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-        self.scale = alpha / rank
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
 
     def __call__(self, x):
-        lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
         return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
 
 
@@ -561,7 +570,7 @@ def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
     """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
     kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
     if cfg is not None and name in cfg.lora_targets:
-        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, **kw)
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
     return nnx.Linear(d_in, d_out, **kw)
 
 
@@ -686,8 +695,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -735,8 +747,8 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
     if lora is not None and lora.lora_rank:
-        targets = tuple(lora.lora_targets.split(","))
-        cfg = dataclasses.replace(cfg, lora_rank=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_targets=targets)
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -817,7 +829,7 @@ def save_adapter(path, model, base: str):
         elif p[0] == "score":
             tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
-              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
               "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
     Path(path).mkdir(parents=True)
     save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -972,6 +984,8 @@ class Run:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
     down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
     save_adapter: bool = False
     """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
     the merged model)"""
@@ -998,6 +1012,7 @@ def init_devices(run: Run) -> Mesh:
     checks = [
         (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
         (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
         (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
         (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
     ]  # fmt: skip
@@ -1145,6 +1160,21 @@ def reference(params, ref=None):
         if ref is not None
         else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
     )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

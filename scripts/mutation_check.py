@@ -65,6 +65,7 @@ L_BAD, L_FLOAT = (
     T_LORA + "test_lora_from_scratch_and_on_non_float_weights_are_refused",
 )
 L_RESUME = T_LORA + "test_resume_is_bit_exact_with_lora"
+L_DROP = T_LORA + "test_lora_dropout_drops_the_adapters_input_alone_with_a_key_of_each_adapters_own"
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ MUTANTS = [
            'return -log_ratio if estimator == "k1" else', 'return -log_ratio if estimator == "k3" else', (REF,)),
     # ---- temperature
     Mutant("temperature: training log-probs in the loss at T = 1", "rlhf_ppo.py",
-           "policy_and_values(args, models, params, mb[\"tokens\"], mb[\"mask\"], mb[\"responses\"])",
-           "policy_and_values(dataclasses.replace(args, temperature=1.0), models, params, mb[\"tokens\"], mb[\"mask\"], mb[\"responses\"])", (REF,)),
+           'args, models, params, mb["tokens"], mb["mask"], mb["responses"], key',
+           'dataclasses.replace(args, temperature=1.0), models, params, mb["tokens"], mb["mask"], mb["responses"], key', (REF,)),
     Mutant("temperature: sampler at T = 1", "rlhf_ppo.py",
            "max_new_tokens=args.response_length, temperature=args.temperature,\n                  stop",
            "max_new_tokens=args.response_length, temperature=1.0,\n                  stop", (T_PPO + "test_the_sampler_draws_at_the_rollout_temperature",)),
@@ -493,8 +494,8 @@ MUTANTS = [
     Mutant("grpo loss: --loss-type dr_grpo without R", "grpo.py",
            "(per_token * m).sum() / (m.shape[0] * args.response_length)", "(per_token * m).sum() / m.shape[0]", (G_LOSS,)),
     Mutant("grpo loss: training log-probs at T = 1", "grpo.py",
-           'batch["completions"], args.temperature\n    )\n    ratio',
-           'batch["completions"], 1.0\n    )\n    ratio', (G_NAIVE,)),
+           'batch["completions"], args.temperature, key\n    )\n    ratio',
+           'batch["completions"], 1.0, key\n    )\n    ratio', (G_NAIVE,)),
     Mutant("grpo sampling: the sampler at T = 1", "grpo.py",
            "max_new_tokens=args.response_length, temperature=args.temperature,\n                                       stop",
            "max_new_tokens=args.response_length, temperature=1.0,\n                                       stop",
@@ -518,7 +519,7 @@ MUTANTS = [
     Mutant("grpo rewards: None counted as 0 in the function's statistics", "grpo.py",
            "out[i, j] = np.nan if v is None else v", "out[i, j] = 0.0 if v is None else v", (G_REWARDS,)),
     Mutant("grpo update: --num-iterations ignored (one step per batch)", "grpo.py",
-           "length=args.num_iterations)", "length=1)", (G_ITER,)),
+           "keys = jax.random.split(key, args.num_iterations)", "keys = jax.random.split(key, 1)", (G_ITER,)),
     Mutant("grpo update: a non-finite step applied", "grpo.py",
            "        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)",
            "        finite = jnp.isfinite(optax.tree.norm(params))", (G_ITER,)),
@@ -879,7 +880,7 @@ MUTANTS = [
     # ---- issue 27: LoRA
     Mutant("lora: the scale α / r dropped", "sft.py",
            "return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)", "return super().__call__(x) + lora", (L_PEFT,)),
-    Mutant("lora: the scale inverted (r / α)", "sft.py", "self.scale = alpha / rank", "self.scale = rank / alpha", (L_PEFT,)),
+    Mutant("lora: the scale inverted (r / α)", "sft.py", "= alpha / rank, dropout, None", "= rank / alpha, dropout, None", (L_PEFT,)),
     Mutant("lora: B initialised non-zero", "sft.py",
            "jnp.zeros((rank, d_out), jnp.float32)", "jnp.full((rank, d_out), 0.01, jnp.float32)", (L_INIT,)),
     Mutant("lora: A drawn with 3x PEFT's variance", "sft.py",
@@ -932,6 +933,38 @@ MUTANTS = [
            (L_SMOKE + "[dpo.py]",)),
     Mutant("lora dpo: the policy loaded without adapters", "dpo.py",
            "load_model(args.sft_model, dtype, lora=run)", "load_model(args.sft_model, dtype)", (L_SMOKE + "[dpo.py]",)),
+    Mutant("lora dropout: no 1 / (1 - p) rescale of the kept units", "sft.py",
+           "x_a = jnp.where(keep, x / (1 - self.dropout), 0)", "x_a = jnp.where(keep, x, 0)", (L_DROP,)),
+    Mutant("lora dropout: p of the units kept, not 1 - p", "sft.py",
+           "jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)", "jax.random.bernoulli(self.dropout_key, self.dropout, x.shape)",
+           (L_DROP,)),
+    Mutant("lora dropout: the base's input dropped too", "sft.py",
+           "return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)",
+           "return super().__call__(x_a) + lora * jnp.asarray(self.scale, self.dtype)", (L_DROP,)),
+    Mutant("lora dropout: one key for every adapter", "sft.py",
+           "m.dropout_key = nnx.data(jax.random.fold_in(key, i))", "m.dropout_key = nnx.data(key)", (L_DROP,)),
+    Mutant("lora dropout: --lora-dropout not given to the model", "sft.py",
+           '("lora_rank", "lora_alpha", "lora_dropout")', '("lora_rank", "lora_alpha")', (L_DROP,)),
+    Mutant("lora dropout: adapter_config.json's lora_dropout 0", "sft.py",
+           '"lora_dropout": cfg.lora_dropout,', '"lora_dropout": 0.0,', (L_SMOKE + "[sft.py]",)),
+    Mutant("lora dropout flags: p = 1 accepted", "sft.py", "(0 <= run.lora_dropout < 1,", "(0 <= run.lora_dropout <= 1,", (L_BAD,)),
+    Mutant("lora dropout sft: no key in the training step", "sft.py",
+           "model = lora_dropout(nnx.merge(graphdef, merge_trained(params, frozen)), key)",
+           "model = lora_dropout(nnx.merge(graphdef, merge_trained(params, frozen)), None)", (L_SMOKE + "[sft.py]",)),
+    Mutant("lora dropout rm: no key in the training step", "reward_model.py",
+           'batch["mask"].reshape(2 * B, L), key)', 'batch["mask"].reshape(2 * B, L), None)', (L_SMOKE + "[reward_model.py]",)),
+    Mutant("lora dropout ppo: no key for the policy", "rlhf_ppo.py",
+           "keys = (None, None) if key is None else jax.random.split(key)",
+           "keys = (None, None) if key is None else (None, jax.random.split(key)[1])", (L_SMOKE + "[rlhf_ppo.py]",)),
+    Mutant("lora dropout ppo: no key for the value model", "rlhf_ppo.py",
+           'value = lora_dropout(nnx.merge(models.value, params["value"]), key)',
+           'value = lora_dropout(nnx.merge(models.value, params["value"]), None)', (L_SMOKE + "[rlhf_ppo.py]",)),
+    Mutant("lora dropout dpo: no key in the training step", "dpo.py",
+           "pair_logps(graphdef, merge_trained(params, frozen), batch, key)",
+           "pair_logps(graphdef, merge_trained(params, frozen), batch, None)", (L_SMOKE + "[dpo.py]",)),
+    Mutant("lora dropout grpo: no key in the training step", "grpo.py",
+           'batch["completions"], args.temperature, key\n', 'batch["completions"], args.temperature, None\n',
+           (L_SMOKE + "[grpo.py]",)),
 ]  # fmt: skip
 
 

@@ -126,6 +126,35 @@ def test_the_reference_is_the_base_with_the_adapters_off(hf_model):
     assert not np.allclose(ppo.response_logprobs(graphdef, params, tokens, mask, responses, 0.7), want, atol=1e-3)
 
 
+def test_lora_dropout_drops_the_adapters_input_alone_with_a_key_of_each_adapters_own(hf_model):
+    """--lora-dropout p = 0.25 against float64 numpy: y = x W + (α / r) ((x ⊙ m / (1 − p)) A) B, m ~ Bernoulli(1 − p)
+    from the adapter's key; each adapter gets its own key; without a key (evaluation, sampling, π_ref), no dropout."""
+    _, _, path = hf_model
+    model, cfg = sft.load_model(path, lora=lora_run(rank=4, alpha=8.0, lora_dropout=0.25))
+    plain = logits(randomize_adapters(model), IDS)
+    np.testing.assert_array_equal(logits(sft.lora_dropout(model, None), IDS), plain)
+    dropped = logits(sft.lora_dropout(model, jax.random.key(3)), IDS)
+    assert np.abs(dropped - plain).max() > 1e-3
+    np.testing.assert_array_equal(logits(model, IDS), dropped)  # the same key, the same units dropped
+    keys = [np.asarray(jax.random.key_data(m.dropout_key)) for _, m in nnx.iter_modules(model)
+            if isinstance(m, sft.LoRALinear)]  # fmt: skip
+    assert len(keys) == 7 * cfg.num_hidden_layers and len({k.tobytes() for k in keys}) == len(keys)
+    up = model.layers[1].mlp.up_proj
+    x = np.random.default_rng(0).normal(size=(64, cfg.hidden_size)).astype(np.float32)
+    keep = np.asarray(jax.random.bernoulli(up.dropout_key, 0.75, x.shape))
+    assert 0.7 < keep.mean() < 0.8
+    w, a, b = (np.asarray(v[...], np.float64) for v in (up.kernel, up.lora_a, up.lora_b))
+    want = x @ w + 8.0 / 4 * ((x * keep / 0.75) @ a) @ b
+    np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+    off, _ = sft.load_model(path, lora=lora_run(rank=4, alpha=8.0))  # --lora-dropout 0: a key changes nothing
+    adapters = [
+        m for _, m in nnx.iter_modules(sft.lora_dropout(off, jax.random.key(3))) if isinstance(m, sft.LoRALinear)
+    ]
+    assert adapters and all(m.dropout_key is None for m in adapters)
+    streams = [sft.dropout_key(jax.random.key(0), s) for s in (0, 1)] + list(jax.random.split(jax.random.key(0), 3))
+    assert len({np.asarray(jax.random.key_data(k)).tobytes() for k in streams}) == 5  # a step's own, apart
+
+
 @pytest.mark.parametrize("script", [sft, rm])
 def test_only_the_adapters_and_a_score_head_train_and_the_base_stays_bit_identical(hf_model, script):
     _, _, path = hf_model
@@ -150,7 +179,7 @@ def test_only_the_adapters_and_a_score_head_train_and_the_base_stays_bit_identic
         pairs = rng.integers(4, 90, (2, 2, 4, 10)).astype(np.int32)
         batch = {"tokens": pairs, "mask": np.ones_like(pairs, bool), "gold": np.zeros((2, 2, 4), np.float32)}
     for _ in range(3):
-        params, opt_state, metrics = script.train_step(graphdef, tx, params, opt_state, batch)
+        params, opt_state, metrics = script.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
     after = flat(params)
     assert np.isfinite(float(metrics["loss"]))
     for k in before:
@@ -164,6 +193,7 @@ def test_only_the_adapters_and_a_score_head_train_and_the_base_stays_bit_identic
 def test_resume_is_bit_exact_with_lora(tmp_path, tiny_sft, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "the film", "completion": f" was {w}"} for w in "ab" * 20])
     flags = dict(base_model=str(tiny_sft), dataset=str(data), max_seq_len=16, batch_size=8, max_steps=4, lora_rank=2)
+    flags |= dict(lora_dropout=0.25)  # the units dropped in a step are the step's: the same after a resume
     flags |= dict(warmup_steps=1, eval_every=4, num_samples=0, checkpoint_every=2, learning_rate=1e-2)
     straight = make_args(sft, **flags, output_dir=str(tmp_path / "a"), checkpoint_dir=str(tmp_path / "ca"))
     sft.main(straight)
@@ -205,9 +235,12 @@ SMOKE = {
 
 
 @pytest.mark.parametrize("script", list(SMOKE))
-def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(script, tmp_path, tiny_pipeline, capsys):
+def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(
+    script, tmp_path, tiny_pipeline, capsys, monkeypatch
+):
     """Each script runs with --lora-rank on the attention's q and v projections: its merged export differs from the
-    base in those weights (and a reward model's score head) and nowhere else, and the PEFT adapter is written."""
+    base in those weights (and a reward model's score head) and nowhere else, and the PEFT adapter is written. Its
+    training forward passes get --lora-dropout keys: the policy's, and PPO's value model's, a key of its own."""
     pipeline, _ = tiny_pipeline
     words = "the film was great good bad awful boring".split()
     rows = [
@@ -217,6 +250,14 @@ def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(scrip
     flags = SMOKE[script](pipeline, tmp_path) | dict(lora_rank=2, lora_alpha=64.0, lora_targets="q_proj,v_proj")
     flags |= dict(output_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ck", num_devices=1, learning_rate=0.05)
     module = {"sft.py": sft, "reward_model.py": rm, "rlhf_ppo.py": ppo, "dpo.py": dpo, "grpo.py": grpo}[script]
+    dropped, lora_dropout = [], module.lora_dropout  # the models the training steps trace with a dropout key
+
+    def spy(model, key):
+        dropped.extend([] if key is None else [model.cfg.is_score_model])
+        return lora_dropout(model, key)
+
+    monkeypatch.setattr(module, "lora_dropout", spy)
+    flags |= dict(lora_dropout=0.1)
     module.main(
         make_args(module, **{k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}, save_adapter=True)
     )
@@ -230,7 +271,9 @@ def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(scrip
         {"score"} if script == "reward_model.py" else set()
     )
     adapter = json.loads((tmp_path / "model" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(base_dir) and adapter["r"] == 2
+    assert adapter["base_model_name_or_path"] == str(base_dir) and adapter["r"] == 2 and adapter["lora_dropout"] == 0.1
+    score_model = script == "reward_model.py"  # PPO: the policy and the value model (a reward model's copy)
+    assert set(dropped) == ({False, True} if script == "rlhf_ppo.py" else {score_model})
     if script in ("rlhf_ppo.py", "dpo.py"):  # π_ref, the base: the trained policy's final KL to it is not 0
         assert float(re.search(r"^final: .*?kl (-?[\d.]+)", printed, re.M).group(1)) > 1e-3, printed[-1500:]
 
@@ -242,6 +285,7 @@ def test_each_script_trains_adapters_on_the_targets_alone_and_exports_both(scrip
         (dict(lora_rank=4, lora_alpha=0.0), "--lora-alpha 0.0: must be > 0"),
         (dict(lora_rank=4, lora_targets="q_proj,qkv"), r"--lora-targets q_proj,qkv: \['qkv'\] not among"),
         (dict(save_adapter=True), "--save-adapter needs --lora-rank > 0"),
+        (dict(lora_rank=4, lora_dropout=1.0), r"--lora-dropout 1.0: must be in \[0, 1\)"),
     ],
 )
 def test_bad_lora_flags_are_refused_at_start_up_naming_the_flag(run, message, tmp_path):
@@ -319,6 +363,6 @@ def test_ppo_grpo_and_dpo_read_pi_ref_as_the_sft_model_with_lora(tiny_pipeline, 
     ratio = dpo.pair_logps(graphdef, params, pairs)[0] - dpo.pair_logps(base_graph, base_params, pairs)[0]
     tx = optax.sgd(0.0)  # train_step donates params: they are read before
     step = dpo.train_step(dargs, graphdef, tx, params, tx.init(sft.split_trained(params)[0]), None,
-                          jax.tree.map(lambda x: x[None], pairs))[2]  # fmt: skip
+                          jax.tree.map(lambda x: x[None], pairs), jax.random.key(0))[2]  # fmt: skip
     np.testing.assert_allclose(step["rewards/chosen"], 0.5 * ratio[0].mean(), rtol=1e-4, atol=1e-6)
     assert abs(float(step["rewards/chosen"])) > 1e-3

@@ -933,6 +933,8 @@ MUTANTS = [
            (L_SMOKE + "[dpo.py]",)),
     Mutant("lora dpo: the policy loaded without adapters", "dpo.py",
            "load_model(args.sft_model, dtype, lora=run)", "load_model(args.sft_model, dtype)", (L_SMOKE + "[dpo.py]",)),
+    Mutant("sampler: the step function's logits from the first position, not the last", "sft.py",
+           "return model.head(h[:, -1:]), cache", "return model.head(h[:, :1]), cache", (T_MODEL + "test_kv_cache_logits_equal_full_forward",)),
     Mutant("lora dropout: no 1 / (1 - p) rescale of the kept units", "sft.py",
            "x_a = jnp.where(keep, x / (1 - self.dropout), 0)", "x_a = jnp.where(keep, x, 0)", (L_DROP,)),
     Mutant("lora dropout: p of the units kept, not 1 - p", "sft.py",

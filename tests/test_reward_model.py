@@ -44,7 +44,7 @@ def tiny_score_model(seed=0, **cfg_kw):
 def test_loss_and_accuracy_match_hand_computed_values(monkeypatch):
     margins = np.array([2.0, -1.0, 0.5], np.float32)
     monkeypatch.setattr(
-        rm, "rewards", lambda params, graphdef, tokens, mask: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)])
+        rm, "rewards", lambda params, graphdef, tokens, mask, key: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)])
     )
     batch = {
         "tokens": jnp.zeros((2, 3, 4), jnp.int32),

@@ -4,8 +4,9 @@ The model code is *not* here: each script carries its own copy (so each file sta
 hands its model's one-step function to `sample`.
 
 A step function has the signature
-    step_fn(params, tokens[B,T], positions[B,T], kv_mask[B,S], cache, cache_pos) -> (logits[B,T,V], cache)
-where `cache` holds S key/value slots per layer, the T new tokens are written at slots
+    step_fn(params, tokens[B,T], positions[B,T], kv_mask[B,S], cache, cache_pos) -> (logits[B,1,V], cache)
+with the logits of the last of the T positions (the next token's), where `cache` holds S key/value slots per
+layer, the T new tokens are written at slots
 [cache_pos, cache_pos + T), and `kv_mask[b, s]` says whether slot s of row b holds a real token.
 """
 

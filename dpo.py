@@ -285,22 +285,23 @@ def load_preferences(args: Args, tok, eos_id: int, pad_id: int, chat=None):
 
 
 # ---------------------------------------------------------------- steps 2-4: the DPO loss and its optimizer step
-def sequence_logps(graphdef, params, tokens, mask, response_mask):
+def sequence_logps(graphdef, params, tokens, mask, response_mask, key=None):
     """Step 2: log π(y|x) = Σ_t log π(y_t | x, y_<t) over each row's response tokens, and their number: [N, L] -> [N],
-    [N]. Right-padded rows; the LM head is fused with the log-prob (common.head_logprobs: no [N, L, V] logits)."""
-    model = nnx.merge(graphdef, params)
+    [N]. Right-padded rows; the LM head is fused with the log-prob (common.head_logprobs: no [N, L, V] logits). key:
+    --lora-dropout's, in training."""
+    model = lora_dropout(nnx.merge(graphdef, params), key)
     h = model.hidden_states(tokens[:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1])[0]  # [N, L-1, D]
     logp = head_logprobs(h, model.head_kernel(), tokens[:, 1:])[0]  # [N, L-1]: log π(token t+1 | tokens ≤ t)
     scored = response_mask[:, 1:]
     return jnp.sum(jnp.where(scored, logp, 0.0), axis=1), scored.sum(1)
 
 
-def pair_logps(graphdef, params, batch):
+def pair_logps(graphdef, params, batch, key=None):
     """Step 2: chosen and rejected in one forward pass: batch [2, B, L] -> log π(y|x), lengths [2, B]."""
     _, B, L = batch["tokens"].shape
     flat = lambda x: x.reshape(2 * B, L)  # noqa: E731  [2, B, L] -> [2B, L]: chosen rows, then rejected rows
     logps, lengths = sequence_logps(
-        graphdef, params, flat(batch["tokens"]), flat(batch["mask"]), flat(batch["response_mask"])
+        graphdef, params, flat(batch["tokens"]), flat(batch["mask"]), flat(batch["response_mask"]), key
     )
     return logps.reshape(2, B), lengths.reshape(2, B)
 
@@ -342,24 +343,30 @@ def frozen_logps(graphdef, params, batch):
     return jax.lax.stop_gradient(pair_logps(graphdef, params, batch)[0])
 
 
-def loss_sum(params, args: Args, graphdef, batch, ref_logps):
-    """Steps 2-3 on a micro-batch: the summed loss over its pairs, with (log π, implicit rewards) [2, B]."""
-    logps, lengths = pair_logps(graphdef, params, batch)
+def loss_sum(params, args: Args, graphdef, batch, ref_logps, frozen, key):
+    """Steps 2-3 on a micro-batch: the summed loss over its pairs, with (log π, implicit rewards) [2, B]. frozen: the
+    weights that do not train (LoRA's base); key: --lora-dropout's."""
+    logps, lengths = pair_logps(graphdef, merge_trained(params, frozen), batch, key)
     losses, rewards = dpo_loss(args, logps, ref_logps, lengths)
     return losses.sum(), (logps, rewards)
 
 
 @partial(jax.jit, static_argnames=("args", "graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
+def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch, key):
     """Step 4: one AdamW step on batch [A, 2, B, ...] (A accumulated micro-batches): the gradient of the mean loss over
-    the A·B pairs. π_ref's log-probs are the batch's "ref_logps" (precomputed) or computed here from ref_params."""
+    the A·B pairs. π_ref's log-probs are the batch's "ref_logps" (precomputed) or computed here from ref_params (with
+    LoRA: the base, the adapters off). With LoRA, the gradient and the update are the adapters' (split_trained); key:
+    --lora-dropout's (π_ref's log-probs have no dropout)."""
+    ref_params, (params, frozen) = reference(params, ref_params), split_trained(params)
 
-    def micro_step(grad_sum, mb):
+    def micro_step(grad_sum, xs):  # xs: a micro-batch and its dropout key
+        (mb, key), loss_and_grad = xs, jax.value_and_grad(loss_sum, has_aux=True)
         ref = mb["ref_logps"] if args.reference == "precompute" else frozen_logps(graphdef, ref_params, mb)
-        (total, (logps, rewards)), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, args, graphdef, mb, ref)
+        (total, (logps, rewards)), grads = loss_and_grad(params, args, graphdef, mb, ref, frozen, key)
         return jax.tree.map(jnp.add, grad_sum, grads), (total, logps, rewards)
 
-    grads, (total, logps, rewards) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch)
+    keys = jax.random.split(key, batch["tokens"].shape[0])  # one per micro-batch
+    grads, (total, logps, rewards) = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (batch, keys))
     n = batch["tokens"].shape[0] * batch["tokens"].shape[2]  # A·B pairs
     grads = jax.tree.map(lambda g: g / n, grads)
     chosen, rejected = rewards[:, 0], rewards[:, 1]  # [A, B]
@@ -378,7 +385,7 @@ def train_step(args: Args, graphdef, tx, params, opt_state, ref_params, batch):
     # a non-finite loss or gradient leaves the state as it was; main stops the run
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     params, opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (params, opt_state))
-    return params, opt_state, metrics
+    return merge_trained(params, frozen), opt_state, metrics
 
 
 # ---------------------------------------------------------------- step 5: evaluation
@@ -497,21 +504,23 @@ def main(args: Args):
     check_args(args, mesh.size)
     writer, t0, dtype = summary_writer(args), time.time(), run.compute_dtype
     ckpt = Checkpoints(run)
-    policy, _ = load_model(args.sft_model, dtype)
+    policy, _ = load_model(args.sft_model, dtype, lora=run)
     tok, eos_id, pad_id = load_tokenizer(args.sft_model)
     train, val = load_preferences(args, tok, eos_id, pad_id, ChatTemplate.load(args.sft_model))  # step 1
     pairs_per_step, num_train = args.batch_size * args.grad_accum_steps, train["tokens"].shape[1]
     total_steps = args.max_steps or args.num_epochs * (num_train // pairs_per_step)
     check_data(args, policy.cfg, num_train, max(train["tokens"].shape[2], val["tokens"].shape[2]))
     graphdef, params = nnx.split(policy)
-    ref_params = shard(jax.tree.map(jnp.copy, params), mesh, run.fsdp)  # π_ref: the frozen SFT model
+    # π_ref: a frozen copy of the SFT model, or with LoRA none (the base with the adapters off: `reference`)
+    ref_params = None if run.lora_rank else shard(jax.tree.map(jnp.copy, params), mesh, run.fsdp)
     tx, schedule = make_optimizer(args, total_steps)  # step 4
     params = shard(params, mesh, run.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(split_trained(params)[0]), mesh, run.fsdp)}
     state, start = ckpt.restore(state)
     pairs = NamedSharding(mesh, PartitionSpec(None, "data"))  # [2, B, ...]: the pairs split over the devices
+    ref_now = lambda: reference(state["params"], ref_params)  # noqa: E731  (LoRA: the weights of now, adapters off)
     for data in (train, val) if args.reference == "precompute" else (val,):  # step 2, once per pair
-        data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_params), data, pairs, args.batch_size)
+        data["ref_logps"] = in_batches(partial(frozen_logps, graphdef, ref_now()), data, pairs, args.batch_size)
     reward = (
         nnx.split(load_model(args.reward_model, dtype, flag="--reward-model")[0]) if args.reward_model else (None, None)
     )
@@ -521,9 +530,8 @@ def main(args: Args):
     def evaluate_and_log(step):  # step 5
         metrics = preference_accuracy(args, graphdef, state["params"], val, pairs)
         with ckpt.guard(f"evaluation at step {step}"):
-            sampled, table = sample_and_judge(
-                args, graphdef, reward[0], policy.cfg, tok, state["params"], frozen, eval_sets, (eos_id, pad_id)
-            )
+            sampled, table = sample_and_judge(args, graphdef, reward[0], policy.cfg, tok, state["params"],
+                                              frozen | {"ref": ref_now()}, eval_sets, (eos_id, pad_id))  # fmt: skip
         for k, v in (metrics := metrics | sampled).items():
             writer.add_scalar(k, v, step)
         writer.add_text("eval/samples", table, step)
@@ -540,9 +548,9 @@ def main(args: Args):
             batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in train.items()}  # [2, A, B, ...] -> [A, 2, B, ...]
             with ckpt.guard(f"step {step + 1}"):
                 ref = ref_params if args.reference == "on-the-fly" else None
-                sharded = jax.device_put(batch, batch_sharding)
+                sharded, key = jax.device_put(batch, batch_sharding), dropout_key(jax.random.key(run.seed), step)
                 params, opt_state, metrics = train_step(
-                    args, graphdef, tx, state["params"], state["opt_state"], ref, sharded
+                    args, graphdef, tx, state["params"], state["opt_state"], ref, sharded, key
                 )
                 check_finite(metrics)
             state = {"params": params, "opt_state": opt_state}
@@ -639,6 +647,10 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     reward_gain: float = 1.0  # score models: reward = gain * score + bias (reward_model.py's normalisation)
     reward_bias: float = 0.0
+    lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -728,9 +740,32 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
-    init = nnx.initializers.normal(std)
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
+class LoRALinear(nnx.Linear):
+    """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
+    Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
+
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
+        super().__init__(d_in, d_out, rngs=rngs, **kwargs)
+        init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
+        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
+
+    def __call__(self, x):
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
+    """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
+    kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+    if cfg is not None and name in cfg.lora_targets:
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
+    return nnx.Linear(d_in, d_out, **kw)
 
 
 class Attention(nnx.Module):
@@ -738,10 +773,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs)
-        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
-        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
-        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
+        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="q_proj")
+        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="k_proj")
+        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="v_proj")
+        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs, cfg=cfg, name="o_proj")
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
     def __call__(self, x, cos, sin, mask, cache, cache_pos):  # x [B * T, D]
@@ -776,8 +811,9 @@ def cached_attention(q, k, v, mask):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj = _linear(d, f, b, dtype, rngs), _linear(d, f, b, dtype, rngs)
-        self.down_proj = _linear(f, d, b, dtype, rngs)
+        self.gate_proj = _linear(d, f, b, dtype, rngs, cfg=cfg, name="gate_proj")
+        self.up_proj = _linear(d, f, b, dtype, rngs, cfg=cfg, name="up_proj")
+        self.down_proj = _linear(f, d, b, dtype, rngs, cfg=cfg, name="down_proj")
 
     def __call__(self, x):  # SwiGLU (Shazeer 2020)
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -853,8 +889,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -891,22 +930,29 @@ def read_safetensors(ckpt: Path) -> dict:
     return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
-def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model", lora=None):
     """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
     (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised).
-    flag: the flag that named `path`, for the error."""
+    flag: the flag that named `path`, for the error. lora: the Run whose --lora-* flags add fresh adapters."""
     ckpt = Path(path)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{flag} {path}: {ckpt / 'config.json'} not found; it must be a local HF checkpoint")
     cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
+    if lora is not None and lora.lora_rank:
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     used = set()
     for path, init in params.items():
         name, transpose = _hf_name(path)
+        if path[-1] in ("lora_a", "lora_b"):
+            continue  # fresh adapters
+        if name in tensors and not jnp.issubdtype(tensors[name].dtype, jnp.floating):
+            raise ValueError(f"{flag} {ckpt}: {name!r} is {tensors[name].dtype}; only float weights load (LoRA too)")
         if name not in tensors:
             if name.startswith("score.") and architecture:
                 continue  # fresh head
@@ -925,14 +971,24 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     return model, cfg
 
 
-def save_model(path, model, tokenizer_dir=None, config_overrides=None):
+def flat_params(model):
+    """{path: array} of a model's weights, e.g. ('layers', 0, 'mlp', 'up_proj', 'kernel'); LoRA's lora_a, lora_b too."""
+    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def save_model(path, model, tokenizer_dir=None, config_overrides=None, adapter_base=None):
     """Writes an HF checkpoint (config.json, model.safetensors, tokenizer files) atomically: a temporary
-    directory is renamed over `path`, so a crash never leaves a half-written model."""
+    directory is renamed over `path`, so a crash never leaves a half-written model. A LoRA model is written merged;
+    with adapter_base (the base checkpoint's path), its adapters also go to `path`/adapter (save_adapter)."""
     from safetensors.numpy import save_file
 
+    state = {p: np.asarray(jax.device_get(w), np.float32) for p, w in flat_params(model).items()}
+    for a in [p for p in state if p[-1] == "lora_a"]:  # merged: W + (α / r) A B, a plain model (PEFT's merge)
+        lora = state.pop(a) @ state.pop(a[:-1] + ("lora_b",))
+        state[a[:-1] + ("kernel",)] = state[a[:-1] + ("kernel",)] + model.cfg.lora_alpha / model.cfg.lora_rank * lora
     tensors = {}
-    for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
-        (name, transpose), w = _hf_name(p), np.asarray(jax.device_get(w), np.float32)
+    for p, w in state.items():
+        name, transpose = _hf_name(p)
         if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
             raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
@@ -942,12 +998,36 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
+    if adapter_base:
+        save_adapter(tmp / "adapter", model, adapter_base)
     names = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json"
     for f in names.split() if tokenizer_dir else ():
         if (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def save_adapter(path, model, base: str):
+    """A LoRA model's adapters in PEFT's format, which peft.PeftModel.from_pretrained(base model, path) loads: keys
+    base_model.model.<HF module>.lora_A.weight [r, in] and .lora_B.weight [out, r] (a score head: modules_to_save,
+    which PEFT's SEQ_CLS task adds itself), adapter_config.json with r, lora_alpha and target_modules."""
+    from safetensors.numpy import save_file
+
+    cfg, tensors = model.cfg, {}
+    for p, w in flat_params(model).items():
+        w = np.ascontiguousarray(np.asarray(jax.device_get(w), np.float32).T)  # torch's [out, in] layout
+        if p[-1] in ("lora_a", "lora_b"):
+            module = _hf_name(p[:-1] + ("kernel",))[0].removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_{p[-1][-1].upper()}.weight"] = w
+        elif p[0] == "score":
+            tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
+              "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
+    Path(path).mkdir(parents=True)
+    save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
+    (Path(path) / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_tokenizer(path):
@@ -1090,6 +1170,19 @@ class Run:
     """--distributed: the number of processes (None: detected)"""
     process_id: int | None = None
     """--distributed: this process's index (None: detected)"""
+    lora_rank: int = 0
+    """LoRA (Hu et al. 2021): train rank-r adapters on --lora-targets and keep the base weights frozen (a reference
+    policy is the base with the adapters off); 0: train every weight"""
+    lora_alpha: float = 16.0
+    """LoRA's α: the adapters add (α / r) B A x (PEFT's lora_alpha)"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
+    save_adapter: bool = False
+    """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
+    the merged model)"""
 
     @property
     def compute_dtype(self):
@@ -1108,6 +1201,18 @@ def init_devices(run: Run) -> Mesh:
         raise PermissionError(
             f"--output-dir {run.output_dir}: cannot be written ({parent} is not a writable directory)"
         )
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    unknown = set(run.lora_targets.split(",")) - projections
+    checks = [
+        (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
+        (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
+        (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
+        (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     return make_mesh(run.num_devices)
 
 
@@ -1214,7 +1319,8 @@ class Checkpoints:
         that state)."""
 
         def write():
-            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides)
+            adapter_base = self.run.save_adapter and tokenizer_dir  # the base checkpoint, whose tokenizer is copied
+            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides, adapter_base)
             (Path(self.run.checkpoint_dir) / "FINISHED").write_text(f"exported to {self.run.output_dir}\n")
 
         on_process_0("exporting", write)
@@ -1224,6 +1330,45 @@ class Checkpoints:
 
     def __exit__(self, *exc):
         self.manager.close()
+
+
+def split_trained(params):
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
+
+
+def reference(params, ref=None):
+    """π_ref's weights: `ref`, a frozen copy of the initial policy, or with LoRA (ref None) `params` with every adapter
+    zero: the base, which never trains, so π_ref costs no second copy of the weights."""
+    return (
+        ref
+        if ref is not None
+        else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
+    )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

@@ -224,22 +224,24 @@ def truncated_episodes(queries, query_mask, responses, stop_token_id: int, pad_t
     return resp_mask, tokens, jnp.concatenate([query_mask, resp_mask], axis=1)
 
 
-def policy_and_values(args: Args, models: Models, params, tokens, mask, responses):
+def policy_and_values(args: Args, models: Models, params, tokens, mask, responses, key=None):
     """Step 9: log π(response token), the policy's entropy and the values, each [B, R], at the positions that predict
-    the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits."""
+    the R response tokens. The LM head is fused with the log-prob (common.head_logprobs): no [B, R, V] logits. key:
+    --lora-dropout's, in training."""
     R, positions = responses.shape[1], positions_from_mask(mask)
-    policy = nnx.merge(models.policy, params["policy"])
+    keys = (None, None) if key is None else jax.random.split(key)  # the policy's, the value model's
+    policy = lora_dropout(nnx.merge(models.policy, params["policy"]), keys[0])
     h = policy.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1]  # [B, R, D]
     logprobs, entropy = head_logprobs(h, policy.head_kernel(), responses, args.temperature)  # the same T everywhere
-    return logprobs, entropy, state_values(args, models, params, tokens, positions, mask, R, h)
+    return logprobs, entropy, state_values(args, models, params, tokens, positions, mask, R, h, keys[1])
 
 
-def state_values(args: Args, models: Models, params, tokens, positions, mask, R: int, policy_hidden=None):
+def state_values(args: Args, models: Models, params, tokens, positions, mask, R: int, policy_hidden=None, key=None):
     """Steps 3 and 9: V_t [B, R] at the positions that predict the R response tokens: the separate value model's
     forward pass, or (--value-model shared) a value head on the policy's hidden states there, [B, R, D], computed
-    here unless given."""
+    here unless given. key: --lora-dropout's, in training."""
     if args.value_model != "shared":
-        value = nnx.merge(models.value, params["value"])
+        value = lora_dropout(nnx.merge(models.value, params["value"]), key)
         return value.head(value.hidden_states(tokens, positions, mask)[0][:, -R - 1 : -1])
     if policy_hidden is None:
         policy_hidden = nnx.merge(models.policy, params["policy"]).hidden_states(tokens, positions, mask)[0]
@@ -279,7 +281,8 @@ def score_rollout(args: Args, models: Models, params, frozen, queries, query_mas
     [B, R]: the sampler's (step 1), 0 after the stop token like its responses' padding."""
     resp_mask, tokens, mask = truncated_episodes(queries, query_mask, responses, args.stop_token_id, args.pad_token_id)
     values = state_values(args, models, params, tokens, positions_from_mask(mask), mask, responses.shape[1])
-    ref_logprobs = response_logprobs(models.policy, frozen["ref"], tokens, mask, responses, args.temperature)
+    ref = reference(params["policy"], frozen["ref"])  # with LoRA: the policy's base, its adapters off
+    ref_logprobs = response_logprobs(models.policy, ref, tokens, mask, responses, args.temperature)
     scores = jnp.zeros(responses.shape[0], jnp.float32)  # only a --reward-fn when there is no reward model
     if models.reward is not None:
         rm_tokens, rm_mask = reward_model_inputs(
@@ -388,17 +391,21 @@ def compute_advantages(args: Args, rollout, kl_coef):
 
 
 # ---------------------------------------------------------------- step 9: the PPO update
-def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None):
+def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None, frozen=None, key=None):
     """Step 9: the clipped surrogate + c_v × the clipped value loss, averaged over the response tokens: sums over
     this micro-batch divided by `num_tokens`, the token count of the whole minibatch (default: this one), so the
-    gradients of a minibatch's micro-batches add up to exactly its token mean."""
+    gradients of a minibatch's micro-batches add up to exactly its token mean. frozen: the weights of each model that
+    do not train (LoRA's base), if any; key: --lora-dropout's."""
+    params = params if frozen is None else {k: merge_trained(params[k], frozen[k]) for k in params}
     m = mb["response_mask"]
     n = jnp.maximum(m.sum() if num_tokens is None else num_tokens, 1)
 
     def token_mean(x):  # over the minibatch's response tokens
         return jnp.sum(x * m) / n
 
-    new_logprobs, entropy, values = policy_and_values(args, models, params, mb["tokens"], mb["mask"], mb["responses"])
+    new_logprobs, entropy, values = policy_and_values(
+        args, models, params, mb["tokens"], mb["mask"], mb["responses"], key
+    )
 
     v_clipped = mb["values"] + jnp.clip(values - mb["values"], -args.cliprange_value, args.cliprange_value)
     vf_losses1, vf_losses2 = jnp.square(values - mb["returns"]), jnp.square(v_clipped - mb["returns"])
@@ -424,19 +431,22 @@ def ppo_loss(params, args: Args, models: Models, mb, num_tokens=None):
 @partial(jax.jit, static_argnames=("args", "models", "tx", "rows"), donate_argnames=("params", "opt_state"))
 def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, key):
     """Step 9: all PPO epochs over shuffled minibatches in one compiled call. `rows`: the sharding that keeps each
-    gathered minibatch split over the devices (else XLA replicates it and every device does all the work)."""
-    B = batch["responses"].shape[0]
+    gathered minibatch split over the devices (else XLA replicates it and every device does all the work). With LoRA,
+    the gradients and the updates are the adapters' (and a value model's score head's) alone (split_trained)."""
+    B, parts = batch["responses"].shape[0], {k: split_trained(v) for k, v in params.items()}
+    params, frozen = {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
 
-    def minibatch_step(carry, idx):  # idx [A, micro]: one minibatch as A accumulated micro-batches
-        params, opt_state = carry
+    def minibatch_step(carry, xs):  # xs: idx [A, micro], one minibatch as A accumulated micro-batches, and A keys
+        (params, opt_state), (idx, keys) = carry, xs
         num_tokens = batch["response_mask"][idx.reshape(-1)].sum()
 
-        def micro_step(grad_sum, micro_idx):
-            mb = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[micro_idx], batch), rows)
-            (loss, stats), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, args, models, mb, num_tokens)
+        def micro_step(grad_sum, xs):  # xs: a micro-batch's rows and its dropout key
+            mb = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x[xs[0]], batch), rows)
+            loss_and_grad = jax.value_and_grad(ppo_loss, has_aux=True)
+            (loss, stats), grads = loss_and_grad(params, args, models, mb, num_tokens, frozen, xs[1])
             return jax.tree.map(jnp.add, grad_sum, grads), stats | {"loss": loss}
 
-        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), idx)
+        grads, stats = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), (idx, keys))
         stats = jax.tree.map(jnp.sum, stats)  # token sums / minibatch tokens, added over micro-batches: minibatch means
         updates, new_opt_state = tx.update(grads, opt_state, params)
         # a non-finite loss or gradient leaves the weights as they were; ppo_iteration stops the run
@@ -447,10 +457,11 @@ def ppo_update(args: Args, models: Models, tx, rows, params, opt_state, batch, k
 
     def epoch(carry, key):
         perm = jax.random.permutation(key, B).reshape(args.num_mini_batches, args.grad_accum_steps, -1)  # [M, A, micro]
-        return jax.lax.scan(minibatch_step, carry, perm)
+        return jax.lax.scan(minibatch_step, carry, (perm, jax.random.split(dropout_key(key), perm.shape[:2])))
 
     (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, args.ppo_epochs))
     nonfinite = stats.pop("nonfinite").sum()  # optimizer steps skipped for a non-finite loss or gradient
+    params = {k: merge_trained(params[k], frozen[k]) for k in params}
     return params, opt_state, jax.tree.map(jnp.mean, stats) | {"nonfinite": nonfinite}
 
 
@@ -508,17 +519,18 @@ def evaluate(args: Args, models: Models, tok, params, frozen, eval_sets):
 
 def load_models(args: Args, dtype):
     """-> Models, the trainable params {"policy", "value"}, the frozen ones {"ref", "reward"}."""
-    policy, cfg = load_model(args.sft_model, dtype)
+    policy, cfg = load_model(args.sft_model, dtype, lora=args.run)
     graph_policy, policy_params = nnx.split(policy)
     reward = load_model(args.reward_model, dtype, flag="--reward-model")[0] if args.reward_model else None
     graph_reward, rm_params = nnx.split(reward) if reward else (None, None)
     if args.value_model == "reward":  # the value network starts as the reward model (N+ details code, TRL)
-        value = load_model(args.reward_model, dtype, flag="--reward-model")[0]
+        value = load_model(args.reward_model, dtype, flag="--reward-model", lora=args.run)[0]
     else:  # a value head on the policy trunk, zero-initialised as LHP's
         zeros, rngs = nnx.initializers.zeros, nnx.Rngs(args.run.seed)
         value = nnx.Linear(cfg.hidden_size, 1, kernel_init=zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     graph_value, value_params = nnx.split(value)
-    ref_params = jax.tree.map(jnp.copy, policy_params)  # a frozen copy of the SFT policy
+    # π_ref: a frozen copy of the SFT policy, or with LoRA none (the policy's base with its adapters off: `reference`)
+    ref_params = None if args.run.lora_rank else jax.tree.map(jnp.copy, policy_params)
     models = Models(graph_policy, graph_value, graph_reward, cfg)
     return models, {"policy": policy_params, "value": value_params}, {"ref": ref_params, "reward": rm_params}
 
@@ -557,7 +569,8 @@ def main(args: Args):
     num_updates = args.total_episodes // args.batch_size
     tx, schedule = make_optimizer(args, num_updates)
     params, frozen = shard(params, mesh, run.fsdp), shard(frozen, mesh, run.fsdp)
-    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(params), mesh, run.fsdp)}
+    trained = {k: split_trained(v)[0] for k, v in params.items()}  # LoRA: the adapters' optimizer state alone
+    state = {"params": params, "opt_state": shard(jax.jit(tx.init)(trained), mesh, run.fsdp)}
     state, start = ckpt.restore(state | {"kl_coef": shard(np.float32(args.kl_coef), mesh)})
     rows = NamedSharding(mesh, PartitionSpec("data"))  # episodes split over the devices
 
@@ -681,6 +694,10 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     reward_gain: float = 1.0  # score models: reward = gain * score + bias (reward_model.py's normalisation)
     reward_bias: float = 0.0
+    lora_rank: int = 0  # LoRA adapters of this rank on the lora_targets projections (0: none); not in config.json
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ()
+    lora_dropout: float = 0.0
     hf: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)  # the full config.json
 
     @property
@@ -770,9 +787,32 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _linear(d_in, d_out, bias, dtype, rngs, std=0.02):
-    init = nnx.initializers.normal(std)
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
+class LoRALinear(nnx.Linear):
+    """y = x W + (α / r) (x A) B (Hu et al. 2021, "LoRA" eq. 3): the base W frozen, A [in, r] ~ U(±1/√in) (PEFT's
+    Kaiming-uniform init) and B [r, out] = 0 trained, so at step 0 the model is the base model exactly."""
+
+    def __init__(self, d_in, d_out, rank: int, alpha: float, dropout: float, *, rngs, **kwargs):
+        super().__init__(d_in, d_out, rngs=rngs, **kwargs)
+        init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # limit √(3 · 1/3 / in) = 1/√in
+        self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (d_in, rank), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
+        self.scale, self.dropout, self.dropout_key = alpha / rank, dropout, None  # a key: set by lora_dropout
+
+    def __call__(self, x):
+        x_a = x  # PEFT's lora_dropout: the adapters' input only, in a training step's forward pass only
+        if self.dropout_key is not None:
+            keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+            x_a = jnp.where(keep, x / (1 - self.dropout), 0)
+        lora = (x_a @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        return super().__call__(x) + lora * jnp.asarray(self.scale, self.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs, std=0.02, cfg=None, name=""):
+    """nnx.Linear, or a LoRALinear where cfg puts an adapter on `name` (an HF module name: q_proj, ..., down_proj)."""
+    kw = dict(use_bias=bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+    if cfg is not None and name in cfg.lora_targets:
+        return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, **kw)
+    return nnx.Linear(d_in, d_out, **kw)
 
 
 class Attention(nnx.Module):
@@ -780,10 +820,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs)
-        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
-        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs)
-        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs)
+        self.q_proj = _linear(d, h * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="q_proj")
+        self.k_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="k_proj")
+        self.v_proj = _linear(d, kv * hd, cfg.qkv_bias, dtype, rngs, cfg=cfg, name="v_proj")
+        self.o_proj = _linear(h * hd, d, cfg.o_bias, dtype, rngs, cfg=cfg, name="o_proj")
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
     def __call__(self, x, cos, sin, mask, cache, cache_pos):  # x [B * T, D]
@@ -818,8 +858,9 @@ def cached_attention(q, k, v, mask):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj = _linear(d, f, b, dtype, rngs), _linear(d, f, b, dtype, rngs)
-        self.down_proj = _linear(f, d, b, dtype, rngs)
+        self.gate_proj = _linear(d, f, b, dtype, rngs, cfg=cfg, name="gate_proj")
+        self.up_proj = _linear(d, f, b, dtype, rngs, cfg=cfg, name="up_proj")
+        self.down_proj = _linear(f, d, b, dtype, rngs, cfg=cfg, name="down_proj")
 
     def __call__(self, x):  # SwiGLU (Shazeer 2020)
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -895,8 +936,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
 
 
 def model_apply(graphdef, params, tokens, positions, kv_mask, cache=None, cache_pos=0):
-    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function)."""
-    return nnx.merge(graphdef, params)(tokens, positions, kv_mask, cache, cache_pos)
+    """The pure step function of a model: common.sample's step_fn once bound to a graphdef (see step_function). Its
+    logits are the last position's alone, [B, 1, V]: a prefill of B prompts of T tokens holds no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    h, cache = model.hidden_states(tokens, positions, kv_mask, cache, cache_pos)
+    return model.head(h[:, -1:]), cache
 
 
 @cache
@@ -933,22 +977,29 @@ def read_safetensors(ckpt: Path) -> dict:
     return {name: w for f in files for name, w in load_file(ckpt / f).items()}
 
 
-def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model"):
+def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-model", lora=None):
     """Loads a local HF checkpoint directory -> (Transformer, ModelConfig). `architecture` re-heads the model
     (e.g. LlamaForSequenceClassification from a LlamaForCausalLM checkpoint: the score head is freshly initialised).
-    flag: the flag that named `path`, for the error."""
+    flag: the flag that named `path`, for the error. lora: the Run whose --lora-* flags add fresh adapters."""
     ckpt = Path(path)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{flag} {path}: {ckpt / 'config.json'} not found; it must be a local HF checkpoint")
     cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
     if architecture:
         cfg = dataclasses.replace(cfg, architecture=architecture)
+    if lora is not None and lora.lora_rank:
+        flags = {k: getattr(lora, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     used = set()
     for path, init in params.items():
         name, transpose = _hf_name(path)
+        if path[-1] in ("lora_a", "lora_b"):
+            continue  # fresh adapters
+        if name in tensors and not jnp.issubdtype(tensors[name].dtype, jnp.floating):
+            raise ValueError(f"{flag} {ckpt}: {name!r} is {tensors[name].dtype}; only float weights load (LoRA too)")
         if name not in tensors:
             if name.startswith("score.") and architecture:
                 continue  # fresh head
@@ -967,14 +1018,24 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
     return model, cfg
 
 
-def save_model(path, model, tokenizer_dir=None, config_overrides=None):
+def flat_params(model):
+    """{path: array} of a model's weights, e.g. ('layers', 0, 'mlp', 'up_proj', 'kernel'); LoRA's lora_a, lora_b too."""
+    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def save_model(path, model, tokenizer_dir=None, config_overrides=None, adapter_base=None):
     """Writes an HF checkpoint (config.json, model.safetensors, tokenizer files) atomically: a temporary
-    directory is renamed over `path`, so a crash never leaves a half-written model."""
+    directory is renamed over `path`, so a crash never leaves a half-written model. A LoRA model is written merged;
+    with adapter_base (the base checkpoint's path), its adapters also go to `path`/adapter (save_adapter)."""
     from safetensors.numpy import save_file
 
+    state = {p: np.asarray(jax.device_get(w), np.float32) for p, w in flat_params(model).items()}
+    for a in [p for p in state if p[-1] == "lora_a"]:  # merged: W + (α / r) A B, a plain model (PEFT's merge)
+        lora = state.pop(a) @ state.pop(a[:-1] + ("lora_b",))
+        state[a[:-1] + ("kernel",)] = state[a[:-1] + ("kernel",)] + model.cfg.lora_alpha / model.cfg.lora_rank * lora
     tensors = {}
-    for p, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
-        (name, transpose), w = _hf_name(p), np.asarray(jax.device_get(w), np.float32)
+    for p, w in state.items():
+        name, transpose = _hf_name(p)
         if not np.isfinite(w).all():  # a NaN never becomes a model, and never replaces one
             raise FloatingPointError(f"{name} has non-finite values; {path} was not written")
         tensors[name] = np.ascontiguousarray(w.T if transpose else w)
@@ -984,12 +1045,36 @@ def save_model(path, model, tokenizer_dir=None, config_overrides=None):
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(**(config_overrides or {})), indent=2))
+    if adapter_base:
+        save_adapter(tmp / "adapter", model, adapter_base)
     names = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json"
     for f in names.split() if tokenizer_dir else ():
         if (Path(tokenizer_dir) / f).exists():
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def save_adapter(path, model, base: str):
+    """A LoRA model's adapters in PEFT's format, which peft.PeftModel.from_pretrained(base model, path) loads: keys
+    base_model.model.<HF module>.lora_A.weight [r, in] and .lora_B.weight [out, r] (a score head: modules_to_save,
+    which PEFT's SEQ_CLS task adds itself), adapter_config.json with r, lora_alpha and target_modules."""
+    from safetensors.numpy import save_file
+
+    cfg, tensors = model.cfg, {}
+    for p, w in flat_params(model).items():
+        w = np.ascontiguousarray(np.asarray(jax.device_get(w), np.float32).T)  # torch's [out, in] layout
+        if p[-1] in ("lora_a", "lora_b"):
+            module = _hf_name(p[:-1] + ("kernel",))[0].removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_{p[-1][-1].upper()}.weight"] = w
+        elif p[0] == "score":
+            tensors[f"base_model.model.{_hf_name(p)[0]}"] = w
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if cfg.is_score_model else "CAUSAL_LM", "r": cfg.lora_rank,
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "target_modules": list(cfg.lora_targets),
+              "bias": "none", "base_model_name_or_path": str(base)}  # fmt: skip
+    Path(path).mkdir(parents=True)
+    save_file(tensors, Path(path) / "adapter_model.safetensors", metadata={"format": "pt"})
+    (Path(path) / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_tokenizer(path):
@@ -1132,6 +1217,19 @@ class Run:
     """--distributed: the number of processes (None: detected)"""
     process_id: int | None = None
     """--distributed: this process's index (None: detected)"""
+    lora_rank: int = 0
+    """LoRA (Hu et al. 2021): train rank-r adapters on --lora-targets and keep the base weights frozen (a reference
+    policy is the base with the adapters off); 0: train every weight"""
+    lora_alpha: float = 16.0
+    """LoRA's α: the adapters add (α / r) B A x (PEFT's lora_alpha)"""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """the projections that get adapters, by their HF names: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    down_proj"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training steps' forward passes (PEFT's lora_dropout); 0: none"""
+    save_adapter: bool = False
+    """with --lora-rank: also write the adapters in PEFT's format to --output-dir/adapter (--output-dir itself holds
+    the merged model)"""
 
     @property
     def compute_dtype(self):
@@ -1150,6 +1248,18 @@ def init_devices(run: Run) -> Mesh:
         raise PermissionError(
             f"--output-dir {run.output_dir}: cannot be written ({parent} is not a writable directory)"
         )
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    unknown = set(run.lora_targets.split(",")) - projections
+    checks = [
+        (run.lora_rank >= 0, f"--lora-rank {run.lora_rank}: must be >= 0 (0: no LoRA)"),
+        (run.lora_alpha > 0, f"--lora-alpha {run.lora_alpha}: must be > 0"),
+        (0 <= run.lora_dropout < 1, f"--lora-dropout {run.lora_dropout}: must be in [0, 1)"),
+        (not unknown, f"--lora-targets {run.lora_targets}: {sorted(unknown)} not among {sorted(projections)}"),
+        (run.lora_rank or not run.save_adapter, "--save-adapter needs --lora-rank > 0"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     return make_mesh(run.num_devices)
 
 
@@ -1256,7 +1366,8 @@ class Checkpoints:
         that state)."""
 
         def write():
-            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides)
+            adapter_base = self.run.save_adapter and tokenizer_dir  # the base checkpoint, whose tokenizer is copied
+            save_model(self.run.output_dir, model, tokenizer_dir, config_overrides, adapter_base)
             (Path(self.run.checkpoint_dir) / "FINISHED").write_text(f"exported to {self.run.output_dir}\n")
 
         on_process_0("exporting", write)
@@ -1266,6 +1377,45 @@ class Checkpoints:
 
     def __exit__(self, *exc):
         self.manager.close()
+
+
+def split_trained(params):
+    """-> (trained, frozen) parts of a model's weights (merge_trained joins them). With LoRA adapters: the adapters
+    and a score head train, the base is frozen and has no optimizer state; else every weight trains (frozen: None)."""
+    variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if not any(isinstance(v, nnx.LoRAParam) for v in variables):
+        return params, None
+    return nnx.split_state(params, nnx.Any(nnx.LoRAParam, nnx.PathContains("score")), ...)
+
+
+def merge_trained(trained, frozen):
+    """The weights split_trained split."""
+    return trained if frozen is None else nnx.merge_state(trained, frozen)
+
+
+def reference(params, ref=None):
+    """π_ref's weights: `ref`, a frozen copy of the initial policy, or with LoRA (ref None) `params` with every adapter
+    zero: the base, which never trains, so π_ref costs no second copy of the weights."""
+    return (
+        ref
+        if ref is not None
+        else nnx.merge_state(params, jax.tree.map(jnp.zeros_like, nnx.filter_state(params, nnx.LoRAParam)))
+    )
+
+
+def lora_dropout(model, key):
+    """`model` (merged in a training step) with --lora-dropout on in each adapter, a key of its own from `key`;
+    unchanged without a key, without adapters or without --lora-dropout."""
+    adapters = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear) and m.dropout > 0]
+    for i, m in enumerate(adapters if key is not None else []):
+        m.dropout_key = nnx.data(jax.random.fold_in(key, i))
+    return model
+
+
+def dropout_key(key, step: int = 0):
+    """--lora-dropout's key for step `step` of a run (or a step) whose key is `key`: a stream of its own ("LoRA"
+    folded in), so the other draws are as without it, and a resumed run drops what the uninterrupted one dropped."""
+    return jax.random.fold_in(jax.random.fold_in(key, 0x4C6F5241), step)
 
 
 def check_finite(metrics):

@@ -30,7 +30,7 @@ import reward_model as rm  # noqa: E402
 def step(args, graphdef, tx, params, ref_params, batch):
     """One DPO step from the SFT weights (the same step every time: each timed call starts from the same state)."""
     _, _, metrics = dpo.train_step(
-        args, graphdef, tx, jax.tree.map(jax.numpy.copy, params), tx.init(params), ref_params, batch
+        args, graphdef, tx, jax.tree.map(jax.numpy.copy, params), tx.init(params), ref_params, batch, jax.random.key(0)
     )
     jax.block_until_ready(metrics)
 

@@ -52,7 +52,7 @@ def main(cli):
 
     def run_step():
         state["params"], state["opt_state"], metrics = sft.train_step(
-            graphdef, tx, state["params"], state["opt_state"], batch
+            graphdef, tx, state["params"], state["opt_state"], batch, jax.random.key(0)
         )
         jax.block_until_ready(metrics["loss"])
 

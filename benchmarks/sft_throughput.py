@@ -52,11 +52,11 @@ def main():
     }
     batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(None, "data")))
     for _ in range(2):  # compile + warm-up
-        params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch)
+        params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
     jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(a.steps):
-        params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch)
+        params, opt_state, m = sft.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t) / a.steps
     print(

@@ -119,6 +119,7 @@ def test_a_step_from_the_reference_logs_trls_metrics_and_moves_toward_the_chosen
         tx.init(params),
         None,
         jax.tree.map(lambda x: x[None], batch),
+        jax.random.key(0),
     )  # [A = 1, 2, B, ...]
     new, _, metrics = step(batch)
     m = {k: float(v) for k, v in metrics.items()}

@@ -269,10 +269,10 @@ def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_we
     q, qm, columns = grpo.prompt_batch(args, train, 0)
     batch, _ = grpo.rollout(args, graphdef, None, tok, params, frozen, q, qm, columns, jax.random.key(0))
     tx = optax.sgd(0.5)
-    three, _, stats3 = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch)
+    three, _, stats3 = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), batch, jax.random.key(0))
     one, args1, stats1 = params, make_args(grpo, **{**vars(args), "num_iterations": 1}), []
     for _ in range(3):
-        one, _, stats = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch)
+        one, _, stats = grpo.grpo_update(args1, graphdef, tx, one, tx.init(params), batch, jax.random.key(0))
         stats1.append(stats)
     assert_same_params(nnx.to_pure_dict(three), nnx.to_pure_dict(one), rtol=1e-5, atol=1e-6)
     # the logged statistics of μ = 3 iterations: each the mean of the three iterations' values (which differ)
@@ -282,7 +282,7 @@ def test_num_iterations_are_steps_on_the_same_batch_and_a_nan_loss_leaves_the_we
     assert not np.allclose(jax.tree.leaves(one)[0], jax.tree.leaves(params)[0])
     bad = batch | {"advantages": batch["advantages"].at[0].set(jnp.nan)}
     state = {"params": params, "opt_state": tx.init(params)}
-    same, _, stats = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), bad)
+    same, _, stats = grpo.grpo_update(args, graphdef, tx, params, tx.init(params), bad, jax.random.key(0))
     assert_same_params(nnx.to_pure_dict(same), nnx.to_pure_dict(params))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         grpo.grpo_step(args, graphdef, tx, state, bad, 0, 0)
@@ -299,7 +299,7 @@ def plain_loop(args, lag: int):
         key = jax.random.fold_in(jax.random.key(args.run.seed), step)
         sampler = history[max(step - lag, 0)]
         batch, _ = grpo.rollout(args, graphdef, None, tok, sampler, frozen, q, qm, columns, key)
-        params, opt_state, _ = grpo.grpo_update(args, graphdef, tx, params, opt_state, batch)
+        params, opt_state, _ = grpo.grpo_update(args, graphdef, tx, params, opt_state, batch, jax.random.key(0))
         history.append(params)
     return nnx.to_pure_dict(params)
 
@@ -838,7 +838,7 @@ def test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops(stoppi
     assert 0 < sum(low) and 0 < sum(high) and sum(low) + sum(high) < len(real) < 0.9 * A.size * 6  # discriminating
     assert any(wrong_side) and any(1.2 < r <= 1.28 for r in ratio.values())  # the sign of A and ε_high matter
     tx = optax.sgd(0.5)
-    stepped, _, stats = grpo.grpo_update(args, graphdef, tx, moved, tx.init(moved), batch)
+    stepped, _, stats = grpo.grpo_update(args, graphdef, tx, moved, tx.init(moved), batch, jax.random.key(0))
     expected["grad_norm"] = float(optax.tree.norm(jax.tree.map(lambda a, b: (a - b) / 0.5, stepped, moved)))
     assert stats.keys() == expected.keys()
     for k, v in expected.items():

@@ -128,13 +128,14 @@ def test_kv_cache_logits_equal_full_forward(hf_model):
     kv = np.zeros((2, 20), bool)
     kv[:, :8] = mask[:, :8]
     logits, cache = sft.model_apply(graphdef, params, tokens[:, :8], positions[:, :8], kv, cache, 0)  # prefill 8
+    assert logits.shape[1] == 1  # the last position's alone: the 8th token's
     cached = [np.asarray(logits)]
     for t in range(8, 14):  # then one token at a time
         kv[:, t] = True
         logits, cache = sft.model_apply(graphdef, params, tokens[:, t : t + 1], positions[:, t : t + 1], kv, cache, t)
         cached.append(np.asarray(logits))
-    cached = np.concatenate(cached, axis=1)  # [B, 14, V]
-    assert_as_accurate(cached[real], theirs[real], exact[real], what="KV-cache forward")
+    cached, real = np.concatenate(cached, axis=1), real[:, 7:14]  # [B, 7, V]: positions 7..13
+    assert_as_accurate(cached[real], theirs[:, 7:14][real], exact[:, 7:14][real], what="KV-cache forward")
 
 
 def test_greedy_sampling_equals_transformers_generate(hf_model):

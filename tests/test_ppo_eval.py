@@ -192,7 +192,7 @@ def test_the_update_reports_the_token_means_of_its_minibatches(monkeypatch):
     mb["logprobs"] = jnp.asarray(np.where(m, old[responses], 0.0), jnp.float32)
     new = {"logprobs": old[responses] + shift[responses], "entropy": entropy[responses], "values": values[responses]}
 
-    def policy_and_values(args, models, params, tokens, mask, responses):
+    def policy_and_values(args, models, params, tokens, mask, responses, key=None):
         f32 = lambda x: jnp.asarray(x, jnp.float32)[responses]  # noqa: E731
         return f32(old) + f32(shift) + 0 * params["w"], f32(entropy), f32(values) + 0 * params["w"]
 

@@ -219,7 +219,7 @@ def test_reward_model_metrics_equal_a_naive_computation(tiny_sft, score_model):
     idx = np.arange(8).reshape(2, 4)  # [A, B]
     batch = {k: np.moveaxis(v[:, idx], 1, 0) for k, v in data.items()}  # [A, 2, B, ...], as main builds it
     _, _, metrics = rm.train_step(
-        graphdef, optax.sgd(0.1), jax.tree.map(jnp.copy, params), optax.sgd(0.1).init(params), batch
+        graphdef, optax.sgd(0.1), jax.tree.map(jnp.copy, params), optax.sgd(0.1).init(params), batch, jax.random.key(0)
     )
     m = {k: float(v) for k, v in metrics.items()}
     assert m["loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margin))), abs=1e-5)
@@ -310,7 +310,7 @@ def test_dpo_train_step_logs_trls_metrics_away_from_the_reference(dpo_setup):
     tx = optax.sgd(1e-3)
     args = make_args(dpo, beta=0.7, batch_size=4, grad_accum_steps=2)
     params = jax.tree.map(jnp.copy, s["params"])
-    _, _, metrics = dpo.train_step(args, s["graphdef"], tx, params, tx.init(params), None, batch)
+    _, _, metrics = dpo.train_step(args, s["graphdef"], tx, params, tx.init(params), None, batch, jax.random.key(0))
     m = {k: float(v) for k, v in metrics.items()}
     losses = naive_losses("sigmoid", 0.7, 0.0, s["logps"], s["ref"], s["lengths"])
     assert m["loss"] == pytest.approx(losses.mean(), rel=1e-4, abs=1e-5)

@@ -44,7 +44,7 @@ def tiny_score_model(seed=0, **cfg_kw):
 def test_loss_and_accuracy_match_hand_computed_values(monkeypatch):
     margins = np.array([2.0, -1.0, 0.5], np.float32)
     monkeypatch.setattr(
-        rm, "rewards", lambda params, graphdef, tokens, mask: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)])
+        rm, "rewards", lambda params, graphdef, tokens, mask, key: jnp.concatenate([jnp.asarray(margins), jnp.zeros(3)])
     )
     batch = {
         "tokens": jnp.zeros((2, 3, 4), jnp.int32),
@@ -423,7 +423,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         graphdef, params = nnx.split(tiny_score_model(seed=4))
         opt_state, batch, losses = tx.init(params), tiny_pair_batch(accum), []
         for _ in range(3):
-            params, opt_state, metrics = rm.train_step(graphdef, tx, params, opt_state, batch)
+            params, opt_state, metrics = rm.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
             losses.append(float(metrics["loss"]))
         out.append((losses, params))
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
@@ -440,10 +440,12 @@ def test_a_step_lowers_the_preference_loss_and_a_non_finite_one_changes_nothing(
     opt_state = tx.init(params)
     for _ in range(3):  # the first steps of the warm-up
         before = loss(params)
-        params, opt_state, _ = rm.train_step(graphdef, tx, params, opt_state, batch)
+        params, opt_state, _ = rm.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
     assert loss(params) < before
     huge = jax.tree.map(lambda x: x * 1e30, params)
-    out_params, out_state, metrics = rm.train_step(graphdef, tx, *jax.tree.map(jnp.copy, (huge, opt_state)), batch)
+    out_params, out_state, metrics = rm.train_step(
+        graphdef, tx, *jax.tree.map(jnp.copy, (huge, opt_state)), batch, jax.random.key(0)
+    )
     assert not (np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
     for a, b in zip(jax.tree.leaves((out_params, out_state)), jax.tree.leaves((huge, opt_state))):
         np.testing.assert_array_equal(a, b)

@@ -185,7 +185,7 @@ def test_sharded_steps_equal_single_device(fsdp):
         b = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(None, "data")))
         losses = []
         for _ in range(4):
-            params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, b)
+            params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, b, jax.random.key(0))
             losses.append(float(metrics["loss"]))
         out[n] = losses, jax.device_get(params)
     assert out[1][0][3] < out[1][0][0]  # it learns
@@ -205,7 +205,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         graphdef, params = nnx.split(model)
         opt_state, losses = tx.init(params), []
         for _ in range(3):
-            params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, batch)
+            params, opt_state, metrics = sft.train_step(graphdef, tx, params, opt_state, batch, jax.random.key(0))
             losses.append(float(metrics["loss"]))
         out.append((losses, params))
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
@@ -218,7 +218,7 @@ def test_a_step_lowers_its_own_loss():
     graphdef, params = nnx.split(model)
     tx, _ = sft.make_optimizer(make_args(sft, learning_rate=1e-2, warmup_steps=0))
     before = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
-    params, _, _ = sft.train_step(graphdef, tx, params, tx.init(params), batch)
+    params, _, _ = sft.train_step(graphdef, tx, params, tx.init(params), batch, jax.random.key(0))
     after = sft.nll(params, graphdef, {k: v[0] for k, v in batch.items()})
     assert float(after[0]) < float(before[0]) - 0.01 and int(after[1]) == int(before[1])
 
@@ -229,7 +229,9 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
     params = jax.tree.map(lambda x: x * 1e30, params)  # overflows to inf / NaN in the forward pass
     tx, _ = sft.make_optimizer(make_args(sft, learning_rate=1e-2, warmup_steps=0))
     opt_state = tx.init(params)
-    new_params, new_opt_state, metrics = sft.train_step(graphdef, tx, jax.tree.map(jnp.copy, params), opt_state, batch)
+    new_params, new_opt_state, metrics = sft.train_step(
+        graphdef, tx, jax.tree.map(jnp.copy, params), opt_state, batch, jax.random.key(0)
+    )
     assert not np.isfinite(float(metrics["loss"])) or not np.isfinite(float(metrics["grad_norm"]))
     for a, b in zip(jax.tree.leaves((new_params, new_opt_state)), jax.tree.leaves((params, tx.init(params)))):
         np.testing.assert_array_equal(a, b)
@@ -569,10 +571,10 @@ def run_recorded(monkeypatch, capsys, args):
         record["examples"].append(list(examples))
         return real_tokenize(tok, examples, *a, **kw)
 
-    def train_step(graphdef, tx, params, opt_state, batch):
+    def train_step(graphdef, tx, params, opt_state, batch, key):
         before, batch_np = jax.device_get(params), jax.device_get(batch)  # before the step donates them
         clock[0] += 1.0
-        params, opt_state, metrics = real_train_step(graphdef, tx, params, opt_state, batch)
+        params, opt_state, metrics = real_train_step(graphdef, tx, params, opt_state, batch, key)
         record["graphdef"] = graphdef
         record["steps"].append((before, batch_np, jax.device_get(params), jax.device_get(metrics)))
         return params, opt_state, metrics

@@ -994,7 +994,7 @@ def load_model(path, dtype=jnp.float32, architecture=None, seed=0, flag="--sft-m
         cfg = dataclasses.replace(cfg, lora_targets=tuple(lora.lora_targets.split(",")), **flags)
     model = Transformer(cfg, dtype, rngs=nnx.Rngs(seed))
     tensors = read_safetensors(ckpt)
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = flat_params(model)
     used = set()
     for path, init in params.items():
         name, transpose = _hf_name(path)

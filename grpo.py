@@ -1,8 +1,12 @@
-"""Group Relative Policy Optimization (GRPO) and RLOO against reward functions, in JAX / Flax NNX.
+"""Group Relative Policy Optimization (GRPO) and its family (RLOO, Dr. GRPO, DAPO, GSPO, REINFORCE++) against reward
+functions, in JAX / Flax NNX.
 
     python grpo.py                                       # the IMDB SFT policy (sft.py) and three built-in rewards
     python grpo.py --reward-fn my_rewards:f --dataset prompts.jsonl     # TRL's reward-function signature
     python grpo.py --advantage rloo --scale-rewards none --loss-type dr_grpo --max-staleness 1
+    python grpo.py --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --overlong-buffer 4 --beta 0      # DAPO
+    python grpo.py --importance-sampling-level sequence --beta 0                                             # GSPO
+    python grpo.py --advantage reinforce_pp --loss-type dapo                                          # REINFORCE++
 
 One step t (`grpo_step`, `rollout` and `grpo_update` carry these numbers):
 
@@ -12,19 +16,28 @@ One step t (`grpo_step`, `rollout` and `grpo_update` carry these numbers):
  3. Keep log π_old(y_t | x, y_<t) of logits / T from the sampler itself (the weights that sampled y; no forward
     pass of their own, as TRL's PPOTrainer), and (β > 0) log π_ref of the frozen SFT policy, also of logits / T.
  4. Rewards: r = Σ_j w_j f_j(x, y, columns) over --reward-fn (TRL's signature; a None means "does not apply" and
-    adds 0, TRL's nansum) + the score of --reward-model.
- 5. One advantage per completion, given to each of its tokens (--advantage):
+    adds 0, TRL's nansum) + the score of --reward-model (+ DAPO's overlong penalty, --overlong-buffer: eq. 13).
+    --dynamic-sampling (DAPO §3.2): groups whose G rewards are all equal are dropped, and steps 1-4 repeat on
+    more prompts until B / G groups are informative (at most --max-sampling-rounds rounds).
+ 5. Advantages (--advantage):
         grpo   A_i = r_i − mean(r_group)                      (Shao et al. 2024, DeepSeekMath §4.1.2)
         rloo   A_i = r_i − Σ_{j≠i} r_j / (G − 1)              (Ahmadian et al. 2024, "Back to Basics", RLOO)
-    then divided by std + 1e-4 (--scale-rewards): the group's std (group: the paper), the batch's (batch: TRL,
-    after Liu et al. 2025 "Tricks or Traps? Part I") or not at all (none: Dr. GRPO, Liu et al. 2025 "Understanding
-    R1-Zero-Like Training").
+    one per completion, given to each of its tokens, divided by std + 1e-4 (--scale-rewards): the group's std
+    (group: the paper), the batch's (batch: TRL, after Liu et al. 2025 "Tricks or Traps? Part I") or not at all
+    (none: Dr. GRPO, Liu et al. 2025 "Understanding R1-Zero-Like Training"); or one per token:
+        reinforce_pp   A_{i,t} = Σ_{s≥t} (r_i − mean(r_group)) [s = |y_i|] − β (log π_old − log π_ref)(y_s)
+    whitened over the batch's tokens (REINFORCE++-baseline, Hu et al. 2025 §3, as OpenRLHF's reinforce_baseline: the
+    k1 KL of the sampling policy is a per-token reward, and the loss has no β term).
  6. --num-iterations μ AdamW steps on the batch, each on the per-token loss (DeepSeekMath eq. 3)
         ℓ_{i,t} = −min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1 − ε, 1 + ε_high) A_i) + β D_{i,t},   ρ = π_θ / π_old
         D_{i,t} = π_ref / π_θ − log(π_ref / π_θ) − 1           (the k3 estimator, DeepSeekMath eq. 4)
-    with ε_high > ε DAPO's clip-higher (Yu et al. 2025 §3.1), normalised as --loss-type (TRL's names):
+    with ε_high > ε DAPO's clip-higher (Yu et al. 2025 §3.1); or (--importance-sampling-level sequence, GSPO, Zheng
+    et al. 2025 §4.1) one ratio per completion, s_i = exp((1/|y_i|) Σ_t log ρ_{i,t}), with ε = 3e-4, ε_high = 4e-4.
+    Only the tokens of completions that stopped (--mask-truncated-completions, DAPO §3.4) and of the top ρ_H
+    entropy quantile (--top-entropy-quantile, Wang et al. 2025) count; normalised as --loss-type (TRL's names):
         grpo     (1/B) Σ_i (1/|y_i|) Σ_t ℓ_{i,t}                 (DeepSeekMath eq. 3)
-        bnpo     Σ_{i,t} ℓ_{i,t} / Σ_i |y_i|                      (the batch's token mean; DAPO §3.3)
+        bnpo     Σ_{i,t} ℓ_{i,t} / Σ_i |y_i|                      (the batch's token mean)
+        dapo     Σ_{i,t} ℓ_{i,t} / Σ_i |y_i| of the global batch  (DAPO §3.3; here = bnpo: one batch per update)
         dr_grpo  Σ_{i,t} ℓ_{i,t} / (B R)                          (Dr. GRPO: a constant denominator)
 
 Asynchronous rollouts (--max-staleness k > 0): a background thread samples and scores (steps 1-5) the batch of step
@@ -65,7 +78,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
-from common import head_logprobs, masked_mean, sample
+from common import head_logprobs, masked_mean, masked_var, sample
 
 BUILT_IN_REWARDS = ("positive_sentiment", "length_band", "no_repetition")  # functions of this file, named alone
 
@@ -113,19 +126,44 @@ class Args:
     """G: completions per prompt"""
     batch_size: int = 64
     """B: completions per step (B / G prompts), split over the devices"""
-    advantage: Literal["grpo", "rloo"] = "grpo"
-    """the baseline: the group's mean (GRPO) or the mean of the group's other completions (RLOO)"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """divide the advantages by the group's reward std (GRPO), the batch's (TRL's "batch") or nothing (Dr. GRPO)"""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
-    """the loss's normalisation (step 6): per-sequence token means averaged (grpo), the batch's token mean (bnpo), or
-    a sum over B·R (dr_grpo)"""
-    epsilon: float = 0.2
-    """ε: the ratio is clipped below at 1 − ε"""
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """the baseline: the group's mean (GRPO), the mean of the group's other completions (RLOO), or REINFORCE++-baseline
+    (the group's mean, then β·KL as a per-token reward and the returns whitened over the batch's tokens)"""
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    """divide the advantages by the group's reward std (GRPO), the batch's (TRL's "batch") or nothing (Dr. GRPO);
+    reinforce_pp: whiten the per-token returns over the batch (batch, its paper) or not (none). None: group, or batch
+    for reinforce_pp"""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """the loss's normalisation (step 6): per-sequence token means averaged (grpo), the batch's token mean (bnpo and
+    dapo, which coincide here: each update sees the whole global batch, with no gradient accumulation), or a sum over
+    B·R (dr_grpo)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """the ratio per token (GRPO) or one per completion, the exp of its tokens' mean log-ratio (GSPO)"""
+    epsilon: float | None = None
+    """ε: the ratio is clipped below at 1 − ε; None: 0.2, or GSPO's 3e-4 at the sequence level"""
     epsilon_high: float | None = None
-    """the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28); None: ε"""
+    """the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28); None: ε, or GSPO's 4e-4 at the sequence
+    level"""
     beta: float = 0.04
-    """β of the k3 KL to the reference in the loss (DeepSeekMath 0.04; 0 skips the reference's forward pass)"""
+    """β of the k3 KL to the reference in the loss (DeepSeekMath 0.04; 0 skips the reference's forward pass);
+    reinforce_pp: of the k1 KL in the per-token reward"""
+    mask_truncated_completions: bool = False
+    """completions without a stop token within R count nothing in the loss (DAPO §3.4); their rewards still enter
+    their group's baseline"""
+    top_entropy_quantile: float = 1.0
+    """ρ_H: only the tokens whose entropy is in the batch's top ρ_H fraction carry the loss (Wang et al. 2025, "Beyond
+    the 80/20 Rule": 0.2); 1.0: all"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample more prompts until the batch
+    holds B / G informative groups"""
+    max_sampling_rounds: int = 4
+    """--dynamic-sampling: rounds of B / G prompts per step at most; short of B / G informative groups after them, the
+    batch is filled with the first uninformative ones (logged: sampling/rounds, frac_reward_zero_std)"""
+    overlong_buffer: int = 0
+    """L_cache of DAPO's overlong penalty (eq. 13, L_max = R): a completion longer than R − L_cache tokens gets a
+    penalty falling linearly to −1 at R; 0: none"""
+    overlong_penalty_factor: float = 1.0
+    """the weight of the overlong penalty in the reward"""
     num_iterations: int = 1
     """μ: optimizer steps on each batch (the ratio is to the sampling policy)"""
     max_staleness: int = 0
@@ -301,20 +339,52 @@ def total_reward(args: Args, per_function):
     return np.nansum(per_function * weights, axis=1)
 
 
+def overlong_penalty(args: Args, lengths):
+    """Step 4, DAPO eq. 13 (soft overlong punishment) with L_max = R: 0 up to R − L_cache tokens, then falling
+    linearly to −1 at R (eq. 13's |y| > L_max cannot occur: the sampler stops at R), times its factor. [B] -> [B]."""
+    L = args.overlong_buffer
+    return args.overlong_penalty_factor * np.minimum((args.response_length - L - lengths) / L, 0.0) if L else 0.0
+
+
+def informative_rows(args: Args, rewards):
+    """--dynamic-sampling (DAPO §3.2): the rows of the first B / G groups whose rewards are not all equal, in sampling
+    order, then (too few of them) of the first groups whose rewards are. [N ≥ B] rewards -> B row indices."""
+    grouped = rewards.reshape(-1, args.group_size)
+    order = np.argsort(grouped.max(1) == grouped.min(1), kind="stable")[: args.batch_size // args.group_size]
+    return (order[:, None] * args.group_size + np.arange(args.group_size)).reshape(-1)
+
+
 def group_advantages(args: Args, rewards):
     """Step 5: [B] rewards, G consecutive rows per prompt -> [B] advantages."""
     G = args.group_size
     grouped = rewards.reshape(-1, G)  # [B / G, G]
-    if args.advantage == "grpo":
-        baseline = grouped.mean(1, keepdims=True)
-    else:  # RLOO: the mean of the other G − 1 completions
+    if args.advantage == "rloo":  # the mean of the other G − 1 completions
         baseline = (grouped.sum(1, keepdims=True) - grouped) / (G - 1)
+    else:  # grpo, reinforce_pp: the group's mean
+        baseline = grouped.mean(1, keepdims=True)
     advantages = (grouped - baseline).reshape(-1)
+    if args.advantage == "reinforce_pp":
+        return advantages
     if args.scale_rewards == "group":
         return advantages / (jnp.repeat(grouped.std(1, ddof=1), G) + 1e-4)  # torch.std: Bessel-corrected, as TRL
     if args.scale_rewards == "batch":
         return advantages / (rewards.std(ddof=1) + 1e-4)
     return advantages
+
+
+def reinforce_pp_advantages(args: Args, rewards, batch):
+    """Step 5, REINFORCE++-baseline (Hu et al. 2025 §3; OpenRLHF's reinforce_baseline): the group-centred reward at
+    each completion's last token and −β k1 = −β (log π_old − log π_ref) at every token (the KL as a reward), summed
+    to go (γ = 1), then whitened over the batch's tokens (population variance, as OpenRLHF). [B] -> [B, R]."""
+    m = batch["completion_mask"]
+    last = jnp.arange(m.shape[1])[None] == m.sum(1, keepdims=True) - 1
+    token_rewards = jnp.where(last, group_advantages(args, rewards)[:, None], 0.0)
+    token_rewards = (token_rewards - args.beta * (batch["old_logprobs"] - batch["ref_logprobs"])) * m
+    returns = jnp.cumsum(token_rewards[:, ::-1], axis=1)[:, ::-1]
+    if args.scale_rewards == "none":
+        return returns
+    whitened = (returns - masked_mean(returns, m)) * jax.lax.rsqrt(jnp.maximum(masked_var(returns, m, False), 1e-8))
+    return whitened * m
 
 
 def sample_and_score(
@@ -339,23 +409,45 @@ def sample_and_score(
     return batch, prompts, texts, per_function
 
 
-def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key):
+def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key, more=None):
     """Steps 2-5 for one batch of B rows (the prompts already repeated G times): the completions sampled with
-    `params`, their log-probs and advantages, and the reward statistics (TRL's names)."""
-    batch, _, _, per_function = sample_and_score(
-        args, graphdef, reward_graphdef, tok, params, frozen, queries, query_mask, columns, key, args.beta > 0
-    )
-    rewards = total_reward(args, per_function)  # 4
-    rows = batch["completion_mask"].sharding
-    batch["advantages"] = jax.device_put(np.asarray(group_advantages(args, jnp.asarray(rewards))), rows)  # 5
-    grouped = rewards.reshape(-1, args.group_size)  # [B / G, G]
-    stats = {
+    `params`, their log-probs and advantages, and the reward statistics (TRL's names). more(j): the prompts of
+    --dynamic-sampling's round j ≥ 1 (tokens, mask, columns), sampled with the j-th key folded in."""
+    rounds, rewards = [], None
+    for j in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
+        if j > 0:
+            queries, query_mask, columns = more(j)
+        batch, _, _, per_function = sample_and_score(args, graphdef, reward_graphdef, tok, params, frozen, queries,
+                                                     query_mask, columns, jax.random.fold_in(key, j) if j else key,
+                                                     args.beta > 0)  # fmt: skip
+        lengths = gather(batch["completion_mask"]).sum(1)
+        rounds.append((batch, per_function, total_reward(args, per_function) + overlong_penalty(args, lengths)))  # 4
+        rewards = np.concatenate([r for _, _, r in rounds])
+        grouped = rewards.reshape(-1, args.group_size)  # [rounds · B / G, G]
+        if (grouped.max(1) > grouped.min(1)).sum() * args.group_size >= args.batch_size:
+            break
+    stats = {"frac_reward_zero_std": (grouped.std(1) == 0).mean()}  # all the groups sampled, before any filtering
+    per_function = np.concatenate([f for _, f, _ in rounds])
+    if args.dynamic_sampling:  # DAPO §3.2: B rows of informative groups
+        keep, rows = informative_rows(args, rewards), rounds[0][0]["completion_mask"].sharding
+        batch = jax.tree.map(lambda *x: jax.device_put(np.concatenate([gather(a) for a in x])[keep], rows),
+                             *[b for b, _, _ in rounds])  # fmt: skip
+        rewards, per_function = rewards[keep], per_function[keep]
+        stats["sampling/rounds"] = len(rounds)
+    if args.advantage == "reinforce_pp":  # 5: one advantage per token
+        batch["advantages"] = reinforce_pp_advantages(args, jnp.asarray(rewards), batch)
+    else:  # 5: one per completion
+        rows = batch["completion_mask"].sharding
+        batch["advantages"] = jax.device_put(np.asarray(group_advantages(args, jnp.asarray(rewards))), rows)
+    grouped = rewards.reshape(-1, args.group_size)  # [B / G, G]: the batch trained on
+    stats |= {
         "reward": rewards.mean(),
         "reward_std": grouped.std(1, ddof=1).mean(),
-        "frac_reward_zero_std": (grouped.std(1) == 0).mean(),
         "completions/mean_length": gather(batch["completion_mask"]).sum(1).mean(),
         "completions/clipped_ratio": 1 - gather(batch["contains_stop"]).mean(),  # no stop token within R
     }
+    if args.overlong_buffer:
+        stats["rewards/overlong_penalty/mean"] = overlong_penalty(args, gather(batch["completion_mask"]).sum(1)).mean()
     for name, r in zip(reward_names(args), per_function.T):
         if np.isfinite(r).any():  # else it applied to none of the completions: not logged; std as TRL's nanstd (Bessel)
             stats |= {f"rewards/{name}/mean": np.nanmean(r), f"rewards/{name}/std": np.nanstd(r, ddof=1)}
@@ -367,29 +459,38 @@ def grpo_loss(params, args: Args, graphdef, batch, frozen=None, key=None):
     """Step 6: the clipped surrogate plus β·k3 per token, normalised as --loss-type, and TRL's statistics. frozen: the
     weights that do not train (LoRA's base), if any; key: --lora-dropout's."""
     m, params = batch["completion_mask"], merge_trained(params, frozen)
+    if args.mask_truncated_completions:  # DAPO §3.4 (overlong filtering): no stop token within R, no loss
+        m = m & batch["contains_stop"][:, None]
     logprobs, entropy = completion_logprobs(
         graphdef, params, batch["tokens"], batch["mask"], batch["completions"], args.temperature, key
     )
-    ratio = jnp.exp(logprobs - batch["old_logprobs"])  # to the weights that sampled the batch
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-    A = batch["advantages"][:, None]  # [B, 1]: one advantage per completion, for each of its tokens
-    per_token = -jnp.minimum(ratio * A, jnp.clip(ratio, 1 - args.epsilon, 1 + eps_high) * A)  # [B, R]
+    log_ratio = logprobs - batch["old_logprobs"]  # to the weights that sampled the batch
+    if args.importance_sampling_level == "sequence":  # GSPO §4.1: s_i = exp((1/|y_i|) Σ_t log ρ_{i,t}), [B, 1]
+        log_ratio = (log_ratio * m).sum(1, keepdims=True) / jnp.maximum(m.sum(1, keepdims=True), 1)
+    ratio, eps_high = jnp.exp(log_ratio), args.epsilon if args.epsilon_high is None else args.epsilon_high
+    A = batch["advantages"].reshape(m.shape[0], -1)  # [B, 1]: one per completion, for each token; [B, R]: REINFORCE++
+    per_token = -jnp.minimum(ratio * A, jnp.clip(ratio, 1 - args.epsilon, 1 + eps_high) * A)  # [B, R] or [B, 1]
     log_ref_ratio = batch["ref_logprobs"] - logprobs
     kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1  # k3 (DeepSeekMath eq. 4)
-    if args.beta > 0:
+    if args.beta > 0 and args.advantage != "reinforce_pp":  # REINFORCE++: the KL is in the reward instead
         per_token = per_token + args.beta * kl
+    if args.top_entropy_quantile < 1:  # Wang et al. 2025 §4: the gradient of the top-ρ_H entropy tokens alone
+        entropy_ = jax.lax.stop_gradient(entropy)
+        threshold = jnp.nanquantile(jnp.where(m, entropy_, jnp.nan), 1 - args.top_entropy_quantile)  # linear, as TRL
+        per_token = per_token * (entropy_ >= threshold)  # the normalisation below still counts every token
     if args.loss_type == "grpo":
         loss = ((per_token * m).sum(1) / jnp.maximum(m.sum(1), 1)).mean()
-    elif args.loss_type == "bnpo":
+    elif args.loss_type in ("bnpo", "dapo"):  # dapo: the global batch's tokens, which this batch is (DAPO §3.3)
         loss = (per_token * m).sum() / jnp.maximum(m.sum(), 1)
     else:  # dr_grpo
         loss = (per_token * m).sum() / (m.shape[0] * args.response_length)
     low, high = (ratio < 1 - args.epsilon) & (A < 0), (ratio > 1 + eps_high) & (A > 0)
+    per = m if ratio.shape[1] > 1 else m.any(1, keepdims=True)  # GSPO: fractions of completions, as TRL
     stats = {  # TRL's names and definitions: token means over the batch ("kl" only where the reference is read)
         "entropy": masked_mean(entropy, m),
-        "clip_ratio/low_mean": masked_mean(low.astype(jnp.float32), m),
-        "clip_ratio/high_mean": masked_mean(high.astype(jnp.float32), m),
-        "clip_ratio/region_mean": masked_mean((low | high).astype(jnp.float32), m),
+        "clip_ratio/low_mean": masked_mean(low.astype(jnp.float32), per),
+        "clip_ratio/high_mean": masked_mean(high.astype(jnp.float32), per),
+        "clip_ratio/region_mean": masked_mean((low | high).astype(jnp.float32), per),
     }
     if args.beta > 0:
         stats["kl"] = masked_mean(kl, m)
@@ -468,11 +569,12 @@ class Rollouts:
 
 
 # ---------------------------------------------------------------- one step, evaluation, set-up, main
-def prompt_batch(args: Args, train, step: int):
-    """Step 1: the B / G prompts of `step` (a pure function of seed and step), each repeated G times: tokens, mask
-    [B, P] and the columns, G consecutive rows per prompt."""
+def prompt_batch(args: Args, train, step: int, round: int = 0):
+    """Step 1: the B / G prompts of `step` (a pure function of seed, step and --dynamic-sampling's round: round j
+    takes those of step + j · max_steps), each repeated G times: tokens, mask [B, P] and the columns, G consecutive
+    rows per prompt."""
     tokens, mask, columns = train
-    idx = batch_indices(step, len(tokens), args.batch_size // args.group_size, args.run.seed)
+    idx = batch_indices(step + round * args.max_steps, len(tokens), args.batch_size // args.group_size, args.run.seed)
     idx = np.repeat(idx, args.group_size)
     return tokens[idx], mask[idx], {k: [v[i] for i in idx] for k, v in columns.items()}
 
@@ -528,8 +630,12 @@ def make_optimizer(args: Args):
 def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
     """Args with the tokenizer's special tokens where the flags leave them unset and, with neither --reward-fn nor
     --reward-model, the built-in reward functions: the static configuration of the jitted functions is complete."""
-    ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    sequence, reinforce_pp = args.importance_sampling_level == "sequence", args.advantage == "reinforce_pp"
+    ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+           "epsilon": 3e-4 if sequence else 0.2, "scale_rewards": "batch" if reinforce_pp else "group"}  # fmt: skip
     args = dataclasses.replace(args, **{k: v for k, v in ids.items() if getattr(args, k) is None})
+    if sequence and args.epsilon_high is None:  # GSPO §5.1: 3e-4 below, 4e-4 above
+        args = dataclasses.replace(args, epsilon_high=4e-4)
     if not args.reward_fn and not args.reward_model:
         args = dataclasses.replace(args, reward_fn=BUILT_IN_REWARDS)
     return args
@@ -559,11 +665,15 @@ def main(args: Args):
             writer.add_scalar(k, v, step)
         return metrics, samples
 
+    def prompts(step, round=0):  # step 1, on the devices
+        q, qm, columns = prompt_batch(args, train, step, round)
+        return *jax.device_put((q, qm), rows), columns
+
     def produce(step, params):  # steps 1-5, in the Rollouts thread
-        q, qm, columns = prompt_batch(args, train, step)
-        q, qm = jax.device_put((q, qm), rows)
         key = jax.random.fold_in(jax.random.key(run.seed), step)
-        return rollout(args, graphdef, reward_graphdef, tok, params, frozen, q, qm, columns, key)
+        return rollout(
+            args, graphdef, reward_graphdef, tok, params, frozen, *prompts(step), key, partial(prompts, step)
+        )
 
     (first, before), t_train = evaluate_and_log(start), time.time()
     final, after = first, before
@@ -623,8 +733,20 @@ def check_args(args: Args, num_devices: int):
          f"{num_devices} device(s)"),
         (args.temperature > 0, f"--temperature {args.temperature}: must be > 0 (log-probs divide the logits by it)"),
         (args.response_length >= 1 and args.prompt_tokens >= 1, "--response-length and --prompt-tokens must be >= 1"),
-        (args.epsilon > 0 and (args.epsilon_high is None or args.epsilon_high > 0),
-         "--epsilon and --epsilon-high must be > 0"),
+        (all(e is None or e > 0 for e in (args.epsilon, args.epsilon_high)), "--epsilon, --epsilon-high: must be > 0"),
+        (args.importance_sampling_level == "token" or args.advantage != "reinforce_pp",
+         "--importance-sampling-level sequence (GSPO: one ratio per completion) needs one advantage per completion; "
+         "--advantage reinforce_pp gives one per token"),
+        (args.importance_sampling_level == "token" or args.top_entropy_quantile == 1,
+         "--importance-sampling-level sequence (GSPO: one ratio per completion) cannot train on the tokens of "
+         f"--top-entropy-quantile {args.top_entropy_quantile} alone"),
+        (args.advantage != "reinforce_pp" or args.scale_rewards != "group",
+         "--advantage reinforce_pp whitens over the batch (--scale-rewards batch) or not at all (none), not by group"),
+        (0 < args.top_entropy_quantile <= 1, f"--top-entropy-quantile {args.top_entropy_quantile}: must be in (0, 1]"),
+        (args.max_sampling_rounds >= 1, f"--max-sampling-rounds {args.max_sampling_rounds}: must be >= 1"),
+        (0 <= args.overlong_buffer <= args.response_length,
+         f"--overlong-buffer {args.overlong_buffer}: must be in [0, --response-length {args.response_length}]"),
+        (args.overlong_penalty_factor >= 0, f"--overlong-penalty-factor {args.overlong_penalty_factor}: must be >= 0"),
         (args.beta >= 0, f"--beta {args.beta}: must be >= 0"),
         (args.num_iterations >= 1, f"--num-iterations {args.num_iterations}: must be >= 1"),
         (args.max_staleness >= 0, f"--max-staleness {args.max_staleness}: must be >= 0"),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_args
+from conftest import RecordingWriter, make_args
 from flax import nnx
 from test_grpo import (  # noqa: F401 (fixtures)
     ADV,
@@ -334,3 +334,32 @@ def test_impossible_combinations_are_refused_naming_the_flags(
 ):
     with pytest.raises(ValueError, match=message):
         grpo.main(tiny_args(tiny_sft, tmp_path, prompts_with_answers, **override))
+
+
+def test_main_samples_each_later_round_from_that_steps_own_prompts_and_logs_the_rounds(
+    stopping_pipeline, i25_rewards, tmp_path, monkeypatch
+):
+    """--dynamic-sampling through main: round j of step s draws the prompts of prompt_batch(s, j); the rounds and the
+    zero-std fraction are logged at every step."""
+    writer, handed, rollout = RecordingWriter(), {}, grpo.rollout
+    monkeypatch.setattr(grpo, "summary_writer", lambda args: writer)
+
+    def spy(*a):  # (args, ..., queries, query_mask, columns, key, more)
+        handed[len(handed)] = (np.asarray(a[6]), np.asarray(a[10](1)[0]), np.asarray(a[10](2)[0]))
+        return rollout(*a)
+
+    monkeypatch.setattr(grpo, "rollout", spy)
+    flags = dict(
+        dynamic_sampling=True, max_steps=2, eval_every=2, eval_prompts=4, eval_dataset=str(stopping_pipeline[3])
+    )
+    args = family_args(
+        stopping_pipeline, output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"), **flags
+    )
+    grpo.main(args)
+    args, *_, train = setup_from(args)
+    for step in range(2):
+        expected = [grpo.prompt_batch(args, train, step, j)[0] for j in range(3)]
+        assert [e.tolist() for e in expected] == [h.tolist() for h in handed[step]]
+    assert not np.array_equal(handed[0][0], handed[0][1]) and not np.array_equal(handed[0][1], handed[1][1])
+    assert writer.scalars["sampling/rounds"] == {1: 2.0, 2: 2.0}  # first_group_flat: each round's first group is flat
+    assert set(writer.scalars["frac_reward_zero_std"]) == {1, 2}

@@ -26,7 +26,7 @@ One step t (`grpo_step`, `rollout` and `grpo_update` carry these numbers):
     (group: the paper), the batch's (batch: TRL, after Liu et al. 2025 "Tricks or Traps? Part I") or not at all
     (none: Dr. GRPO, Liu et al. 2025 "Understanding R1-Zero-Like Training"); or one per token:
         reinforce_pp   A_{i,t} = Σ_{s≥t} (r_i − mean(r_group)) [s = |y_i|] − β (log π_old − log π_ref)(y_s)
-    whitened over the batch's tokens (REINFORCE++-baseline, Hu et al. 2025 §3, as OpenRLHF's reinforce_baseline: the
+    whitened over the batch's tokens (REINFORCE++-baseline, Hu et al. 2025, as OpenRLHF's reinforce_baseline: the
     k1 KL of the sampling policy is a per-token reward, and the loss has no β term).
  6. --num-iterations μ AdamW steps on the batch, each on the per-token loss (DeepSeekMath eq. 3)
         ℓ_{i,t} = −min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1 − ε, 1 + ε_high) A_i) + β D_{i,t},   ρ = π_θ / π_old
@@ -373,7 +373,7 @@ def group_advantages(args: Args, rewards):
 
 
 def reinforce_pp_advantages(args: Args, rewards, batch):
-    """Step 5, REINFORCE++-baseline (Hu et al. 2025 §3; OpenRLHF's reinforce_baseline): the group-centred reward at
+    """Step 5, REINFORCE++-baseline (Hu et al. 2025; OpenRLHF's reinforce_baseline): the group-centred reward at
     each completion's last token and −β k1 = −β (log π_old − log π_ref) at every token (the KL as a reward), summed
     to go (γ = 1), then whitened over the batch's tokens (population variance, as OpenRLHF). [B] -> [B, R]."""
     m = batch["completion_mask"]
@@ -474,7 +474,7 @@ def grpo_loss(params, args: Args, graphdef, batch, frozen=None, key=None):
     kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1  # k3 (DeepSeekMath eq. 4)
     if args.beta > 0 and args.advantage != "reinforce_pp":  # REINFORCE++: the KL is in the reward instead
         per_token = per_token + args.beta * kl
-    if args.top_entropy_quantile < 1:  # Wang et al. 2025 §4: the gradient of the top-ρ_H entropy tokens alone
+    if args.top_entropy_quantile < 1:  # Wang et al. 2025: the gradient of the top-ρ_H entropy tokens alone
         entropy_ = jax.lax.stop_gradient(entropy)
         threshold = jnp.nanquantile(jnp.where(m, entropy_, jnp.nan), 1 - args.top_entropy_quantile)  # linear, as TRL
         per_token = per_token * (entropy_ >= threshold)  # the normalisation below still counts every token
@@ -628,8 +628,9 @@ def make_optimizer(args: Args):
 
 
 def with_defaults(args: Args, eos_id: int, pad_id: int) -> Args:
-    """Args with the tokenizer's special tokens where the flags leave them unset and, with neither --reward-fn nor
-    --reward-model, the built-in reward functions: the static configuration of the jitted functions is complete."""
+    """Args with the tokenizer's special tokens, ε, ε_high (GSPO's at the sequence level) and --scale-rewards (batch
+    for reinforce_pp) where the flags leave them unset and, with neither --reward-fn nor --reward-model, the built-in
+    reward functions: the static configuration of the jitted functions is complete."""
     sequence, reinforce_pp = args.importance_sampling_level == "sequence", args.advantage == "reinforce_pp"
     ids = {"stop_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
            "epsilon": 3e-4 if sequence else 0.2, "scale_rewards": "batch" if reinforce_pp else "group"}  # fmt: skip

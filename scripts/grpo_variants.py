@@ -105,29 +105,32 @@ def table(task: str, entry) -> str:
 
 
 def plot(results, out: Path):
+    """Per task, the held-out reward against the completions sampled (top) and against the KL to the SFT policy
+    (bottom): the mean over seeds, a band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        entry = results["tasks"][task]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.5), squeeze=False)
+    for col, task in enumerate(tasks):
+        entry, seeds = results["tasks"][task], len({r["seed"] for r in results["tasks"][task]["runs"]})
         for variant in dict.fromkeys(r["variant"] for r in entry["runs"]):
             curves = [r["curve"] for r in entry["runs"] if r["variant"] == variant]
-            x = np.mean([[c["completions"] for c in curve] for curve in curves], 0)
             y = np.array([[c["reward"] for c in curve] for curve in curves])
-            line = ax.plot(x, y.mean(0), marker="o", markersize=3, label=variant)[0]
-            if len(curves) > 1:
-                ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.12)
-        seeds = len({r["seed"] for r in entry["runs"]})
-        ax.set_title(f"{task}: {seeds} seed(s), mean (band: min-max)", fontsize=10)
-        ax.set_xlabel("completions sampled")
-        ax.set_ylabel("held-out reward" if task == "imdb" else "held-out final number correct")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"grpo.py's variants ({entry['cpu']})", fontsize=10)
+            for ax, key in zip(axes[:, col], ("completions", "kl")):
+                x = np.mean([[c[key] for c in curve] for curve in curves], 0)
+                line = ax.plot(x, y.mean(0), marker="o", markersize=3, label=variant)[0]
+                if len(curves) > 1:
+                    ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.12)
+        for ax, xlabel in zip(axes[:, col], ("completions sampled", "KL to the SFT policy (nats per completion)")):
+            ax.set_title(f"{task}: {seeds} seed(s), mean (band: min-max over seeds)", fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("held-out reward" if task == "imdb" else "held-out final number correct")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"grpo.py's variants ({results['tasks'][tasks[0]]['cpu']})", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

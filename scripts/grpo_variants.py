@@ -31,8 +31,8 @@ VARIANTS = {  # each one's defining flags; everything else as the task's flags
     "grpo": ["--loss-type", "grpo"],  # DeepSeekMath: group-normalised, per-sequence token means
     "dr_grpo": ["--loss-type", "dr_grpo", "--scale-rewards", "none"],  # Dr. GRPO
     "dapo": ["--loss-type", "dapo", "--epsilon-high", "0.28"],  # DAPO's token-level loss and clip-higher
-    "gspo": ["--importance-sampling-level", "sequence"],  # GSPO: the sequence ratio, ε 3e-4 / 4e-4
-    "rloo": ["--advantage", "rloo"],  # RLOO's leave-one-out baseline
+    "gspo": ["--importance-sampling-level", "sequence", "--loss-type", "grpo"],  # GSPO: s_i, ε 3e-4 / 4e-4
+    "rloo": ["--advantage", "rloo", "--loss-type", "grpo"],  # RLOO's leave-one-out baseline
     "reinforce_pp": ["--advantage", "reinforce_pp", "--loss-type", "dapo"],  # REINFORCE++-baseline, OpenRLHF's loss
     "dapo_dynamic": ["--loss-type", "dapo", "--epsilon-high", "0.28", "--dynamic-sampling"],  # + dynamic sampling
 }

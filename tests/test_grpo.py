@@ -197,7 +197,7 @@ def naive_loss(args, graphdef, params, batch):
     terms = terms * m
     if args.loss_type == "grpo":
         return jnp.mean(terms.sum(1) / m.sum(1))
-    if args.loss_type == "bnpo":
+    if args.loss_type in ("bnpo", "dapo"):
         return terms.sum() / m.sum()
     return terms.sum() / (m.shape[0] * args.response_length)
 
@@ -215,7 +215,7 @@ def tiny_setup(tiny_sft, tmp_path, prompts, **kw):
     return setup_from(tiny_args(tiny_sft, tmp_path, prompts, **kw))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_the_loss_and_its_gradient_equal_a_naive_full_logits_reference(
     tiny_sft, tmp_path, prompts_with_answers, rewards_module, loss_type
 ):
@@ -805,6 +805,7 @@ def test_the_logged_update_statistics_at_a_moved_policy_equal_naive_loops(stoppi
         beta=0.3,
         epsilon=0.2,
         epsilon_high=0.28,
+        loss_type="grpo",
         num_devices=1,
     )
     args, tok, graphdef, params, frozen, train = setup_from(args)

@@ -85,8 +85,8 @@ def run(task: str, variant: str, seed: int, logs: Path):
 
 def table(task: str, entry) -> str:
     """Mean ± sample std over seeds of each variant's last evaluation, as markdown."""
-    rows = [f"| {task}: variant | held-out reward | KL to SFT (nats) | length (tokens) | completions | wall time (s) |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    head = "held-out reward | KL to the start (nats) | length (tokens) | completions | wall time (s)"
+    rows = [f"| {task}: variant | {head} |", "|---|---|---|---|---|---|"]
     for variant in dict.fromkeys(r["variant"] for r in entry["runs"]):
         runs = [r for r in entry["runs"] if r["variant"] == variant]
         last = [r["curve"][-1] for r in runs]
@@ -124,7 +124,7 @@ def plot(results, out: Path):
                 line = ax.plot(x, y.mean(0), marker="o", markersize=3, label=variant)[0]
                 if len(curves) > 1:
                     ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.12)
-        for ax, xlabel in zip(axes[:, col], ("completions sampled", "KL to the SFT policy (nats per completion)")):
+        for ax, xlabel in zip(axes[:, col], ("completions sampled", "KL to the starting policy (nats per completion)")):
             ax.set_title(f"{task}: {seeds} seed(s), mean (band: min-max over seeds)", fontsize=10)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("held-out reward" if task == "imdb" else "held-out final number correct")

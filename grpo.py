@@ -442,14 +442,15 @@ def rollout(args: Args, graphdef, reward_graphdef, tok, params, frozen, queries,
         rows = batch["completion_mask"].sharding
         batch["advantages"] = jax.device_put(np.asarray(group_advantages(args, jnp.asarray(rewards))), rows)
     grouped = rewards.reshape(-1, args.group_size)  # [B / G, G]: the batch trained on
+    lengths = gather(batch["completion_mask"]).sum(1)
     stats |= {
         "reward": rewards.mean(),
         "reward_std": grouped.std(1, ddof=1).mean(),
-        "completions/mean_length": gather(batch["completion_mask"]).sum(1).mean(),
+        "completions/mean_length": lengths.mean(),
         "completions/clipped_ratio": 1 - gather(batch["contains_stop"]).mean(),  # no stop token within R
     }
     if args.overlong_buffer:
-        stats["rewards/overlong_penalty/mean"] = overlong_penalty(args, gather(batch["completion_mask"]).sum(1)).mean()
+        stats["rewards/overlong_penalty/mean"] = overlong_penalty(args, lengths).mean()
     for name, r in zip(reward_names(args), per_function.T):
         if np.isfinite(r).any():  # else it applied to none of the completions: not logged; std as TRL's nanstd (Bessel)
             stats |= {f"rewards/{name}/mean": np.nanmean(r), f"rewards/{name}/std": np.nanstd(r, ddof=1)}

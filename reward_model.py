@@ -6,8 +6,9 @@
 The algorithm:
 
  1. Preference pairs (default: the simulated labeler, `simulate_labeler`): for each prompt x the SFT policy samples
-    two responses a, b; a gold judge g (VADER sentiment) scores them, and a Bradley–Terry labeler prefers a with
-    probability σ((g(a) − g(b)) / τ), so the labels are noisy as human labels are (Ziegler et al. 2019's task).
+    two responses a, b; a gold judge g (VADER sentiment, or --gold-fn) scores them, and a Bradley–Terry labeler
+    prefers a with probability σ((g(a) − g(b)) / τ), so the labels are noisy as human labels are (Ziegler et al.
+    2019's task).
  2. The reward model r_φ: the SFT network with a scalar head, N(0, 1/√(d+1)) initialised, read at the EOS of
     x + y + EOS (the sampled token ids, as PPO will score them).
  3. Loss: L = −E log σ(r_φ(x, y_chosen) − r_φ(x, y_rejected)) (Ouyang et al. 2022 eq. 1), AdamW with linear
@@ -23,6 +24,7 @@ The model, Hugging Face I/O, sharding and checkpoints are the appendix at the en
 import contextlib
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -74,9 +76,15 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of the continuations"""
     labeler_tau: float = 0.1
-    """simulated labeler noise: P(a preferred over b) = sigmoid((g(a) - g(b)) / tau), g the VADER compound score"""
+    """simulated labeler noise: P(a preferred over b) = sigmoid((g(a) - g(b)) / tau), g the gold judge"""
+    gold_fn: str | None = None
+    """simulated labeler: the gold judge g, "module:function", f(prompts: list[str], completions: list[str]) ->
+    list[float] (rlhf_ppo.py --gold-fn's signature); None: the VADER compound score"""
     val_fraction: float = 0.1
     """fraction of prompts held out for evaluation"""
+    max_train_pairs: int | None = None
+    """train on only the first N training pairs, in file order (the held-out split is unchanged): proxies of several
+    strengths from one labeler, as Gao et al. 2023's reward-model data sizes; None: every training pair"""
     max_seq_len: int = 512
     """pairs longer than this are truncated from the left of the prompt (the count is reported)"""
 
@@ -188,9 +196,21 @@ def sample_continuations(
     return out
 
 
+def gold_scores(gold_fn: str | None, prompts: list[str], completions: list[str]):
+    """The labeler's gold judge g: --gold-fn "module:function", or VADER. -> float32 [N], checked."""
+    if gold_fn is None:
+        return vader_scores(completions)
+    module, _, name = gold_fn.partition(":")
+    out = np.asarray(getattr(importlib.import_module(module), name)(prompts, completions), np.float32)
+    if out.shape != (len(completions),) or not np.isfinite(out).all():
+        raise ValueError(f"--gold-fn {gold_fn}: returned {out.shape} scores, not {len(completions)} finite ones")
+    return out
+
+
 def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     """Writes --pairs-file: per IMDB opening of movie_reviews("labeler"), --pairs-per-prompt pairs of SFT continuations,
-    the preferred one chosen by the Bradley–Terry labeler on VADER scores (the sentiment task of Ziegler et al. 2019).
+    the preferred one chosen by the Bradley–Terry labeler on gold scores: VADER's (the sentiment task of Ziegler et al.
+    2019), or --gold-fn's.
     Each row keeps the sampled token ids ("prompt_ids", "chosen_ids", "rejected_ids"), on which the reward model trains
     (as LHP does: a policy's samples need not be the canonical tokenisation of their text), and their text to read."""
     graphdef, params = nnx.split(policy)
@@ -199,7 +219,7 @@ def simulate_labeler(args: Args, policy, tok, eos_id, pad_id, key):
     responses = sample_continuations(step_function(graphdef), params, policy.cfg, repeated, key, args.response_length,
                                      args.temperature, eos_id, pad_id)  # fmt: skip
     texts = tok.decode_batch(responses, skip_special_tokens=True)
-    gold = vader_scores(texts)
+    gold = gold_scores(args.gold_fn, tok.decode_batch(repeated), texts)
     a, b = np.arange(0, len(texts), 2), np.arange(1, len(texts), 2)
     a_wins = bradley_terry_labels(gold[a], gold[b], args.labeler_tau, np.random.default_rng(args.run.seed))
     chosen, rejected = np.where(a_wins, a, b), np.where(a_wins, b, a)
@@ -438,6 +458,11 @@ def load_pairs(args: Args, tok, eos_id, pad_id, chat=None):
     """-> (training pairs, train arrays, held-out arrays) from --dataset or the simulated labeler's file."""
     pairs = read_pairs(args.dataset or args.pairs_file, tok.get_vocab_size(), chat)
     train_pairs, val_pairs = split_by_prompt(pairs, args.val_fraction)
+    if args.max_train_pairs is not None:
+        if not 1 <= args.max_train_pairs <= len(train_pairs):
+            raise ValueError(f"--max-train-pairs {args.max_train_pairs}: must be in [1, {len(train_pairs)}], the "
+                             f"training pairs of {args.dataset or args.pairs_file}")  # fmt: skip
+        train_pairs = train_pairs[: args.max_train_pairs]
     out = []
     for name, pairs in (("train", train_pairs), ("held-out", val_pairs)):
         data, truncated = tokenize_pairs(tok, pairs, eos_id, pad_id, args.max_seq_len, chat)

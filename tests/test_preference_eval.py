@@ -136,6 +136,42 @@ def test_dpo_and_the_reward_model_split_tokenise_and_hold_out_the_same_pairs(tmp
         np.testing.assert_array_equal(d_val["gold"][:, i], np.float32(gold[p, c]))
 
 
+def test_max_train_pairs_keeps_the_first_n_training_pairs_and_the_same_held_out_pairs(tmp_path, tiny_sft):
+    """--max-train-pairs 6 on 20 prompts of 1-4 pairs (6 ends inside a prompt's pairs): the training arrays are the
+    file's first 6 pairs whose prompt is not held out, in file order; the held-out arrays are those without the flag;
+    every training pair is allowed, 0 and one more are refused, naming the flag."""
+    rows = prompt_pairs([1, 4, 2, 3] * 5, seed=3)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+
+    def load(**flags):
+        return rm.load_pairs(
+            make_args(rm, dataset=str(path), val_fraction=0.25, max_seq_len=32, **flags), tok, eos, pad
+        )
+
+    def texts(data, side):  # prompt + response + EOS of each pair, decoded
+        return [
+            tok.decode(t[m].tolist(), skip_special_tokens=False)
+            for t, m in zip(data["tokens"][side], data["mask"][side])
+        ]
+
+    _, full_train, full_val = load()
+    train_pairs, train, val = load(max_train_pairs=6)
+    for k in full_val:
+        np.testing.assert_array_equal(val[k], full_val[k], err_msg=k)
+    text = lambda r, side: r["prompt"] + r[side] + "<|endoftext|>"  # noqa: E731
+    held_prompts = {r["prompt"] for r in rows if text(r, "chosen") in texts(full_val, 0)}
+    kept = [r for r in rows if r["prompt"] not in held_prompts][:6]
+    assert len(held_prompts) == 5 and train["tokens"].shape[1] == len(train_pairs) == 6
+    assert texts(train, 0) == [text(r, "chosen") for r in kept]
+    assert texts(train, 1) == [text(r, "rejected") for r in kept]
+    n = full_train["tokens"].shape[1]
+    assert n > 6 and texts(load(max_train_pairs=n)[1], 1) == texts(full_train, 1)
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError, match=rf"--max-train-pairs {bad}: must be in \[1, {n}\]"):
+            load(max_train_pairs=bad)
+
+
 # ---------------------------------------------------------------- naive references
 def log_softmax64(logits):
     x = np.asarray(logits, np.float64)

@@ -405,6 +405,40 @@ def test_the_simulated_labeler_prefers_the_higher_gold_score(tmp_path, tiny_sft,
         assert r["prompt_ids"] == sft.encode_prompts(tok, [r["prompt"]])[0]
 
 
+def parity_gold(prompts, completions):
+    """A gold judge that reads both arguments: the completion's length, counted negative after odd-length prompts."""
+    return [len(c) * (-1.0) ** len(p) for p, c in zip(prompts, completions)]
+
+
+def test_the_simulated_labeler_judges_with_gold_fn(tmp_path, tiny_sft):
+    """--gold-fn: each pair's gold scores are the function's of its own prompt and responses (the prompt's parity
+    flips the sign), and the noiseless labeler chooses by them; a function returning the wrong number of scores, or a
+    non-finite one, is refused naming the flag."""
+    policy, _ = sft.load_model(tiny_sft)
+    tok, eos, pad = sft.load_tokenizer(tiny_sft)
+    args = rm_args(tmp_path, tiny_sft, labeler_tau=1e-6, num_prompts=24, pairs_per_prompt=2,
+                   pairs_file=str(tmp_path / "pairs.jsonl"), gold_fn="test_reward_model:parity_gold")  # fmt: skip
+    rm.simulate_labeler(args, policy, tok, eos, pad, jax.random.key(0))
+    rows = [json.loads(line) for line in open(args.pairs_file)]
+    for r in rows:
+        assert [r["chosen_gold"], r["rejected_gold"]] == parity_gold([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+        assert r["chosen_gold"] >= r["rejected_gold"]
+    signs = {np.sign(r["chosen_gold"]) for r in rows if r["chosen_gold"] != r["rejected_gold"]}
+    assert signs == {-1.0, 1.0} and sum(r["chosen_gold"] > r["rejected_gold"] for r in rows) >= 20
+    assert rm.gold_scores(None, ["a"], ["great fun"]) == pytest.approx(rm.vader_scores(["great fun"]))
+    for bad in ("test_reward_model:wrong_length_gold", "test_reward_model:nan_gold"):
+        with pytest.raises(ValueError, match=f"--gold-fn {bad}: returned"):
+            rm.gold_scores(bad, ["a", "b"], ["c", "d"])
+
+
+def wrong_length_gold(prompts, completions):
+    return [0.0]
+
+
+def nan_gold(prompts, completions):
+    return [0.0, float("nan")]
+
+
 def tiny_pair_batch(accum=1, rows=8, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.arange(12)[None, None] < rng.integers(3, 13, (2, rows, 1))

@@ -95,6 +95,15 @@ F_NAIVE, F_DS, F_OVER_ROLL, F_REFUSE, F_MAIN = (
     T_FAM + "test_main_samples_each_later_round_from_that_steps_own_prompts_and_logs_the_rounds",
 )
 
+T_OO = "tests/test_overoptimisation.py::"
+O_MAXP, O_GOLD, O_BON, O_FIT, O_CURVE = (
+    "tests/test_preference_eval.py::test_max_train_pairs_keeps_the_first_n_training_pairs_and_the_same_held_out_pairs",
+    "tests/test_reward_model.py::test_the_simulated_labeler_judges_with_gold_fn",
+    T_OO + "test_best_of_n_is_the_mean_over_every_subset_of_n_samples",
+    T_OO + "test_fits_recover_the_coefficients_that_made_the_points_and_their_peak",
+    T_OO + "test_held_out_curves_read_each_scripts_held_out_tags",
+)
+
 MUTANTS = [
     # ---- KL penalty
     Mutant("kl: sign of the penalty flipped", "rlhf_ppo.py",
@@ -1061,6 +1070,36 @@ MUTANTS = [
            '        (args.importance_sampling_level == "token" or args.top_entropy_quantile == 1,', '        (True,', (F_REFUSE,)),
     Mutant('i28 refusal: an overlong buffer longer than R allowed', "grpo.py",
            '        (0 <= args.overlong_buffer <= args.response_length,', '        (0 <= args.overlong_buffer,', (F_REFUSE,)),
+    Mutant("i29 max-train-pairs: the last N training pairs, not the first", "reward_model.py",
+           'train_pairs = train_pairs[: args.max_train_pairs]', 'train_pairs = train_pairs[-args.max_train_pairs :]', (O_MAXP,)),
+    Mutant("i29 max-train-pairs: every training pair refused", "reward_model.py",
+           'if not 1 <= args.max_train_pairs <= len(train_pairs):', 'if not 1 <= args.max_train_pairs < len(train_pairs):', (O_MAXP,)),
+    Mutant("i29 max-train-pairs: more pairs than there are allowed", "reward_model.py",
+           'if not 1 <= args.max_train_pairs <= len(train_pairs):', 'if not 1 <= args.max_train_pairs:', (O_MAXP,)),
+    Mutant("i29 gold-fn: the labeler ignores --gold-fn", "reward_model.py",
+           'gold = gold_scores(args.gold_fn, tok.decode_batch(repeated), texts)', 'gold = gold_scores(None, tok.decode_batch(repeated), texts)', (O_GOLD,)),
+    Mutant("i29 gold-fn: another row's prompt judged", "reward_model.py",
+           'gold = gold_scores(args.gold_fn, tok.decode_batch(repeated), texts)', 'gold = gold_scores(args.gold_fn, tok.decode_batch(repeated[1:] + repeated[:1]), texts)', (O_GOLD,)),
+    Mutant("i29 gold-fn: a non-finite gold score let through", "reward_model.py",
+           'if out.shape != (len(completions),) or not np.isfinite(out).all():', 'if out.shape != (len(completions),):', (O_GOLD,)),
+    Mutant("i29 best-of-n: samples ordered by the gold score", "scripts/overoptimisation.py",
+           'order = np.argsort(proxy, axis=0, kind="stable")', 'order = np.argsort(gold, axis=0, kind="stable")', (O_BON,)),
+    Mutant("i29 best-of-n: C(i, n − 1), not C(i − 1, n − 1)", "scripts/overoptimisation.py",
+           'log_w = gammaln(i) - gammaln(n) - gammaln(i - n + 1)', 'log_w = gammaln(i + 1) - gammaln(n) - gammaln(i - n + 2)', (O_BON,)),
+    Mutant("i29 best-of-n: the first n samples' best, not the estimator", "scripts/overoptimisation.py",
+           'g, p = np.take_along_axis(gold, order, 0), np.take_along_axis(proxy, order, 0)', 'g, p = gold, proxy', (O_BON,)),
+    Mutant("i29 fit: KL, not √KL", "scripts/overoptimisation.py",
+           'd = np.sqrt(np.maximum(kl, 0.0))', 'd = np.maximum(kl, 0.0)', (O_FIT,)),
+    Mutant("i29 fit: the RL form for best-of-n", "scripts/overoptimisation.py",
+           'x = np.stack([d, -d * d if form == "bon" else -d * np.log(d)], 1)', 'x = np.stack([d, -d * np.log(d)], 1)', (O_FIT,)),
+    Mutant("i29 fit: the RL peak at exp(α/β)", "scripts/overoptimisation.py",
+           'math.exp(alpha / beta - 1)', 'math.exp(alpha / beta)', (O_FIT,)),
+    Mutant("i29 fit: the gold score, not its gain over the run's start", "scripts/overoptimisation.py",
+           '        start = run["curve"][0]["gold"]', '        start = 0.0', (O_FIT,)),
+    Mutant("i29 curve: PPO's means over both evaluation sets", "scripts/overoptimisation.py",
+           'f"eval/heldout/{v}"', 'f"eval/{v}"', (O_CURVE,)),
+    Mutant("i29 curve: GRPO's steps read as episodes", "scripts/overoptimisation.py",
+           '1 if method == "ppo" else 64', '1', (O_CURVE,)),
 ]  # fmt: skip
 
 

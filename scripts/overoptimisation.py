@@ -181,7 +181,8 @@ def rl_run(method: str, name: str, beta: float, seed: int) -> dict:
 # ---------------------------------------------------------------- 3. fits
 def fit(points, form: str) -> dict:
     """Least squares of the gold gain R over the start against d = √KL (points: (kl, gain)): R = d (α − β d) (bon) or
-    R = d (α − β log d) (rl); both linear in α, β. -> alpha, beta, the peak d* and its gain, the points' R²."""
+    R = d (α − β log d) (rl); both linear in α, β. -> alpha, beta, the peak d* (None: the fit has none) and its
+    gain, the points' largest d and R²."""
     kl, gain = np.array(points, float).T
     d = np.sqrt(np.maximum(kl, 0.0))
     keep = d > 0  # R(0) = 0 in both forms
@@ -190,11 +191,11 @@ def fit(points, form: str) -> dict:
     (alpha, beta), *_ = np.linalg.lstsq(x, gain, rcond=None)
     curve = lambda d: d * (alpha - beta * (d if form == "bon" else np.log(d)))  # noqa: E731
     peak = None
-    if beta > 0:
+    if beta > 0 and (form == "bon" or alpha / beta < 700):  # else exp overflows: no peak in any range
         peak = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
     r2 = 1 - ((gain - x @ [alpha, beta]) ** 2).sum() / ((gain - gain.mean()) ** 2).sum()
-    return {"alpha": float(alpha), "beta": float(beta), "peak_sqrt_kl": peak,
-            "peak_gain": float(curve(peak)) if peak else None, "r2": float(r2)}  # fmt: skip
+    return {"alpha": float(alpha), "beta": float(beta), "peak_sqrt_kl": peak, "peak_gain": float(curve(peak))
+            if peak else None, "max_sqrt_kl": float(d.max()), "r2": float(r2)}  # fmt: skip
 
 
 def fits(results) -> list[dict]:
@@ -213,17 +214,18 @@ def fits(results) -> list[dict]:
 def table(results) -> str:
     """Per run: the start, the peak (the best gold score) and the end, as markdown."""
     rows = ["| method | proxy (pairs, gold acc.) | β | seed | gold: start → peak (√KL) → end | proxy: start → end | "
-            "KL at end | fit α, β | fit peak √KL |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "KL at end | fit α, β (R²) | fit peak √KL |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fit_of = {(f["method"], f["proxy"], f["beta_kl"]): f for f in results["fits"]}
     for run in results["runs"]:
         c, f, px = run["curve"], fit_of[run["method"], run["proxy"], run["beta"]], results["proxies"][run["proxy"]]
         best = max(c, key=lambda x: x["gold"])
-        peak = f"{f['peak_sqrt_kl']:.2f}" if f["peak_sqrt_kl"] else "none"
+        peak = "none" if f["peak_sqrt_kl"] is None else f"{f['peak_sqrt_kl']:.3g}"
+        peak += " (beyond the data)" if f["peak_sqrt_kl"] and f["peak_sqrt_kl"] > f["max_sqrt_kl"] else ""
         rows.append(
             f"| {run['method']} | {run['proxy']} ({px['train_pairs']}, {px['gold_accuracy']:.3f}) | {run['beta']} "
             f"| {run['seed']} | {c[0]['gold']:.3f} → {best['gold']:.3f} ({math.sqrt(best['kl']):.2f}) → "
             f"{c[-1]['gold']:.3f} | {c[0]['proxy']:.3f} → {c[-1]['proxy']:.3f} | {c[-1]['kl']:.2f} "
-            f"| {f['alpha']:.3f}, {f['beta']:.3f} | {peak} |"
+            f"| {f['alpha']:.3f}, {f['beta']:.3f} ({f['r2']:.2f}) | {peak} |"
         )
     return "\n".join(rows)
 
@@ -259,7 +261,7 @@ def plot(results, out: Path):
         axes[0, col].set_title(title)
         axes[1, col].set_xlabel("√KL to the SFT policy (√nats)")
         axes[0, col].legend(fontsize=7)
-    axes[0, 0].set_ylabel("gold score (VADER), held out")
+    axes[0, 0].set_ylabel("gold score g (VADER × distinct bigrams), held out")
     axes[1, 0].set_ylabel("proxy score (the reward model), held out")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -294,7 +296,7 @@ def main():
         def record(run):
             results["runs"] = [r for r in results["runs"] if r is not run] + [run]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-            print(json.dumps({k: run[k] for k in ("method", "proxy", "beta", "seed")} | run["curve"][-1]), flush=True)
+            print(json.dumps(run["curve"][-1] | {k: run[k] for k in ("method", "proxy", "beta", "seed")}), flush=True)
 
         if not any(k[0] == "bon" for k in done):
             t0 = time.time()

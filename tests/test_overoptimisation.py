@@ -52,7 +52,7 @@ def test_fits_recover_the_coefficients_that_made_the_points_and_their_peak(form)
     peak = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
     assert f["peak_sqrt_kl"] == pytest.approx(peak, rel=1e-9)
     assert f["peak_gain"] == pytest.approx(peak * (alpha - beta * shape(peak)), rel=1e-9)
-    assert f["r2"] == pytest.approx(1.0)
+    assert f["r2"] == pytest.approx(1.0) and f["max_sqrt_kl"] == pytest.approx(4.0)
     rising = [{**r, "curve": [{**c, "gold": c["kl"]} for c in r["curve"]]} for r in runs]  # no peak: β ≤ 0
     assert oo.fits({"runs": rising})[0]["peak_sqrt_kl"] is None
 

@@ -30,7 +30,6 @@ Runs already in results/overoptimisation.json are kept unless --rerun; results/l
 import argparse
 import json
 import math
-import platform
 import re
 import shutil
 import subprocess
@@ -45,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from gold import positive_and_varied  # scripts/, beside this file: g
-from ppo_results import read_scalars  # and the tensorboard reader
+from grpo_variants import cpu  # the CPU model and its ISA
+from ppo_results import read_scalars  # the tensorboard reader
 from scipy.special import gammaln
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,14 +61,6 @@ RUNS = [("ppo", 0.0), ("ppo", 0.01), ("grpo", 0.0)]  # (method, β); seeds after
 PPO_FLAGS = ["--total-episodes", "5120", "--eval-every", "4", "--gold-fn", GOLD]  # 80 updates of 64 episodes
 GRPO_FLAGS = ["--max-steps", "150", "--eval-every", "6", "--beta", "0", "--learning-rate", "3e-4"]  # 64 per step
 GRPO_FLAGS += ["--reward-fn", GOLD, "--reward-weights", "0", "1"]  # the gold score logged, not trained on
-
-
-def cpu() -> str:
-    """The CPU model and its widest vector ISA (results depend on both)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else platform.machine()
-    return f"{model.group(1) if model else platform.processor()}, {isa}"
 
 
 def proxy_dir(name: str) -> Path:

@@ -98,7 +98,7 @@ def ceilings(on_gpu: bool, repeats: int) -> dict:
     mm = measure(lambda: jax.jit(jnp.dot)(a, b).block_until_ready(), repeats)
     x = jax.random.normal(jax.random.key(1), ((2**30 if on_gpu else 2**26) // 4,), jnp.float32)  # 1 GiB / 64 MiB
     cp = measure(lambda: jax.jit(lambda x: x + 1)(x).block_until_ready(), repeats)  # float32: no CPU bf16 emulation
-    return {"matmul_flop_s": 2 * n**3 / mm["s"], "bandwidth_b_s": 2 * x.nbytes / cp["s"], "n": n}
+    return {"matmul_flop_s": 2 * n**3 / mm["s"], "bandwidth_b_s": 2 * x.nbytes / cp["s"]}
 
 
 def build(size: str):
@@ -142,7 +142,6 @@ def bench_sft(models, params, mesh, w, peak, rows):
     n = sum(x.size for x in jax.tree.leaves(params["policy"]))
     tok_s = tokens.size / t["s"]
     row(rows, "SFT step", params_m=n / 1e6, tokens_per_s=tok_s, mfu=6 * n * tok_s / peak, **t)
-    return n
 
 
 def bench_sampler(args, models, params, mesh, w, bandwidth, rows):

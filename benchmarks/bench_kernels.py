@@ -92,13 +92,26 @@ def sampler_speeds(args, models, params, q, qm, repeats):
     return n / cached, n / no_cache
 
 
-def train_step_flops(args, models, tx, rows, params, opt_state, batch, repeats):
-    """-> (FLOP/s, FLOPs per ppo_update call, seconds per call) of rlhf_ppo.ppo_update."""
+def update_batch(args, models, tok, params, frozen, q, qm):
+    """One rollout and its advantages: the batch rlhf_ppo.ppo_update trains on, and the rollout."""
+    roll = rp.rollout(args, models, tok, params, frozen, q, qm, jax.random.key(0))
+    advantages, returns, _, _ = rp.compute_advantages(args, roll, W.KL_COEF)
+    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
+    return batch | {"advantages": advantages, "returns": returns}, roll
+
+
+def update_flops(args, models, params, batch):
+    """FLOPs of one rlhf_ppo.ppo_update call: XLA's count of one loss-and-gradient pass, times the passes."""
     grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
     cost = grad.lower(params, args, models, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one device's share of the partitioned program; each pass sees the whole batch once per epoch
-    flops = cost["flops"] * jax.device_count() * args.ppo_epochs * args.num_mini_batches
+    return cost["flops"] * jax.device_count() * args.ppo_epochs * args.num_mini_batches
+
+
+def train_step_flops(args, models, tx, rows, params, opt_state, batch, repeats):
+    """-> (FLOP/s, FLOPs per ppo_update call, seconds per call) of rlhf_ppo.ppo_update."""
+    flops = update_flops(args, models, params, batch)
     state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.tree.map(jnp.copy, opt_state)}  # donated below
 
     def step():
@@ -125,10 +138,7 @@ def main(cli):
     (args, models, tx, rows, tok), state, frozen, mesh = setup(cli.num_devices)
     params, opt_state = state["params"], state["opt_state"]
     q, qm = prompts(0, mesh)
-    roll = rp.rollout(args, models, tok, params, frozen, q, qm, jax.random.key(0))
-    advantages, returns, _, _ = rp.compute_advantages(args, roll, W.KL_COEF)
-    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
-    batch |= {"advantages": advantages, "returns": returns}
+    batch, roll = update_batch(args, models, tok, params, frozen, q, qm)
 
     logprob_error, ratio_error = sampler_logprob_error(args, models, params, roll)
     cached, no_cache = sampler_speeds(args, models, params, q, qm, cli.repeats)

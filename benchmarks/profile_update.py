@@ -18,8 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import workload as W
-from bench_kernels import matmul_flops
+from bench_kernels import matmul_flops, update_batch, update_flops
 from bench_ours import prompts, setup
 
 import rlhf_ppo as rp
@@ -30,13 +29,8 @@ RUNTIME = ("$", "Pjit", "CommonPjRt", "Allocate", "Handle", "Parse", "ThunkExecu
 def main(cli):
     (args, models, tx, rows, tok), state, frozen, mesh = setup(1)
     q, qm = prompts(0, mesh)
-    roll = rp.rollout(args, models, tok, state["params"], frozen, q, qm, jax.random.key(0))
-    advantages, returns, _, _ = rp.compute_advantages(args, roll, W.KL_COEF)
-    batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
-    batch |= {"advantages": advantages, "returns": returns}
-    grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
-    cost = grad.lower(state["params"], args, models, batch).compile().cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * args.ppo_epochs * args.num_mini_batches
+    batch, _ = update_batch(args, models, tok, state["params"], frozen, q, qm)
+    flops = update_flops(args, models, state["params"], batch)
     st = {"params": jax.tree.map(jnp.copy, state["params"]), "opt_state": jax.tree.map(jnp.copy, state["opt_state"])}
 
     def update():

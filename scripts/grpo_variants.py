@@ -57,18 +57,24 @@ def cpu() -> str:
     return f"{model.group(1) if model else platform.processor()}, {isa}"
 
 
-def run(task: str, variant: str, seed: int, logs: Path):
-    """One grpo.py run -> its held-out curve and wall times."""
-    name = f"grpo_{task}_{variant}"
-    out = Path(tempfile.mkdtemp(prefix="grpo_variant_"))
-    flags = TASKS[task][0] + VARIANTS[variant] + ["--seed", str(seed), "--exp-name", name]
+def run_script(script: str, flags: list[str], exp_name: str, seed: int, log: Path) -> tuple[Path, float]:
+    """`python <script> <flags> --seed <seed> --exp-name <exp_name>`, its model and checkpoints in a temporary directory
+    (removed after), its output in `log` -> its tensorboard run directory and its wall seconds."""
+    out = Path(tempfile.mkdtemp(prefix="run_"))
+    flags = [*flags, "--seed", str(seed), "--exp-name", exp_name]
     flags += ["--output-dir", str(out / "model"), "--checkpoint-dir", str(out / "ckpt")]
-    t0, log = time.time(), logs / f"{task}_{variant}_s{seed}.log"
+    t0 = time.time()
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "grpo.py", *flags], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+        subprocess.run([sys.executable, script, *flags], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
     wall = time.time() - t0
     shutil.rmtree(out)
-    run_dir = max((ROOT / "runs").glob(f"{name}__{seed}__*"), key=lambda p: p.stat().st_mtime)
+    return max((ROOT / "runs").glob(f"{exp_name}__{seed}__*"), key=lambda p: p.stat().st_mtime), wall
+
+
+def run(task: str, variant: str, seed: int, logs: Path):
+    """One grpo.py run -> its held-out curve and wall times."""
+    flags, log = TASKS[task][0] + VARIANTS[variant], logs / f"{task}_{variant}_s{seed}.log"
+    run_dir, wall = run_script("grpo.py", flags, f"grpo_{task}_{variant}", seed, log)
     s = read_scalars(run_dir)
     per_step = dict(s.get("sampling/rounds", []))  # --dynamic-sampling: rounds of B completions per step
     batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 64

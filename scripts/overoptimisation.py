@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from gold import positive_and_varied  # scripts/, beside this file: g
-from grpo_variants import cpu  # the CPU model and its ISA
+from grpo_variants import cpu, run_script  # the CPU model and its ISA; one script's run
 from ppo_results import read_scalars  # the tensorboard reader
 from scipy.special import gammaln
 
@@ -95,14 +95,14 @@ def proxy_scores(graphdef, params, tokens, mask):
 
 
 def bon_samples(names: list[str], num_prompts: int, num_samples: int, seed: int, copies: int = 8):
-    """num_samples samples from the SFT policy per held-out IMDB opening, of the first num_prompts (`copies` of the
-    prompts per sampler call),
-    each scored by every proxy and by g -> gold [K, P], {name: proxy [K, P]}."""
+    """num_samples samples from the SFT policy on each of the first num_prompts held-out IMDB openings (`copies` of the
+    prompts per sampler call), each scored by every proxy and by g -> gold [K, P], {name: proxy [K, P]}."""
     pargs = ppo.Args(reward_model=None, value_model="shared")
     tok, eos_id, pad_id = ppo.load_tokenizer(pargs.sft_model)
     pargs = ppo.resolve_token_ids(pargs, eos_id, pad_id)
     models, params, _ = ppo.load_models(pargs, jnp.float32)
-    queries, query_mask = (x[:num_prompts] for x in ppo.setup_data(pargs, tok)[2]["heldout"])
+    held_out = ppo.evaluation_sets(pargs, tok, ppo.ChatTemplate.load(pargs.sft_model))["heldout"]
+    queries, query_mask = (x[:num_prompts] for x in held_out)
     q, qm = np.tile(queries, (copies, 1)), np.tile(query_mask, (copies, 1))
     rms = {name: nnx.split(ppo.load_model(proxy_dir(name), flag="--reward-model")[0]) for name in names}
     gold, proxy = [], {name: [] for name in names}
@@ -153,19 +153,11 @@ def held_out_curve(method: str, scalars) -> list[dict]:
 def rl_run(method: str, name: str, beta: float, seed: int) -> dict:
     """One rlhf_ppo.py or grpo.py run against the proxy -> its held-out curve [{episodes, kl, gold, proxy}]."""
     label = f"{method}_{name}_b{beta}_s{seed}"
-    out = Path(tempfile.mkdtemp(prefix="overopt_"))
-    common = ["--reward-model", str(proxy_dir(name)), "--seed", str(seed), "--exp-name", f"overopt_{label}"]
-    common += ["--output-dir", str(out / "model"), "--checkpoint-dir", str(out / "ckpt")]
     script, flags = (
         ("rlhf_ppo.py", PPO_FLAGS + ["--kl-coef", str(beta)]) if method == "ppo" else ("grpo.py", GRPO_FLAGS)
     )
-    t0 = time.time()
-    with open(LOGS / f"{label}.log", "w") as f:
-        subprocess.run([sys.executable, script, *flags, *common], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                       check=True)  # fmt: skip
-    wall = time.time() - t0
-    shutil.rmtree(out)
-    run_dir = max((ROOT / "runs").glob(f"overopt_{label}__{seed}__*"), key=lambda p: p.stat().st_mtime)
+    flags = flags + ["--reward-model", str(proxy_dir(name))]
+    run_dir, wall = run_script(script, flags, f"overopt_{label}", seed, LOGS / f"{label}.log")
     curve = held_out_curve(method, read_scalars(run_dir))
     return {"method": method, "proxy": name, "beta": beta, "seed": seed, "wall_s": round(wall), "curve": curve}
 

@@ -684,6 +684,17 @@ def rope_inv_freq(cfg: ModelConfig):
     return jnp.asarray(inv_freq, jnp.float32)
 
 
+def rope_tables(cfg: ModelConfig, length: int):
+    """cos and sin of position × θ_i in float32 (as HF), [length, D] each (every θ_i twice: the rotate-half layout),
+    for positions 0 ... length - 1. Computed when the forward pass is traced, so the compiled program gathers rows of
+    a constant: computed inside it, XLA:CPU recomputes the sines in every fusion that reads them (the PPO update 11%
+    slower, benchmarks/README.md)."""
+    with jax.ensure_compile_time_eval():
+        freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_inv_freq(cfg)  # [length, D/2]
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(freqs), jnp.sin(freqs)
+
+
 def apply_rope(x, cos, sin):
     """Rotary embedding in the HF rotate-half convention. x: [B, T, H, D]; cos, sin: [B, T, D]."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -812,10 +823,9 @@ class Transformer(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
     def hidden_states(self, tokens, positions, kv_mask, cache=None, cache_pos=0):
-        """tokens, positions: [B, T]; kv_mask: [B, S] real-token slots (S = T without a cache)."""
+        """tokens, positions: [B, T]; kv_mask: [B, S] real-token slots (S = T without a cache); positions < S."""
         T, S = tokens.shape[1], kv_mask.shape[1]
-        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, D/2]
-        cos, sin = jnp.cos(jnp.concatenate([freqs, freqs], -1)), jnp.sin(jnp.concatenate([freqs, freqs], -1))
+        cos, sin = (table[positions] for table in rope_tables(self.cfg, S))  # [B, T, D]
         causal = jnp.arange(S)[None, :] <= cache_pos + jnp.arange(T)[:, None]  # [T, S]: slot order is time order
         mask = (causal[None] & kv_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
         # the residual stream as a [B * T, D] matrix: 2-D matmuls (faster on XLA:CPU, benchmarks/README.md)

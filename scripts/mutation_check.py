@@ -1100,6 +1100,19 @@ MUTANTS = [
            'f"eval/heldout/{v}"', 'f"eval/{v}"', (O_CURVE,)),
     Mutant("i29 curve: GRPO's steps read as episodes", "scripts/overoptimisation.py",
            '1 if method == "ppo" else 64', '1', (O_CURVE,)),
+    Mutant("i30 rope table: as long as the new tokens, not the cache's slots", "sft.py",
+           "rope_tables(self.cfg, S))", "rope_tables(self.cfg, T))", (T_MODEL + "test_kv_cache_logits_equal_full_forward",)),
+    Mutant("i30 rope table: cos and sin swapped", "sft.py",
+           "return jnp.cos(freqs), jnp.sin(freqs)", "return jnp.sin(freqs), jnp.cos(freqs)", (T_MODEL + "test_logits_match_transformers",)),
+    Mutant("i30 rope table: θ_i interleaved (GPT-J), not the rotate-half halves", "sft.py",
+           "freqs = jnp.concatenate([freqs, freqs], axis=-1)", "freqs = jnp.repeat(freqs, 2, axis=-1)", (T_MODEL + "test_logits_match_transformers",)),
+    Mutant("i30 rope table: every token at position 0", "sft.py",
+           "(table[positions] for table", "(table[0 * positions] for table",
+           (T_MODEL + "test_logits_match_transformers",)),
+    Mutant("i30 rope table: llama3 scaling dropped", "sft.py",
+           "* rope_inv_freq(cfg)  # [length, D/2]",
+           "* (1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)).astype(np.float32)",
+           (T_MODEL + "test_llama3_rope_scaling_matches_transformers",)),
 ]  # fmt: skip
 
 

@@ -33,9 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
+import jax  # noqa: E402  (first: bench_kernels' JAX_PLATFORMS=cpu default comes after jax has read its config)
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from bench_kernels import update_batch, update_flops  # noqa: E402
+from bench_ours import timed  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
@@ -175,7 +177,7 @@ def bench_ppo(args, models, params, frozen, mesh, w, peak, rows):
     parts = {"generate": [], "ppo_update": []}
     for name in parts:
         fn = getattr(rp, name)
-        setattr(rp, name, lambda *a, fn=fn, out=parts[name], **k: timed(fn, out, *a, **k))
+        setattr(rp, name, timed(fn, parts[name]))
     q, qm = prompts(w, mesh, 4)
 
     def iteration():
@@ -183,22 +185,10 @@ def bench_ppo(args, models, params, frozen, mesh, w, peak, rows):
 
     t = measure(iteration, w["repeats"])
     update_s, gen_s = statistics.median(parts["ppo_update"][1:]), statistics.median(parts["generate"][1:])
-    roll = rp.rollout(args, models, NoText(), state["params"], frozen, q, qm, jax.random.key(0))
-    advantages, returns, _, _ = rp.compute_advantages(args, roll, args.kl_coef)
-    batches = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
-    batches |= {"advantages": advantages, "returns": returns}
-    grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
-    cost = grad.lower(state["params"], args, models, batches).compile().cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * jax.device_count() * args.ppo_epochs
+    batch, _ = update_batch(args, models, NoText(), state["params"], frozen, q, qm)
+    flops = update_flops(args, models, state["params"], batch)
     row(rows, "PPO iteration", generation_s=gen_s, rest_s=t["s"] - gen_s, update_s=update_s,
         update_tflop=flops / 1e12, update_mfu=flops / update_s / peak, **t)  # fmt: skip
-
-
-def timed(fn, out, *a, **k):
-    t = time.perf_counter()
-    result = jax.block_until_ready(fn(*a, **k))
-    out.append(time.perf_counter() - t)
-    return result
 
 
 def bench_grpo(models, params, frozen, mesh, w, rows):

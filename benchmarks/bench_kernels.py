@@ -95,7 +95,7 @@ def sampler_speeds(args, models, params, q, qm, repeats):
 def update_batch(args, models, tok, params, frozen, q, qm):
     """One rollout and its advantages: the batch rlhf_ppo.ppo_update trains on, and the rollout."""
     roll = rp.rollout(args, models, tok, params, frozen, q, qm, jax.random.key(0))
-    advantages, returns, _, _ = rp.compute_advantages(args, roll, W.KL_COEF)
+    advantages, returns, _, _ = rp.compute_advantages(args, roll, args.kl_coef)
     batch = {k: roll[k] for k in ("tokens", "mask", "responses", "response_mask", "logprobs", "values")}
     return batch | {"advantages": advantages, "returns": returns}, roll
 
@@ -105,8 +105,8 @@ def update_flops(args, models, params, batch):
     grad = jax.jit(jax.grad(rp.ppo_loss, has_aux=True), static_argnums=(1, 2))
     cost = grad.lower(params, args, models, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    # XLA counts one device's share of the partitioned program; each pass sees the whole batch once per epoch
-    return cost["flops"] * jax.device_count() * args.ppo_epochs * args.num_mini_batches
+    # XLA counts one device's share of the partitioned program; the minibatches of an epoch see the whole batch once
+    return cost["flops"] * jax.device_count() * args.ppo_epochs
 
 
 def train_step_flops(args, models, tx, rows, params, opt_state, batch, repeats):
